@@ -1,0 +1,319 @@
+"""The SMTP conversation with one client, and its relay to Postfix.
+
+:class:`Conversation` gets one command line at a time from the listener
+(which owns the socket) and answers through the small :class:`ClientIO`
+interface, so it never touches aiosmtpd.  What it does per command:
+
+* HELO/EHLO/MAIL/RCPT are screened by the :class:`~smtpguard.pipeline.Pipeline`
+  (the checks, in the order written there); a reject is answered here and
+  logged as smtpd's ``NOQUEUE: reject:`` line.
+* The first RCPT that passes opens the upstream connection (XCLIENT, EHLO),
+  then MAIL and that RCPT go to Postfix together (pipelined); later RCPTs
+  follow one by one.  Postfix's replies are relayed **verbatim**.
+* DATA goes to Postfix first; only Postfix's ``354`` is relayed, then the
+  body streams through :class:`~smtpguard.data.DataScanner` chunk by chunk
+  and the client gets Postfix's own end-of-data reply.  A client therefore
+  never sees 250 for a message Postfix has not accepted.
+* Upstream trouble at any point gives the client a 4xx (``451 4.4.1`` /
+  ``451 4.4.2``) and a log line saying why; the next transaction reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from . import logs
+from .config import Config
+from .data import DataScanner
+from .envelope import EnvelopeError, parse_mail, parse_rcpt
+from .metrics import METRICS
+from .pipeline import Pipeline
+from .relay import Upstream, UpstreamError, UpstreamReply
+from .session import Session
+from .verdict import REPLIES, Action, Reply, Verdict
+
+log = logging.getLogger("smtpguard")
+
+
+class ClientIO(Protocol):
+    """What the conversation needs from the client connection."""
+
+    def send(self, data: bytes) -> None: ...
+
+    async def read_chunk(self) -> bytes: ...
+
+    def unread(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Hangup(Exception):
+    """End the session after the reply already sent."""
+
+
+class Conversation:
+    def __init__(self, cfg: Config, session: Session, io: ClientIO, pipeline: Pipeline) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.io = io
+        self.pipeline = pipeline
+        self.upstream = Upstream(cfg.upstream, cfg.server.hostname)
+        self._upstream_mail = False  # MAIL sent upstream in this transaction
+        self._handlers = {
+            "HELO": self.helo,
+            "EHLO": self.ehlo,
+            "MAIL": self.mail,
+            "RCPT": self.rcpt,
+            "DATA": self.data,
+            "RSET": self.rset,
+            "NOOP": self.noop,
+            "QUIT": self.quit,
+            "VRFY": self.vrfy,
+        }
+        self.in_data = False
+        self.last_command = ""  # for "lost connection after CMD" and the counts
+
+    # ---------------------------------------------------------- plumbing
+
+    def reply(self, reply: Reply | str) -> None:
+        text = str(reply)
+        if text[0] in "45":
+            self.session.errors += 1
+        self.io.send(text.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def relay_reply(self, reply: UpstreamReply) -> None:
+        if reply.code >= 400:
+            self.session.errors += 1
+        self.io.send(reply.raw)
+
+    async def handle(self, line: bytes) -> None:
+        """Answer one command line (without its line ending).
+
+        Raises :class:`Hangup` when the session must end.
+        """
+        s = self.session
+        s.commands += 1
+        verb, _, rest = line.partition(b" ")
+        command = verb.upper().decode("ascii", "replace")
+        arg = rest.strip().decode("utf-8", "surrogateescape") or None
+        handler = self._handlers.get(command)
+        self.last_command = command if handler is not None else "UNKNOWN"
+        if handler is None:
+            # XCLIENT, XFORWARD, BDAT, AUTH, ETRN... are never forwarded.
+            log.info("warning: %s: unknown or unsupported command: %s", s.who, command[:32] or "<empty>")
+            self.reply(REPLIES["unknown_command"] if line.strip() else REPLIES["bad_syntax"])
+            return
+        await handler(arg)
+
+    async def close(self) -> None:
+        await self.upstream.quit()
+
+    # ---------------------------------------------------------- screening
+
+    async def _screen(self, verdict: Verdict, stage: str, rcpt: str | None = None) -> bool:
+        """Apply a pipeline verdict; True when the command may proceed."""
+        if verdict.action in (Action.CONTINUE, Action.PASS):
+            return True
+        reply = verdict.reply or REPLIES["not_accepted"]
+        s = self.session
+        log.info(logs.noqueue(str(reply), stage, s.who, s.sender, rcpt, s.proto, s.helo))
+        self.reply(reply)
+        if verdict.action is Action.DROP:
+            raise Hangup
+        return False
+
+    # ---------------------------------------------------------- commands
+
+    async def helo(self, arg: str | None) -> None:
+        if arg is None:
+            self.reply(REPLIES["helo_syntax"])
+            return
+        await self._new_helo(arg, esmtp=False)
+        if await self._screen(await self.pipeline.on_helo(self.session), "HELO"):
+            self.reply(f"250 {self.cfg.server.hostname}")
+
+    async def ehlo(self, arg: str | None) -> None:
+        if arg is None:
+            self.reply(REPLIES["ehlo_syntax"])
+            return
+        await self._new_helo(arg, esmtp=True)
+        if not await self._screen(await self.pipeline.on_helo(self.session), "EHLO"):
+            return
+        server = self.cfg.server
+        lines = [server.hostname, "PIPELINING", f"SIZE {server.message_size_limit}"]
+        if not server.disable_vrfy_command:
+            lines.append("VRFY")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        self.io.send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+
+    async def _new_helo(self, name: str, esmtp: bool) -> None:
+        # HELO/EHLO in a transaction resets it, as RSET does (RFC 5321 4.1.4).
+        await self._reset()
+        self.session.helo = name
+        self.session.esmtp = esmtp
+
+    async def mail(self, arg: str | None) -> None:
+        s = self.session
+        if s.in_transaction:
+            self.reply(REPLIES["nested_mail"])
+            return
+        try:
+            path = parse_mail(arg, self.cfg.server.message_size_limit, smtputf8=True)
+        except EnvelopeError as exc:
+            self.reply(exc.reply)
+            return
+        s.sender, s.mail_params = path.address, path.params
+        if await self._screen(await self.pipeline.on_mail(s), "MAIL"):
+            self.reply(REPLIES["sender_ok"])
+        else:
+            s.reset_transaction()
+
+    async def rcpt(self, arg: str | None) -> None:
+        s = self.session
+        if not s.in_transaction:
+            self.reply(REPLIES["need_mail"])
+            return
+        try:
+            path = parse_rcpt(arg)
+        except EnvelopeError as exc:
+            self.reply(exc.reply)
+            return
+        if not await self._screen(await self.pipeline.on_rcpt(s, path.address), "RCPT", path.address):
+            return
+        rcpt_line = _command("RCPT TO", path.address, path.params)
+        try:
+            if not self.upstream.connected:
+                METRICS.upstream_connect_seconds.observe(await self.upstream.open(s.identity()))
+            if not self._upstream_mail:
+                # MAIL and the first RCPT together: Postfix offers PIPELINING.
+                self.upstream.write(_command("MAIL FROM", s.sender or "", s.mail_params))
+                mail_reply = await self.upstream.command(rcpt_line)
+                if mail_reply.code != 250:
+                    await self.upstream.read_reply()  # the RCPT's (503) reply
+                    self.relay_reply(mail_reply)
+                    return
+                self._upstream_mail = True
+                reply = await self.upstream.read_reply()
+            else:
+                reply = await self.upstream.command(rcpt_line)
+        except UpstreamError as exc:
+            self._upstream_failed(exc, "RCPT")
+            self.reply(REPLIES["upstream_unavailable"])
+            return
+        if reply.code == 250:
+            s.rcpts.append(path.address)
+        else:
+            log.info("%s: RCPT from %s: upstream said: %s; from=<%s> to=<%s>",
+                     "NOQUEUE", s.who, reply.text, s.sender, path.address)
+        self.relay_reply(reply)
+
+    async def data(self, arg: str | None) -> None:
+        s = self.session
+        if arg is not None:
+            self.reply(REPLIES["data_syntax"])
+            return
+        if not s.in_transaction:
+            self.reply(REPLIES["need_mail"])
+            return
+        if not s.rcpts:
+            self.reply(REPLIES["no_valid_rcpt"])
+            return
+        try:
+            reply = await self.upstream.command(b"DATA\r\n")
+        except UpstreamError as exc:
+            self._upstream_failed(exc, "DATA")
+            self.reply(REPLIES["upstream_unavailable"])
+            return
+        self.relay_reply(reply)
+        if reply.code != 354:
+            return
+        await self._stream_body()
+
+    async def _stream_body(self) -> None:
+        """Stream the body to Postfix and relay its end-of-data reply."""
+        s, server = self.session, self.cfg.server
+        scanner = DataScanner(server.message_size_limit, server.line_length_limit, server.bare_newline)
+        upstream_error: UpstreamError | None = None
+        self.in_data = True
+        start = time.monotonic()
+        while not scanner.done:
+            chunk = await self.io.read_chunk()
+            if not chunk:
+                self.upstream.abort()
+                log.info("lost connection after DATA (%d bytes) from %s", scanner.size, s.who)
+                raise Hangup
+            out, leftover = scanner.feed(chunk)
+            if upstream_error is None:
+                try:
+                    if scanner.error is not None:
+                        self.upstream.abort()  # Postfix discards the partial message
+                    elif out:
+                        self.upstream.write(out)
+                        await self.upstream.drain()
+                except UpstreamError as exc:
+                    upstream_error = exc
+        self.in_data = False
+        self.io.unread(leftover)
+        sender, rcpts = s.sender, s.rcpts
+        self._end_transaction()
+        if scanner.error is not None:
+            log.info(logs.noqueue(str(scanner.error), "END-OF-MESSAGE", s.who, sender, None, s.proto, s.helo))
+            self.reply(scanner.error)
+            return
+        try:
+            if upstream_error is not None:
+                raise upstream_error
+            reply = await self.upstream.command(b".\r\n")
+        except UpstreamError as exc:
+            self._upstream_failed(exc, "END-OF-MESSAGE")
+            self.reply(REPLIES["upstream_lost"])
+            return
+        METRICS.upstream_data_seconds.observe(time.monotonic() - start)
+        if reply.code == 250:
+            s.messages += 1
+            METRICS.messages_relayed.inc()
+            METRICS.bytes_relayed.inc(scanner.size)
+        log.info("%s: relayed from %s: %s; from=<%s> nrcpt=%d size=%d",
+                 reply.queue_id or "NOQUEUE", s.who, reply.text, sender, len(rcpts), scanner.size)
+        self.relay_reply(reply)
+
+    async def rset(self, arg: str | None) -> None:
+        await self._reset()
+        self.reply(REPLIES["ok"])
+
+    async def _reset(self) -> None:
+        """Abandon the transaction here and upstream."""
+        if self._upstream_mail and self.upstream.connected:
+            try:
+                await self.upstream.command(b"RSET\r\n")
+            except UpstreamError as exc:
+                self._upstream_failed(exc, "RSET")
+        self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self.session.reset_transaction()
+        self._upstream_mail = False
+
+    async def noop(self, arg: str | None) -> None:
+        self.reply(REPLIES["ok"])
+
+    async def quit(self, arg: str | None) -> None:
+        self.reply(REPLIES["bye"])
+        raise Hangup
+
+    async def vrfy(self, arg: str | None) -> None:
+        self.reply(REPLIES["vrfy_disabled"] if self.cfg.server.disable_vrfy_command else REPLIES["vrfy"])
+
+    def _upstream_failed(self, exc: UpstreamError, stage: str) -> None:
+        METRICS.upstream_errors.labels(stage=stage).inc()
+        log.warning("%s: upstream %s failed: %s", self.session.who, stage, exc)
+        self.upstream.abort()
+        self._upstream_mail = False
+        self.session.rcpts = []
+
+
+def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:
+    words = [f"{verb}:<{address}>", *params]
+    return (" ".join(words) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,88 @@
+"""Postfix-style log lines.
+
+Every event is one line with a stable keyword, formatted like Postfix's own
+(``CONNECT from [192.0.2.7]:40123 to [127.0.0.1]:25``, ``NOQUEUE: reject: RCPT
+from unknown[192.0.2.7]:40123: 550 5.7.1 ...; from=<a@b> to=<c@d>
+proto=ESMTP helo=<x>``), so that pflogsumm, fail2ban and admins' grep habits
+keep working.  On stderr each line carries the syslog prefix Postfix writes
+to ``maillog_file`` (``Nov 23 17:04:26 host smtpguard/smtpd[123]: ...``); with
+``output = "syslog"`` the same message goes to the local syslog socket with
+``syslog_name`` as ident.
+
+The helpers here only format; :func:`setup` wires the standard ``logging``
+module once at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+import time
+
+from .config import LogConfig
+
+log = logging.getLogger("smtpguard")
+
+
+class _PostfixFormatter(logging.Formatter):
+    """``Mon DD HH:MM:SS host name[pid]: [level: ]message`` like maillog_file."""
+
+    def __init__(self, syslog_name: str) -> None:
+        super().__init__()
+        self._prefix = f"{socket.gethostname().split('.')[0]} {syslog_name}[{os.getpid()}]: "
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))
+        level = "" if record.levelno == logging.INFO else f"{_LEVEL_WORD[record.levelno]}: "
+        return f"{stamp} {self._prefix}{level}{record.getMessage()}"
+
+
+# Postfix's own severity words (msg_warn -> "warning:", msg_fatal -> "fatal:").
+_LEVEL_WORD = {
+    logging.DEBUG: "debug",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "fatal",
+}
+
+
+def setup(cfg: LogConfig) -> None:
+    """Configure the ``smtpguard`` logger from ``[log]``."""
+    handler: logging.Handler
+    if cfg.output == "syslog":
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.ident = f"{cfg.syslog_name}[{os.getpid()}]: "
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PostfixFormatter(cfg.syslog_name))
+    log.handlers[:] = [handler]
+    log.setLevel(cfg.level.upper())
+    log.propagate = False
+
+
+def endpoint(host: str, port: int | str) -> str:
+    """``[192.0.2.7]:25`` / ``[2001:db8::1]:25`` as postscreen writes them."""
+    return f"[{host}]:{port}"
+
+
+def client(name: str, host: str, port: int | str | None = None) -> str:
+    """``name[addr]:port`` (or ``name[addr]``) as smtpd writes a client."""
+    return f"{name}[{host}]" + (f":{port}" if port is not None else "")
+
+
+def noqueue(reply: str, stage: str, who: str, sender: str | None, rcpt: str | None,
+            proto: str, helo: str | None) -> str:
+    """smtpd's ``NOQUEUE: reject:`` line (format fail2ban's postfix filter reads)."""
+    parts = [f"from=<{sender or ''}>"] if sender is not None else []
+    if rcpt is not None:
+        parts.append(f"to=<{rcpt}>")
+    parts.append(f"proto={proto}")
+    if helo:
+        parts.append(f"helo=<{helo}>")
+    return f"NOQUEUE: reject: {stage} from {who}: {reply}; {' '.join(parts)}"

@@ -1,0 +1,185 @@
+"""The upstream client: one connection to Postfix per client session.
+
+Modelled on Postfix's own ``smtpd_proxy_filter`` client: the connection is
+opened lazily (the session calls :meth:`Upstream.open` at the first RCPT that
+passed screening), announces the real client with ``XCLIENT`` (values in
+xtext, ``[UNAVAILABLE]`` where unknown), waits for the new ``220``, sends
+``EHLO`` and then each command as the client sent it.  Replies are returned
+as :class:`UpstreamReply` holding the raw reply lines, so the session relays
+Postfix's code, enhanced status code and text verbatim.
+
+Every failure (refused, timed out, closed, garbage) raises
+:class:`UpstreamError` with a reason for the log; the session turns it into a
+4xx for the client, never a 2xx or 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+from .config import UpstreamConfig
+from .envelope import xtext
+
+
+class UpstreamError(Exception):
+    """The upstream connection failed; ``str()`` says why (for the log)."""
+
+
+@dataclass(frozen=True)
+class UpstreamReply:
+    code: int
+    raw: bytes  # all reply lines, CRLF-terminated, as Postfix sent them
+
+    @property
+    def text(self) -> str:
+        """The reply as one line for the log (continuation lines joined)."""
+        lines = self.raw.decode("utf-8", "replace").split("\r\n")
+        return " ".join(line[4:] if i else line for i, line in enumerate(lines) if line)
+
+    @property
+    def queue_id(self) -> str | None:
+        m = _QUEUED.search(self.raw)
+        return m.group(1).decode() if m else None
+
+
+_QUEUED = re.compile(rb"queued as ([0-9A-Za-z]+)")
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """What XCLIENT tells Postfix about the real client."""
+
+    addr: str
+    port: int | None
+    name: str | None  # verified reverse name; None -> [UNAVAILABLE]
+    helo: str | None
+    proto: str  # SMTP or ESMTP
+
+    def xclient(self) -> bytes:
+        addr = f"IPV6:{self.addr}" if ":" in self.addr else self.addr
+        fields = [
+            ("ADDR", addr),
+            ("PORT", str(self.port) if self.port is not None else None),
+            ("NAME", self.name),
+            ("HELO", self.helo),
+            ("PROTO", self.proto),
+        ]
+        words = [f"{k}={xtext(v) if v else '[UNAVAILABLE]'}" for k, v in fields]
+        return ("XCLIENT " + " ".join(words) + "\r\n").encode("ascii")
+
+
+_HELO_SAFE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+class Upstream:
+    """One connection to the backend Postfix."""
+
+    def __init__(self, cfg: UpstreamConfig, local_hostname: str) -> None:
+        self.cfg = cfg
+        self.local_hostname = local_hostname
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    async def open(self, ident: ClientIdentity) -> float:
+        """Connect, XCLIENT, EHLO.  Returns the seconds it took."""
+        start = time.monotonic()
+        host, port = self.cfg.address.host, self.cfg.address.port
+        try:
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                self._reader, self._writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            raise UpstreamError(f"connect to {self.cfg.address}: timed out") from None
+        except OSError as exc:
+            raise UpstreamError(f"connect to {self.cfg.address}: {exc.strerror or exc}") from None
+        try:
+            await self._expect(await self.read_reply(), 220, "greeting")
+            self._writer.write(ident.xclient())
+            await self._expect(await self.read_reply(), 220, "XCLIENT")
+            # EHLO with the client's own name (when it is a plain token) so the
+            # name Postfix records is the client's, as XCLIENT HELO= said.
+            helo = ident.helo if ident.helo and _HELO_SAFE.fullmatch(ident.helo) else self.local_hostname
+            await self._expect(await self.command(f"EHLO {helo}\r\n".encode()), 250, "EHLO")
+        except UpstreamError:
+            self.abort()
+            raise
+        return time.monotonic() - start
+
+    async def _expect(self, reply: UpstreamReply, code: int, what: str) -> None:
+        if reply.code != code:
+            raise UpstreamError(f"{what} rejected by {self.cfg.address}: {reply.text}")
+
+    async def command(self, line: bytes) -> UpstreamReply:
+        """Send one command line (CRLF included) and read its reply."""
+        self.write(line)
+        return await self.read_reply()
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None:
+            raise UpstreamError("not connected")
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the upstream socket buffer has room (bounded memory)."""
+        if self._writer is None:
+            raise UpstreamError("not connected")
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self.abort()
+            raise UpstreamError(f"write to {self.cfg.address}: timed out") from None
+        except OSError as exc:
+            self.abort()
+            raise UpstreamError(f"write to {self.cfg.address}: {exc.strerror or exc}") from None
+
+    async def read_reply(self) -> UpstreamReply:
+        """Read one (possibly multi-line) reply."""
+        if self._reader is None:
+            raise UpstreamError("not connected")
+        lines = []
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                while True:
+                    line = await self._reader.readline()
+                    if not line.endswith(b"\n"):
+                        raise UpstreamError(f"{self.cfg.address} closed the connection")
+                    if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                        raise UpstreamError(f"{self.cfg.address} sent a malformed reply: {line[:80]!r}")
+                    lines.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
+                    if line[3:4] != b"-":
+                        break
+        except TimeoutError:
+            self.abort()
+            raise UpstreamError(f"{self.cfg.address}: timeout waiting for a reply") from None
+        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
+            self.abort()
+            raise UpstreamError(f"read from {self.cfg.address}: {exc}") from None
+        except UpstreamError:
+            self.abort()
+            raise
+        return UpstreamReply(int(lines[0][:3]), b"".join(lines))
+
+    async def quit(self) -> None:
+        """Say QUIT without waiting long for the answer, then close."""
+        if self._writer is None:
+            return
+        try:
+            self._writer.write(b"QUIT\r\n")
+            async with asyncio.timeout(1.0):
+                await self._writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Close at once; a message in progress is discarded by Postfix."""
+        if self._writer is not None:
+            self._writer.transport.abort()
+        self._reader = self._writer = None

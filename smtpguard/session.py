@@ -1,0 +1,63 @@
+"""Per-connection facts: who the client is and what it said.  No I/O.
+
+A :class:`Session` is created by the listener at connect time and filled in
+by the conversation as commands arrive; checks read it, the log lines are
+built from it, and the relay's XCLIENT identity is derived from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import logs
+from .relay import ClientIdentity
+from .verdict import Result
+
+
+@dataclass
+class Session:
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+    started: float = field(default_factory=time.monotonic)
+    client_name: str = "unknown"  # verified reverse name (Postfix's "unknown")
+    helo: str | None = None
+    esmtp: bool = False
+    # The current transaction.
+    sender: str | None = None
+    mail_params: tuple[str, ...] = ()
+    rcpts: list[str] = field(default_factory=list)  # accepted by Postfix
+    # Counters and findings.
+    errors: int = 0
+    commands: int = 0
+    messages: int = 0
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def proto(self) -> str:
+        return "ESMTP" if self.esmtp else "SMTP"
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.sender is not None
+
+    @property
+    def peer(self) -> str:
+        """``[a]:p`` as postscreen writes the client."""
+        return logs.endpoint(self.client_ip, self.client_port)
+
+    @property
+    def who(self) -> str:
+        """``name[a]:p`` as smtpd writes the client."""
+        return logs.client(self.client_name, self.client_ip, self.client_port)
+
+    def identity(self) -> ClientIdentity:
+        name = None if self.client_name == "unknown" else self.client_name
+        return ClientIdentity(self.client_ip, self.client_port, name, self.helo, self.proto)
+
+    def reset_transaction(self) -> None:
+        self.sender = None
+        self.mail_params = ()
+        self.rcpts = []

@@ -1,0 +1,139 @@
+"""Replies, verdicts and check results: the vocabulary every check speaks.
+
+A check looks at facts and returns a :class:`Result`: its *outcome* (did the
+client pass, fail, or was the check skipped) with a reason for the log, and
+the :class:`Verdict` the configured action turns that into.  Results are
+logged and counted whatever the action; verdicts decide what the client
+hears.  Keeping the two apart is what makes ``action = "ignore"`` (dry run,
+Postfix's ``warn_if_reject``) possible without a second code path.
+
+:class:`Reply` is one SMTP reply (code, enhanced status code, text); the
+fixed replies smtpguard itself sends are gathered in :data:`REPLIES` so their
+codes and texts are written once and match Postfix's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply; ``str()`` gives the wire form without CRLF."""
+
+    code: int
+    status: str  # enhanced status code, "" when none
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+class Action(enum.Enum):
+    """What a verdict does with the session."""
+
+    CONTINUE = "continue"  # go on with the next check
+    PASS = "pass"  # allowlisted: skip the remaining checks
+    DEFER = "defer"  # 4xx reply at the point of decision
+    REJECT = "reject"  # 5xx reply at the point of decision
+    DROP = "drop"  # 521 (or the reply given) and hang up
+
+
+class Outcome(enum.Enum):
+    """What a check found, independent of what is done about it."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reply: Reply | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.action is not Action.CONTINUE
+
+
+CONTINUE = Verdict(Action.CONTINUE)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A check's finding: which check, outcome, reason (for the log), verdict."""
+
+    check: str
+    outcome: Outcome
+    reason: str = ""
+    verdict: Verdict = CONTINUE
+
+
+REPLIES: dict[str, Reply] = {
+    "ok": Reply(250, "2.0.0", "Ok"),
+    "sender_ok": Reply(250, "2.1.0", "Ok"),
+    "bye": Reply(221, "2.0.0", "Bye"),
+    "vrfy_disabled": Reply(502, "5.5.1", "VRFY command is disabled"),
+    "vrfy": Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"),
+    "unknown_command": Reply(502, "5.5.2", "Error: command not recognized"),
+    "not_implemented": Reply(502, "5.5.1", "Error: command not implemented"),
+    "bad_syntax": Reply(500, "5.5.2", "Error: bad syntax"),
+    "line_too_long": Reply(500, "5.5.2", "Error: command line too long"),
+    "need_helo": Reply(503, "5.5.1", "Error: send HELO/EHLO first"),
+    "need_mail": Reply(503, "5.5.1", "Error: need MAIL command"),
+    "need_rcpt": Reply(503, "5.5.1", "Error: need RCPT command"),
+    "nested_mail": Reply(503, "5.5.1", "Error: nested MAIL command"),
+    "no_valid_rcpt": Reply(554, "5.5.1", "Error: no valid recipients"),
+    "helo_syntax": Reply(501, "5.5.4", "Syntax: HELO hostname"),
+    "ehlo_syntax": Reply(501, "5.5.4", "Syntax: EHLO hostname"),
+    "mail_syntax": Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"),
+    "rcpt_syntax": Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"),
+    "bad_sender": Reply(501, "5.1.7", "Bad sender address syntax"),
+    "bad_recipient": Reply(501, "5.1.3", "Bad recipient address syntax"),
+    "data_syntax": Reply(501, "5.5.4", "Syntax: DATA"),
+    "too_big": Reply(552, "5.3.4", "Message size exceeds fixed limit"),
+    "file_too_big": Reply(552, "5.3.4", "Error: message file too big"),
+    "data_line_too_long": Reply(552, "5.3.4", "Error: message line too long"),
+    "bare_newline": Reply(550, "5.5.2", "Error: bare <CR> or <LF> received"),
+    "nul_in_data": Reply(550, "5.6.0", "Error: NUL character in message data"),
+    "upstream_unavailable": Reply(451, "4.4.1", "Error: mail service temporarily unavailable, try again later"),
+    "upstream_lost": Reply(451, "4.4.2", "Error: lost connection to mail service, try again later"),
+    "internal_error": Reply(421, "4.3.0", "Error: internal error, closing connection"),
+    "timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),
+    "shutdown": Reply(421, "4.3.2", "Service shutting down, closing connection"),
+    "busy": Reply(421, "4.3.2", "All server ports are busy"),
+    "not_accepted": Reply(521, "5.7.0", "Error: I can break rules, too. Goodbye."),
+}
+
+
+ACTIONS = ("ignore", "enforce", "drop", "tempfail")
+
+
+def verdict_for(action: str, reply: Reply) -> Verdict:
+    """Turn a failed check's configured *action* into a verdict.
+
+    ``ignore`` logs and counts only (postscreen's ignore, Postfix's
+    ``warn_if_reject``); ``enforce`` rejects with the check's 5xx *reply*
+    (the session decides when: postscreen delivers it at RCPT); ``drop`` sends
+    521 and hangs up; ``tempfail`` sends the 4xx form of *reply*.
+    """
+    if action == "ignore":
+        return CONTINUE
+    if action == "enforce":
+        return Verdict(Action.REJECT, reply)
+    if action == "drop":
+        return Verdict(Action.DROP, Reply(521, "5.7.1", reply.text) if reply.code != 521 else reply)
+    if action == "tempfail":
+        status = "4" + reply.status[1:] if reply.status else ""
+        return Verdict(Action.DEFER, Reply(450 if reply.code != 421 else 421, status, reply.text))
+    raise ValueError(f"unknown action {action!r}")

@@ -142,7 +142,7 @@ class HostPort:
 def parse_hostport(value: Any) -> HostPort:
     """``HOST:PORT`` / ``[IPv6]:PORT`` -> :class:`HostPort`."""
     text = value if isinstance(value, str) else repr(value)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
     if not isinstance(value, str) or not m:
         raise ValueError(f'expected HOST:PORT, got "{text}"')
     host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))

@@ -224,7 +224,8 @@ class Conversation:
             reply = await self.upstream.command(b"DATA\r\n")
         except UpstreamError as exc:
             self._upstream_failed(exc, "DATA")
-            self.reply(REPLIES["upstream_unavailable"])
+            self._end_transaction()  # its recipients are gone with the connection
+            self.reply(REPLIES["upstream_lost"])
             return
         self.relay_reply(reply)
         if reply.code != 354:

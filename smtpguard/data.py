@@ -76,13 +76,10 @@ class DataScanner:
         """Apply the body rules to complete lines; return what to forward."""
         crlf = body.count(b"\r\n")
         bare = body.count(b"\r") != crlf or body.count(b"\n") != crlf
-        if b"\x00" in body:
+        nul = b"\x00" in body
+        if bare or nul:
             if not self.normalize:
-                return self._fail(REPLIES["nul_in_data"])
-            body = body.replace(b"\x00", b"")
-        if bare:
-            if not self.normalize:
-                return self._fail(REPLIES["bare_newline"])
+                return self._fail(REPLIES["bare_newline" if bare else "nul_in_data"])
             body = b"\r\n".join(_normalize_line(line) for line in body.split(b"\r\n"))
         if self._long_line.search(body):
             return self._fail(REPLIES["data_line_too_long"])
@@ -91,7 +88,6 @@ class DataScanner:
             return self._fail(REPLIES["file_too_big"])
         return body
 
-
     def _fail(self, reply: Reply) -> bytes:
         if self.error is None:
             self.error = reply
@@ -99,8 +95,18 @@ class DataScanner:
 
 
 def _normalize_line(line: bytes) -> bytes:
-    """Turn bare CR/LF inside one CRLF-delimited line into CRLF, and stuff a
-    dot that thereby starts a new line (the client did not stuff it)."""
-    if b"\r" not in line and b"\n" not in line:
+    """Rewrite one CRLF-delimited line: drop NULs, turn bare CR/LF into CRLF.
+
+    The client's stuffing dot is removed first and every resulting line that
+    starts with a dot is stuffed again, so no piece can become a lone "."
+    (an end-of-data for Postfix), whatever bytes surrounded it.
+    """
+    if b"\r" not in line and b"\n" not in line and b"\x00" not in line:
         return line
-    return line.replace(b"\r", b"\n").replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    if line.startswith(b"."):
+        line = line[1:]
+    pieces = _BARE.split(line.replace(b"\x00", b""))
+    return b"\r\n".join(b"." + p if p.startswith(b".") else p for p in pieces)
+
+
+_BARE = re.compile(rb"\r|\n")

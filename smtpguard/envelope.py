@@ -54,11 +54,11 @@ def _split(arg: str | None, keyword: str, syntax: Reply, bad: Reply) -> Path:
         address, _, tail = rest.partition(" ")
         if not address:
             raise EnvelopeError(syntax)
-    if any(c in address for c in " <>\t\r\n\0") or address.count("@") > 1 and not address.startswith('"'):
-        raise EnvelopeError(bad)
     # Postfix strips a source route (@a,@b:user@domain).
     if address.startswith("@") and ":" in address:
         address = address.split(":", 1)[1]
+    if any(c in address for c in " <>\t\r\n\0") or address.count("@") > 1 and not address.startswith('"'):
+        raise EnvelopeError(bad)
     return Path(address, tuple(tail.split()))
 
 

@@ -136,6 +136,7 @@ class GuardProtocol(SMTP):
         finally:
             if cancelled:
                 conv.upstream.abort()
+                self.close()
             else:
                 await conv.close()
                 await self._flush_and_close()
@@ -196,6 +197,12 @@ class GuardProtocol(SMTP):
         METRICS.sessions_active.dec()
         super().connection_lost(error)
         self.server.session_ended()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: let the loop answer what it already sent
+        and end at its next read (aiosmtpd would cancel the loop instead)."""
+        self._reader.feed_eof()
+        return True
 
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""

@@ -16,6 +16,7 @@ Every failure (refused, timed out, closed, garbage) raises
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ class ClientIdentity:
         return ("XCLIENT " + " ".join(words) + "\r\n").encode("ascii")
 
 
+def _why(exc: Exception) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
+    errno = getattr(exc, "errno", None)
+    return os.strerror(errno) if errno else str(exc) or type(exc).__name__
+
+
 _HELO_SAFE = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -97,23 +104,24 @@ class Upstream:
         except TimeoutError:
             raise UpstreamError(f"connect to {self.cfg.address}: timed out") from None
         except OSError as exc:
-            raise UpstreamError(f"connect to {self.cfg.address}: {exc.strerror or exc}") from None
+            raise UpstreamError(f"connect to {self.cfg.address}: {_why(exc)}") from None
         try:
-            await self._expect(await self.read_reply(), 220, "greeting")
+            self._expect(await self.read_reply(), 220, "greeting")
             self._writer.write(ident.xclient())
-            await self._expect(await self.read_reply(), 220, "XCLIENT")
+            self._expect(await self.read_reply(), 220, "XCLIENT")
             # EHLO with the client's own name (when it is a plain token) so the
             # name Postfix records is the client's, as XCLIENT HELO= said.
             helo = ident.helo if ident.helo and _HELO_SAFE.fullmatch(ident.helo) else self.local_hostname
-            await self._expect(await self.command(f"EHLO {helo}\r\n".encode()), 250, "EHLO")
+            self._expect(await self.command(f"EHLO {helo}\r\n".encode()), 250, "EHLO")
         except UpstreamError:
             self.abort()
             raise
         return time.monotonic() - start
 
-    async def _expect(self, reply: UpstreamReply, code: int, what: str) -> None:
+    @staticmethod
+    def _expect(reply: UpstreamReply, code: int, what: str) -> None:
         if reply.code != code:
-            raise UpstreamError(f"{what} rejected by {self.cfg.address}: {reply.text}")
+            raise UpstreamError(f"{what} rejected: {reply.text}")
 
     async def command(self, line: bytes) -> UpstreamReply:
         """Send one command line (CRLF included) and read its reply."""
@@ -137,7 +145,7 @@ class Upstream:
             raise UpstreamError(f"write to {self.cfg.address}: timed out") from None
         except OSError as exc:
             self.abort()
-            raise UpstreamError(f"write to {self.cfg.address}: {exc.strerror or exc}") from None
+            raise UpstreamError(f"write to {self.cfg.address}: {_why(exc)}") from None
 
     async def read_reply(self) -> UpstreamReply:
         """Read one (possibly multi-line) reply."""
@@ -160,7 +168,7 @@ class Upstream:
             raise UpstreamError(f"{self.cfg.address}: timeout waiting for a reply") from None
         except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
             self.abort()
-            raise UpstreamError(f"read from {self.cfg.address}: {exc}") from None
+            raise UpstreamError(f"read from {self.cfg.address}: {_why(exc)}") from None
         except UpstreamError:
             self.abort()
             raise

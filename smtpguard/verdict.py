@@ -105,7 +105,7 @@ REPLIES: dict[str, Reply] = {
     "file_too_big": Reply(552, "5.3.4", "Error: message file too big"),
     "data_line_too_long": Reply(552, "5.3.4", "Error: message line too long"),
     "bare_newline": Reply(550, "5.5.2", "Error: bare <CR> or <LF> received"),
-    "nul_in_data": Reply(550, "5.6.0", "Error: NUL character in message data"),
+    "nul_in_data": Reply(550, "5.5.2", "Error: NUL character in message data"),
     "upstream_unavailable": Reply(451, "4.4.1", "Error: mail service temporarily unavailable, try again later"),
     "upstream_lost": Reply(451, "4.4.2", "Error: lost connection to mail service, try again later"),
     "internal_error": Reply(421, "4.3.0", "Error: internal error, closing connection"),

@@ -107,8 +107,8 @@ class Conversation:
             return
         await handler(arg)
 
-    async def close(self) -> None:
-        await self.upstream.quit()
+    def close(self) -> None:
+        self.upstream.quit()
 
     # ---------------------------------------------------------- screening
 
@@ -188,8 +188,8 @@ class Conversation:
                 METRICS.upstream_connect_seconds.observe(await self.upstream.open(s.identity()))
             if not self._upstream_mail:
                 # MAIL and the first RCPT together: Postfix offers PIPELINING.
-                self.upstream.write(_command("MAIL FROM", s.sender or "", s.mail_params))
-                mail_reply = await self.upstream.command(rcpt_line)
+                mail_reply = await self.upstream.command(
+                    _command("MAIL FROM", s.sender or "", s.mail_params) + rcpt_line)
                 if mail_reply.code != 250:
                     await self.upstream.read_reply()  # the RCPT's (503) reply
                     self.relay_reply(mail_reply)
@@ -250,6 +250,8 @@ class Conversation:
                 try:
                     if scanner.error is not None:
                         self.upstream.abort()  # Postfix discards the partial message
+                    elif scanner.done:
+                        self.upstream.write(out + b".\r\n")  # the last piece and the end marker
                     elif out:
                         self.upstream.write(out)
                         await self.upstream.drain()
@@ -266,7 +268,7 @@ class Conversation:
         try:
             if upstream_error is not None:
                 raise upstream_error
-            reply = await self.upstream.command(b".\r\n")
+            reply = await self.upstream.read_reply()
         except UpstreamError as exc:
             self._upstream_failed(exc, "END-OF-MESSAGE")
             self.reply(REPLIES["upstream_lost"])

@@ -59,6 +59,7 @@ class GuardProtocol(SMTP):
         self.require_starttls = False
         self._timeout_duration = cfg.server.command_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -138,8 +139,8 @@ class GuardProtocol(SMTP):
                 conv.upstream.abort()
                 self.close()
             else:
-                await conv.close()
-                await self._flush_and_close()
+                conv.close()
+                self.close()  # the transport flushes what is left, then closes
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
 
     async def _read_command(self, conv: Conversation) -> bytes | None:
@@ -174,15 +175,6 @@ class GuardProtocol(SMTP):
         log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", s.who, reply)
         self.send(f"{reply}\r\n".encode())
 
-    async def _flush_and_close(self) -> None:
-        if self.transport is None:
-            return
-        try:
-            async with asyncio.timeout(5):
-                await self._writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        self.close()
 
     # ------------------------------------------------------------ plumbing
 
@@ -198,6 +190,14 @@ class GuardProtocol(SMTP):
         super().connection_lost(error)
         self.server.session_ended()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Push the idle deadline forward.  Cheap on purpose (it runs per
+        command and per DATA chunk): the one timer is re-armed lazily by
+        :meth:`_timeout_cb` instead of being cancelled and re-created."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+
     def eof_received(self) -> bool:
         """The client half-closed: let the loop answer what it already sent
         and end at its next read (aiosmtpd would cancel the loop instead)."""
@@ -206,6 +206,9 @@ class GuardProtocol(SMTP):
 
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""
+        if self.loop.time() < self._deadline:  # activity since: sleep on
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
         conv = self.conversation
         if conv is not None:
             log.info("timeout after %s from %s", conv.last_command or "CONNECT", conv.session.who)

@@ -89,6 +89,9 @@ class Upstream:
         self.local_hostname = local_hostname
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._timed_out = False
 
     @property
     def connected(self) -> bool:
@@ -97,6 +100,7 @@ class Upstream:
     async def open(self, ident: ClientIdentity) -> float:
         """Connect, XCLIENT, EHLO.  Returns the seconds it took."""
         start = time.monotonic()
+        self._timed_out = False
         host, port = self.cfg.address.host, self.cfg.address.port
         try:
             async with asyncio.timeout(self.cfg.connect_timeout):
@@ -137,57 +141,87 @@ class Upstream:
         """Wait until the upstream socket buffer has room (bounded memory)."""
         if self._writer is None:
             raise UpstreamError("not connected")
+        self._arm()
         try:
-            async with asyncio.timeout(self.cfg.timeout):
-                await self._writer.drain()
-        except TimeoutError:
-            self.abort()
-            raise UpstreamError(f"write to {self.cfg.address}: timed out") from None
+            await self._writer.drain()
         except OSError as exc:
             self.abort()
-            raise UpstreamError(f"write to {self.cfg.address}: {_why(exc)}") from None
+            raise self._failure("write to", exc) from None
+        finally:
+            self._deadline = None
 
     async def read_reply(self) -> UpstreamReply:
         """Read one (possibly multi-line) reply."""
         if self._reader is None:
             raise UpstreamError("not connected")
         lines = []
+        self._arm()
         try:
-            async with asyncio.timeout(self.cfg.timeout):
-                while True:
-                    line = await self._reader.readline()
-                    if not line.endswith(b"\n"):
-                        raise UpstreamError(f"{self.cfg.address} closed the connection")
-                    if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
-                        raise UpstreamError(f"{self.cfg.address} sent a malformed reply: {line[:80]!r}")
-                    lines.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
-                    if line[3:4] != b"-":
-                        break
-        except TimeoutError:
-            self.abort()
-            raise UpstreamError(f"{self.cfg.address}: timeout waiting for a reply") from None
+            while True:
+                line = await self._reader.readline()
+                if not line.endswith(b"\n"):
+                    raise self._failure("read from", None)
+                if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                    raise UpstreamError(f"{self.cfg.address} sent a malformed reply: {line[:80]!r}")
+                lines.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
+                if line[3:4] != b"-":
+                    break
         except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
             self.abort()
-            raise UpstreamError(f"read from {self.cfg.address}: {_why(exc)}") from None
+            raise self._failure("read from", exc) from None
         except UpstreamError:
             self.abort()
             raise
+        finally:
+            self._deadline = None
         return UpstreamReply(int(lines[0][:3]), b"".join(lines))
 
-    async def quit(self) -> None:
-        """Say QUIT without waiting long for the answer, then close."""
+    # One timer per connection, re-armed lazily: per-command deadlines cost
+    # two attribute writes instead of a timer cancel and re-create.
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.cfg.timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline is None or self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timed_out = True
+        self._writer.transport.abort()  # wakes the pending read or drain
+
+    def _disarm(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _failure(self, what: str, exc: Exception | None) -> UpstreamError:
+        if self._timed_out:
+            return UpstreamError(f"{self.cfg.address}: timeout waiting for a reply")
+        if exc is None:
+            return UpstreamError(f"{self.cfg.address} closed the connection")
+        return UpstreamError(f"{what} {self.cfg.address}: {_why(exc)}")
+
+    def quit(self) -> None:
+        """Say QUIT without waiting for the answer; the transport closes
+        once it is written."""
         if self._writer is None:
             return
-        try:
-            self._writer.write(b"QUIT\r\n")
-            async with asyncio.timeout(1.0):
-                await self._writer.drain()
-        except (OSError, TimeoutError):
-            pass
-        self.abort()
+        self._writer.write(b"QUIT\r\n")
+        self._writer.close()
+        self._reader = self._writer = None
+        self._disarm()
 
     def abort(self) -> None:
         """Close at once; a message in progress is discarded by Postfix."""
         if self._writer is not None:
             self._writer.transport.abort()
         self._reader = self._writer = None
+        self._disarm()

@@ -63,7 +63,11 @@ class Guard:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"smtpguard exited {self.proc.returncode}:\n{self.full_log()}")
-            return "daemon started" in self.full_log()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                return False
+            return True
 
         wait_until(up, timeout=20, what="smtpguard to start")
         return self

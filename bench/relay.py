@@ -1,0 +1,140 @@
+"""Relay benchmark: smtpguard in front of a real Postfix versus Postfix alone.
+
+Prints figures, asserts nothing (the machines are shared and noisy):
+
+* throughput: ``smtp-source -s 20 -m N -l 2048`` (20 parallel sessions, one
+  2 KB message per connection) straight to a private Postfix and through
+  smtpguard, interleaved over several rounds; medians and their ratio;
+* smtpguard's own CPU per message (utime+stime of its process from
+  ``/proc/PID/stat`` around each run through it);
+* memory: VmHWM minus VmRSS-before of a fresh smtpguard while it relays one
+  50 MB message (the body is streamed, so this should stay small).
+
+Postfix accepts ``@bench.test`` and discards it (``discard:`` transport), so
+the backend cost is the same on both paths and no disk fills up.
+
+Usage: ``python bench/relay.py [--rounds 5] [--messages 2000]`` (root: it
+starts a private Postfix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.integration.guard import Guard  # noqa: E402
+from tests.lab import PrivatePostfix  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+BENCH_POSTFIX = {
+    "relay_domains": "bench.test",
+    "transport_maps": "inline:{bench.test=discard:}",
+    "message_size_limit": str(80 * 1024 * 1024),
+    "default_process_limit": "200",
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def smtp_source(port: int, messages: int) -> float:
+    """Run smtp-source; return messages per second."""
+    start = time.monotonic()
+    subprocess.run(
+        ["smtp-source", "-s", "20", "-m", str(messages), "-l", "2048", "-f", "a@sender.test",
+         "-t", "b@bench.test", f"127.0.0.1:{port}"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return messages / (time.monotonic() - start)
+
+
+def big_message_rss(postfix: PrivatePostfix, workdir: Path, size: int) -> tuple[int, int, float]:
+    """(VmRSS before kB, VmHWM after kB, seconds) for one message of *size* bytes."""
+    g = Guard(workdir, postfix.port, '[server]\nmessage_size_limit = "80m"\n').start()
+    try:
+        assert g.proc is not None
+        pid = g.proc.pid
+        line = b"x" * 74 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (size // len(line))
+        # Warm up the code paths once with a small message, then measure.
+        with smtplib.SMTP("127.0.0.1", g.port) as c:
+            c.sendmail("a@sender.test", ["b@bench.test"], b"Subject: warm\r\n\r\nx\r\n")
+        before = status_kb(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        start = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", g.port, timeout=300) as c:
+            c.sendmail("a@sender.test", ["b@bench.test"], body)
+        seconds = time.monotonic() - start
+        return before, status_kb(pid, "VmHWM"), seconds
+    finally:
+        g.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--big-mb", type=int, default=50)
+    args = ap.parse_args()
+
+    postfix = PrivatePostfix(extra=BENCH_POSTFIX, name="bench")
+    postfix.start()
+    workdir = Path(tempfile.mkdtemp(prefix="smtpguard-bench-"))
+    (workdir / "relay").mkdir()
+    guard = Guard(workdir / "relay", postfix.port).start()
+    assert guard.proc is not None
+    pid = guard.proc.pid
+    direct, through, cpu_ms = [], [], []
+    try:
+        smtp_source(guard.port, 200)  # warm-up
+        for r in range(args.rounds):
+            order = ("direct", "guard") if r % 2 == 0 else ("guard", "direct")
+            for which in order:
+                if which == "direct":
+                    direct.append(smtp_source(postfix.port, args.messages))
+                else:
+                    c0 = cpu_seconds(pid)
+                    through.append(smtp_source(guard.port, args.messages))
+                    cpu_ms.append((cpu_seconds(pid) - c0) * 1000 / args.messages)
+            print(f"round {r + 1}: direct {direct[-1]:7.0f} msg/s   through smtpguard {through[-1]:7.0f} msg/s"
+                  f"   smtpguard CPU {cpu_ms[-1]:.3f} ms/msg", flush=True)
+        guard.stop()
+        (workdir / "big").mkdir()
+        rss_before, hwm, seconds = big_message_rss(postfix, workdir / "big", args.big_mb * 1024 * 1024)
+    finally:
+        guard.stop()
+        postfix.cleanup()
+
+    md, mt, mc = statistics.median(direct), statistics.median(through), statistics.median(cpu_ms)
+    print()
+    print(f"throughput, median of {args.rounds} interleaved rounds ({args.messages} x 2 KB, 20 sessions, "
+          f"1 msg/connection):")
+    print(f"  direct to Postfix     {md:8.0f} msg/s")
+    print(f"  through smtpguard     {mt:8.0f} msg/s")
+    print(f"  ratio                 {mt / md:8.2f}   (target >= 0.75)")
+    print(f"smtpguard CPU per message, median: {mc:.3f} ms   (target <= 1.0 ms; "
+          f"range {min(cpu_ms):.3f}-{max(cpu_ms):.3f})")
+    print(f"{args.big_mb} MB message: RSS before {rss_before / 1024:.1f} MB, peak {hwm / 1024:.1f} MB, "
+          f"growth {(hwm - rss_before) / 1024:.1f} MB (target <= 8 MB), relayed in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

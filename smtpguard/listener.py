@@ -70,6 +70,9 @@ class GuardProtocol(SMTP):
         self._handle_hooks: dict[str, Any] = {}
         self.conversation: Conversation | None = None
         self._waiting = False  # blocked reading the next command
+        self._ip: str | None = None  # counted in server.per_ip
+        self._first_data: float | None = None  # loop time of the client's first byte
+        self._greet_waiter: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ ClientIO
 
@@ -99,14 +102,32 @@ class GuardProtocol(SMTP):
         s = Session(peer[0], peer[1], local[0], local[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(local[0], local[1]))
         counts: collections.Counter[str] = collections.Counter()
-        conv = self.conversation = Conversation(self.server.cfg, s, self, self.server.pipeline)
+        pipeline = self.server.pipeline
+        cfg = self.server.cfg
+        conv = self.conversation = Conversation(cfg, s, self, pipeline)
         cancelled = False
         try:
-            verdict = await self.server.pipeline.on_connect(s, len(self.server.sessions))
+            concurrent = self.server.per_ip.get(s.client_ip, 1)
+            verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
             if verdict.action is Action.DROP:
                 await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
                 return
-            self.send(f"220 {self.server.cfg.server.greeting}\r\n".encode())
+            screening_timeout = min(cfg.server.command_timeout, cfg.errors.command_time_limit)
+            greeting = cfg.server.greeting
+            wait = pipeline.greet_wait(s)
+            if wait > 0:
+                # Pregreet: the first line of a multi-line banner, then wait.
+                self.send(f"220-{greeting}\r\n".encode())
+                received, after = await self._greet_wait(wait, cfg.pregreet.action == "drop")
+                if not received and self._reader.at_eof():
+                    log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
+                             time.monotonic() - s.started, s.peer)
+                    return
+                verdict = await pipeline.on_greet(s, received, after)
+                if verdict.action is Action.DROP:
+                    await self._refuse(s, verdict.reply or REPLIES["not_accepted"], "PREGREET")
+                    return
+            self.send(f"220 {greeting}\r\n".encode())
             while self.transport is not None:
                 await self._writer.drain()
                 if self.server.closing and not s.in_transaction:
@@ -118,9 +139,12 @@ class GuardProtocol(SMTP):
                 if line is None:
                     log.info("lost connection after %s from %s", conv.last_command or "CONNECT", s.who)
                     break
-                self._reset_timeout()
+                # Input already received past this line: the pipelining test's evidence.
+                buffered = self._reader._buffer  # type: ignore[attr-defined]
+                pending = bytes(buffered[:256]) if buffered else b""
+                self._reset_timeout(None if s.screened else screening_timeout)
                 try:
-                    await conv.handle(line)
+                    await conv.handle(line, pending)
                 finally:
                     counts[conv.last_command] += 1
         except Hangup:
@@ -142,8 +166,40 @@ class GuardProtocol(SMTP):
                 await self._flush_and_close()
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
 
+    async def _greet_wait(self, wait: float, stop_early: bool) -> tuple[bytes, float]:
+        """Wait *wait* seconds after ``220-``; return what the client sent
+        meanwhile (left in the buffer for the command loop) and when its
+        first byte came.  *stop_early*: end the wait at the first byte."""
+        loop = self.loop
+        start = loop.time()
+        if self._first_data is None and not self._reader.at_eof():
+            self._greet_waiter = loop.create_future()
+            self._waiting = True
+            try:
+                async with asyncio.timeout(wait):
+                    await self._greet_waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._greet_waiter = None
+                self._waiting = False
+        if not stop_early and not self._reader.at_eof():
+            remaining = wait - (loop.time() - start)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+        buffered = self._reader._buffer  # type: ignore[attr-defined]
+        after = max(0.0, self._first_data - start) if self._first_data is not None else 0.0
+        return bytes(buffered[:512]), after
+
+    def data_received(self, data: bytes) -> None:
+        if self._first_data is None:
+            self._first_data = self.loop.time()
+            if self._greet_waiter is not None and not self._greet_waiter.done():
+                self._greet_waiter.set_result(None)
+        super().data_received(data)
+
     async def _read_command(self, conv: Conversation) -> bytes | None:
-        """One command line without its CRLF/LF; None at end of input."""
+        """One command line as received (with its CRLF/LF); None at end of input."""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -158,7 +214,7 @@ class GuardProtocol(SMTP):
                 conv.reply(REPLIES["line_too_long"])
                 await self._writer.drain()
                 continue
-            return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            return line
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -169,9 +225,9 @@ class GuardProtocol(SMTP):
             except asyncio.LimitOverrunError as exc:
                 await self._reader.readexactly(exc.consumed)
 
-    async def _refuse(self, s: Session, reply: Reply) -> None:
+    async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
         METRICS.connections_rejected.labels(reason=str(reply.code)).inc()
-        log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", s.who, reply)
+        log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
         self.send(f"{reply}\r\n".encode())
 
     async def _flush_and_close(self) -> None:
@@ -187,6 +243,10 @@ class GuardProtocol(SMTP):
     # ------------------------------------------------------------ plumbing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._ip = ip = peer[0]
+            self.server.per_ip[ip] = self.server.per_ip.get(ip, 0) + 1
         super().connection_made(transport)
         self.server.sessions.add(self)
         METRICS.connections.inc()
@@ -194,6 +254,13 @@ class GuardProtocol(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.server.sessions.discard(self)
+        if self._ip is not None:
+            ip, self._ip = self._ip, None
+            left = self.server.per_ip.get(ip, 1) - 1
+            if left > 0:
+                self.server.per_ip[ip] = left
+            else:
+                self.server.per_ip.pop(ip, None)
         METRICS.sessions_active.dec()
         super().connection_lost(error)
         self.server.session_ended()
@@ -202,6 +269,8 @@ class GuardProtocol(SMTP):
         """The client half-closed: let the loop answer what it already sent
         and end at its next read (aiosmtpd would cancel the loop instead)."""
         self._reader.feed_eof()
+        if self._greet_waiter is not None and not self._greet_waiter.done():
+            self._greet_waiter.set_result(None)
         return True
 
     def _timeout_cb(self) -> None:
@@ -245,6 +314,7 @@ class Server:
         self.cfg = cfg
         self.pipeline = pipeline
         self.sessions: set[GuardProtocol] = set()
+        self.per_ip: dict[str, int] = {}  # open connections per client address (anvil's count)
         self.closing = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()

@@ -17,9 +17,13 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
-6. pregreet wait (the listener), then per command: non-SMTP command, bare
-   newline, unauthorized pipelining, error and command limits; then the
-   HELO, sender and recipient checks at their commands.
+6. pregreet wait (the listener), then per command: error and command
+   limits, non-SMTP command, bare newline, unauthorized pipelining; then
+   the HELO, sender and recipient checks at their commands.  Unauthorized
+   pipelining is checked for every client that is not allowlisted, also
+   after it passed (Postfix's reject_unauth_pipelining: a client that sends
+   the message before the 354 must not get it through); its cache entry
+   only counts towards PASS OLD.
 
 Verdict delivery (Postfix's smtpd_delay_reject): a REJECT/DEFER decided
 before RCPT is kept in ``session.delayed`` and answered to every RCPT (and
@@ -164,7 +168,7 @@ class Pipeline:
                 return self._decide(s, found, "connect")
         if s.allowlisted:
             return CONTINUE
-        todo = s.todo
+        todo = s.todo - s.failed  # a failed test is logged and acted on once
         if "non_smtp" in todo:
             v = await self._protocol_test(s, check_non_smtp(cfg.non_smtp, line, previous or "CONNECT", s.peer))
             if v.action is Action.DROP:
@@ -173,7 +177,8 @@ class Pipeline:
             v = await self._protocol_test(s, check_bare_newline(cfg.bare_newline, line, command, s.peer))
             if v.action is Action.DROP:
                 return v
-        if "pipelining" in todo:
+        # Always, as reject_unauth_pipelining (see the module docstring).
+        if cfg.pipelining.enabled and "pipelining" not in s.failed:
             v = await self._protocol_test(s, check_pipelining(cfg.pipelining, command, s.advertised, pending, s.peer))
             if v.action is Action.DROP:
                 return v

@@ -63,17 +63,6 @@ class Conversation:
         self.pipeline = pipeline
         self.upstream = Upstream(cfg.upstream, cfg.server.hostname)
         self._upstream_mail = False  # MAIL sent upstream in this transaction
-        self._handlers = {
-            "HELO": self.helo,
-            "EHLO": self.ehlo,
-            "MAIL": self.mail,
-            "RCPT": self.rcpt,
-            "DATA": self.data,
-            "RSET": self.rset,
-            "NOOP": self.noop,
-            "QUIT": self.quit,
-            "VRFY": self.vrfy,
-        }
         self.in_data = False
         self.last_command = ""  # for "lost connection after CMD" and the counts
         # smtpd_error_sleep_time: output held back while the session is over the soft error limit.
@@ -128,7 +117,8 @@ class Conversation:
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         verb, _, rest = line.partition(b" ")
         command = verb.upper().decode("ascii", "replace")
-        handler = self._handlers.get(command)
+        name = _HANDLERS.get(command)
+        handler = getattr(self, name) if name is not None else None
         previous = self.last_command
         self.last_command = command if handler is not None else "UNKNOWN"
         verdict = await self.pipeline.on_command(s, raw, command[:32], pending, previous)
@@ -358,6 +348,10 @@ class Conversation:
         self.upstream.abort()
         self._upstream_mail = False
         self.session.rcpts = []
+
+
+# Command verb -> method; a class-level table, so no per-session dict of bound methods.
+_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY")}
 
 
 def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:

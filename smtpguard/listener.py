@@ -226,8 +226,11 @@ class GuardProtocol(SMTP):
                 await self._reader.readexactly(exc.consumed)
 
     async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
+        """Refuse before the SMTP dialogue; a failed test (PREGREET) has
+        logged its own line already, as postscreen does."""
         METRICS.connections_rejected.labels(reason=str(reply.code)).inc()
-        log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
+        if stage == "CONNECT":
+            log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
         self.send(f"{reply}\r\n".encode())
 
     async def _flush_and_close(self) -> None:
@@ -243,11 +246,16 @@ class GuardProtocol(SMTP):
     # ------------------------------------------------------------ plumbing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """aiosmtpd's connection_made minus its per-connection Session and
+        Envelope objects (we keep our own; memory per idle connection counts)."""
         peer = transport.get_extra_info("peername")
         if peer:
             self._ip = ip = peer[0]
             self.server.per_ip[ip] = self.server.per_ip.get(ip, 0) + 1
-        super().connection_made(transport)
+        asyncio.StreamReaderProtocol.connection_made(self, transport)  # reader, writer
+        self.transport = transport
+        self._reset_timeout()
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
         self.server.sessions.add(self)
         METRICS.connections.inc()
         METRICS.sessions_active.inc()
@@ -262,7 +270,12 @@ class GuardProtocol(SMTP):
             else:
                 self.server.per_ip.pop(ip, None)
         METRICS.sessions_active.dec()
-        super().connection_lost(error)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self.transport = None
         self.server.session_ended()
 
     def eof_received(self) -> bool:

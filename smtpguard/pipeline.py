@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import logs
 from .checks.access import check_client_access
@@ -89,6 +90,7 @@ class Pipeline:
         }
         self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        self._counters: dict[tuple[str, Outcome], Any] = {}
 
     # ------------------------------------------------------------ tables
 
@@ -264,7 +266,12 @@ class Pipeline:
         return v
 
     def _count(self, found: Result) -> None:
-        METRICS.check_results.labels(check=found.check, outcome=found.outcome.value).inc()
+        key = (found.check, found.outcome)
+        counter = self._counters.get(key)
+        if counter is None:  # labels() is slow: keep the children
+            counter = self._counters[key] = METRICS.check_results.labels(check=found.check,
+                                                                          outcome=found.outcome.value)
+        counter.inc()
 
     def _record(self, s: Session, found: Result, phase: str) -> None:
         """Count every result; log every failure once, as postscreen/smtpd would."""

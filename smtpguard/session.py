@@ -15,7 +15,7 @@ from .relay import ClientIdentity
 from .verdict import Result, Verdict
 
 
-@dataclass
+@dataclass(slots=True)  # slots: one per connection, thousands may be idle
 class Session:
     client_ip: str
     client_port: int

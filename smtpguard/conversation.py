@@ -20,7 +20,6 @@ interface, so it never touches aiosmtpd.  What it does per command:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
@@ -94,17 +93,18 @@ class Conversation:
         else:
             self.io.send(data)
 
-    async def _release(self) -> None:
-        """Send the held output after the error sleep."""
-        if not self._hold:
-            return
-        try:
-            await asyncio.sleep(self._hold)
-        finally:
-            self._hold = 0.0
-            held, self._held = self._held, []
-            for data in held:
-                self.io.send(data)
+    @property
+    def hold(self) -> float:
+        """Seconds the listener must wait before :meth:`release` (the error
+        sleep of the command just handled); 0 when nothing is held."""
+        return self._hold
+
+    def release(self) -> None:
+        """Send the output held back by the error sleep."""
+        self._hold = 0.0
+        held, self._held = self._held, []
+        for data in held:
+            self.io.send(data)
 
     async def handle(self, raw: bytes, pending: bytes = b"") -> None:
         """Answer one command line *raw* (with its line ending, as received);
@@ -127,15 +127,12 @@ class Conversation:
             self.io.send(f"{verdict.reply or REPLIES['not_accepted']}\r\n".encode())
             raise Hangup
         arg = rest.strip().decode("utf-8", "surrogateescape") or None
-        try:
-            if handler is None:
-                # XCLIENT, XFORWARD, BDAT, AUTH, ETRN... are never forwarded.
-                log.info("warning: %s: unknown or unsupported command: %s", s.who, command[:32] or "<empty>")
-                self.reply(REPLIES["unknown_command"] if line.strip() else REPLIES["bad_syntax"])
-                return
-            await handler(arg)
-        finally:
-            await self._release()
+        if handler is None:
+            # XCLIENT, XFORWARD, BDAT, AUTH, ETRN... are never forwarded.
+            log.info("warning: %s: unknown or unsupported command: %s", s.who, command[:32] or "<empty>")
+            self.reply(REPLIES["unknown_command"] if line.strip() else REPLIES["bad_syntax"])
+            return
+        await handler(arg)
 
     async def close(self) -> None:
         await self.upstream.quit()

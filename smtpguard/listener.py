@@ -147,6 +147,8 @@ class GuardProtocol(SMTP):
                     await conv.handle(line, pending)
                 finally:
                     counts[conv.last_command] += 1
+                    if conv.hold:  # smtpd_error_sleep_time: the error reply waits
+                        await self._release(conv)
         except Hangup:
             pass
         except asyncio.CancelledError:
@@ -166,27 +168,36 @@ class GuardProtocol(SMTP):
                 await self._flush_and_close()
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
 
+    async def _release(self, conv: Conversation) -> None:
+        try:
+            if self.transport is not None:
+                await asyncio.sleep(conv.hold)
+        finally:
+            conv.release()
+
     async def _greet_wait(self, wait: float, stop_early: bool) -> tuple[bytes, float]:
         """Wait *wait* seconds after ``220-``; return what the client sent
         meanwhile (left in the buffer for the command loop) and when its
         first byte came.  *stop_early*: end the wait at the first byte."""
         loop = self.loop
         start = loop.time()
-        if self._first_data is None and not self._reader.at_eof():
-            self._greet_waiter = loop.create_future()
-            self._waiting = True
-            try:
-                async with asyncio.timeout(wait):
-                    await self._greet_waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._greet_waiter = None
-                self._waiting = False
-        if not stop_early and not self._reader.at_eof():
-            remaining = wait - (loop.time() - start)
-            if remaining > 0:
-                await asyncio.sleep(remaining)
+        self._waiting = True  # a shutdown may close the connection now
+        try:
+            if self._first_data is None and not self._reader.at_eof():
+                self._greet_waiter = loop.create_future()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._greet_waiter
+                except TimeoutError:
+                    pass
+                finally:
+                    self._greet_waiter = None
+            if not stop_early and not self._reader.at_eof():
+                remaining = wait - (loop.time() - start)
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+        finally:
+            self._waiting = False
         buffered = self._reader._buffer  # type: ignore[attr-defined]
         after = max(0.0, self._first_data - start) if self._first_data is not None else 0.0
         return bytes(buffered[:512]), after

@@ -161,9 +161,11 @@ class Pipeline:
         *previous* the last command before it), before it is answered."""
         cfg = self.cfg
         hostname = cfg.server.hostname
-        found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
-        if found.outcome is Outcome.FAIL:
-            return self._decide(s, found, "connect")
+        # Limits: only a failure is recorded (and counted), not every command.
+        if s.errors >= cfg.errors.hard_limit:
+            found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
+            if found.outcome is Outcome.FAIL:
+                return self._decide(s, found, "connect")
         if not s.screened:
             found = check_command_count(cfg.errors, s.commands, hostname, s.peer)
             if found.outcome is Outcome.FAIL:
@@ -171,17 +173,18 @@ class Pipeline:
         if s.allowlisted:
             return CONTINUE
         todo = s.todo - s.failed  # a failed test is logged and acted on once
+        peer = s.peer
         if "non_smtp" in todo:
-            v = await self._protocol_test(s, check_non_smtp(cfg.non_smtp, line, previous or "CONNECT", s.peer))
+            v = await self._protocol_test(s, check_non_smtp(cfg.non_smtp, line, previous or "CONNECT", peer))
             if v.action is Action.DROP:
                 return v
         if "bare_newline" in todo:
-            v = await self._protocol_test(s, check_bare_newline(cfg.bare_newline, line, command, s.peer))
+            v = await self._protocol_test(s, check_bare_newline(cfg.bare_newline, line, command, peer))
             if v.action is Action.DROP:
                 return v
         # Always, as reject_unauth_pipelining (see the module docstring).
         if cfg.pipelining.enabled and "pipelining" not in s.failed:
-            v = await self._protocol_test(s, check_pipelining(cfg.pipelining, command, s.advertised, pending, s.peer))
+            v = await self._protocol_test(s, check_pipelining(cfg.pipelining, command, s.advertised, pending, peer))
             if v.action is Action.DROP:
                 return v
         return CONTINUE
@@ -225,6 +228,7 @@ class Pipeline:
             return
         now = self.clock()
         for test in passed:
+            self._count(Result(test, Outcome.PASS))
             await self.store.put_cache(s.client_ip, test, now + getattr(self.cfg, test).ttl)
         s.todo = s.todo.difference(passed)
         self._pass_new(s)
@@ -234,8 +238,11 @@ class Pipeline:
     async def _protocol_test(self, s: Session, found: Result) -> Verdict:
         """A cacheable postscreen test: log, cache, and keep an enforce
         verdict for RCPT whatever delay_reject says."""
-        self._record(s, found, "connect")
         test = found.check
+        if found.outcome is not Outcome.PASS or test == "pregreet":
+            # Per-command passes are not counted one by one: they are counted
+            # once, when the test passes for the session (on_relayed).
+            self._record(s, found, "connect")
         if found.outcome is Outcome.PASS and test == "pregreet" and test in s.todo:
             await self.store.put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
             s.todo = s.todo - {test}

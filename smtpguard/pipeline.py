@@ -44,6 +44,7 @@ passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -284,6 +285,7 @@ class Pipeline:
         """Count every result; log every failure once, as postscreen/smtpd would."""
         self._count(found)
         if found.outcome is not Outcome.FAIL:
+            self._warn(s, found, phase)
             return
         s.results.append(found)
         if found.check in _OWN_LINE:
@@ -294,6 +296,19 @@ class Pipeline:
             stage = _stage(s, phase)
             line = logs.noqueue(found.reason, stage, s.who, s.sender, None, s.proto, s.helo)
             log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: reject_warning:", 1))
+
+
+    def _warn(self, s: Session, found: Result, phase: str) -> None:
+        """An access table's ``WARN text``: smtpd's ``NOQUEUE: warn:`` line."""
+        if "WARN" not in found.reason.upper():
+            return
+        for m in _WARN.finditer(found.reason):
+            rcpt = m.group(1) if phase == "rcpt" else None
+            line = logs.noqueue(m.group(2) or "", _stage(s, phase), s.who, s.sender, rcpt, s.proto, s.helo)
+            log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: warn:", 1))
+
+
+_WARN = re.compile(r"<([^>]*)>: WARN(?:\s+([^;]*))?", re.IGNORECASE)
 
 
 def _stage(s: Session, phase: str) -> str:

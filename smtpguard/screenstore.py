@@ -51,6 +51,7 @@ class MemoryScreenStore:
         self.max_clients = max_clients
         self._cache: dict[str, dict[str, float]] = {}
         self._hits: dict[str, collections.deque[float]] = {}
+        self._calls = 0
 
     async def get_cache(self, ip: str) -> dict[str, float]:
         entry = self._cache.get(ip)
@@ -68,6 +69,10 @@ class MemoryScreenStore:
 
     async def hit_rate(self, key: str, window: float) -> int:
         now = self.clock()
+        self._calls += 1
+        if self._calls % 10_000 == 0:  # forget keys with no event left in the window
+            for stale in [k for k, h in self._hits.items() if h and h[-1] <= now - window]:
+                del self._hits[stale]
         hits = self._hits.get(key)
         if hits is None:
             hits = self._hits[key] = collections.deque()
@@ -80,5 +85,3 @@ class MemoryScreenStore:
         now = self.clock()
         for ip in [ip for ip, e in self._cache.items() if max(e.values(), default=0.0) <= now]:
             del self._cache[ip]
-        for key in [k for k, h in self._hits.items() if not h]:
-            del self._hits[key]

@@ -260,3 +260,31 @@ async def test_memory_store_rate_window_and_expiry() -> None:
 def test_default_config_builds_a_pipeline() -> None:
     p = Pipeline(Config())
     assert all(t is None for t in p.tables.values())
+
+
+async def test_access_warn_logs_smtpd_warn_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    clients = tmp_path / "clients"
+    clients.write_text("192.0.2.7 WARN suspicious client\n")
+    helos = tmp_path / "helos"
+    helos.write_text("odd.example WARN odd helo\n")
+    p, _, _ = make({"access": {"client_table": f"cidr:{clients}"}, "helo": {"access_table": f"texthash:{helos}"}})
+    s = session()
+    assert code(await p.on_connect(s, 1, 1)) == CONT
+    s.helo, s.esmtp = "odd.example", True
+    assert code(await p.on_helo(s)) == CONT
+    lines = [r.getMessage() for r in caplog.records if "warn:" in r.getMessage()]
+    assert lines == [
+        "NOQUEUE: warn: CONNECT from unknown[192.0.2.7]:40123: suspicious client; proto=SMTP",
+        "NOQUEUE: warn: EHLO from unknown[192.0.2.7]:40123: odd helo; proto=ESMTP helo=<odd.example>",
+    ]
+
+
+async def test_memory_store_forgets_idle_rate_keys() -> None:
+    clock = FakeClock()
+    store = MemoryScreenStore(clock)
+    for i in range(9_999):
+        await store.hit_rate(f"conn:{i}", 60)
+    clock.now += 61
+    assert await store.hit_rate("conn:new", 60) == 1  # the 10,000th call sweeps
+    assert list(store._hits) == ["conn:new"]

@@ -211,6 +211,7 @@ class Conversation:
             return
         if not await self._screen(await self.pipeline.on_rcpt(s, path.address), "RCPT", path.address):
             return
+        await self.pipeline.on_relayed(s)  # a recipient passed screening: the screening phase is over
         rcpt_line = _command("RCPT TO", path.address, path.params)
         try:
             if not self.upstream.connected:
@@ -233,7 +234,6 @@ class Conversation:
             return
         if reply.code == 250:
             s.rcpts.append(path.address)
-            await self.pipeline.on_relayed(s)
         else:
             log.info("%s: RCPT from %s: upstream said: %s; from=<%s> to=<%s>",
                      "NOQUEUE", s.who, reply.text, s.sender, path.address)

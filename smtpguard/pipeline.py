@@ -36,7 +36,7 @@ is on (default).  Syntax errors (``501``) and ``503`` (MAIL before HELO with
 Allowlist cache (postscreen's temporary allowlist): per client IP, one expiry
 per cacheable test (pregreet, pipelining, non_smtp, bare_newline).  Pregreet
 passes when the wait ends quietly; the in-session tests pass when the first
-recipient reaches Postfix without a failure.  When the last test still to do
+recipient passes screening (and goes to Postfix) without a failure.  When the last test still to do
 passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 :class:`~smtpguard.screenstore.ScreenStore` (MERGE POINT: the real state store).
 """
@@ -167,12 +167,12 @@ class Pipeline:
             found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
             if found.outcome is Outcome.FAIL:
                 return self._decide(s, found, "connect")
+        if s.allowlisted:
+            return CONTINUE
         if not s.screened:
             found = check_command_count(cfg.errors, s.commands, hostname, s.peer)
             if found.outcome is Outcome.FAIL:
                 return self._decide(s, found, "connect")
-        if s.allowlisted:
-            return CONTINUE
         todo = s.todo - s.failed  # a failed test is logged and acted on once
         peer = s.peer
         if "non_smtp" in todo:
@@ -219,7 +219,8 @@ class Pipeline:
         return s.delayed.get("connect", CONTINUE)
 
     async def on_relayed(self, s: Session) -> None:
-        """Postfix accepted a recipient: the screening phase is over; the
+        """A recipient passed screening and goes to Postfix: the screening
+        phase is over (as when postscreen hands a client to smtpd); the
         in-session tests not failed have passed."""
         if s.screened:
             return

@@ -39,7 +39,7 @@ class Session:
     todo: frozenset[str] = frozenset()  # cacheable tests still to pass
     failed: set[str] = field(default_factory=set)  # tests failed in this session
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT
-    screened: bool = False  # a recipient reached Postfix: the screening phase is over
+    screened: bool = False  # a recipient passed screening: the screening phase is over
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)
 
     @property

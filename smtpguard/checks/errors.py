@@ -9,7 +9,7 @@ long.  At ``hard_limit`` errors the next command gets ``421 4.7.0
 mx.example.com Error: too many errors`` and the connection is closed,
 logged as ``too many errors after RCPT from unknown[a]:p``
 (:func:`check_error_limit`).  ``command_count_limit`` bounds the commands a
-client may send before its first recipient reaches Postfix (the part of the
+client may send before its first recipient passes screening (the part of the
 session postscreen would screen; 0 = no limit): ``421 4.7.0 ... Error: too
 many commands``.  The read timeout for one command is ``command_time_limit``
 until then (when shorter than ``server.command_timeout``, which applies after).
@@ -68,7 +68,7 @@ def check_error_limit(cfg: ErrorsConfig, errors: int, hostname: str, command: st
 
 def check_command_count(cfg: ErrorsConfig, commands: int, hostname: str, who: str) -> Result:
     """*commands*: commands so far (this one included) before the first
-    recipient reached Postfix."""
+    recipient passed screening."""
     if not cfg.enabled or not cfg.command_count_limit:
         return skip("command_count", "disabled")
     if commands <= cfg.command_count_limit:

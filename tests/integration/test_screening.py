@@ -74,6 +74,20 @@ def test_pregreet_drop_hangs_up(backend: PrivatePostfix, make_guard: MakeGuard) 
     assert nothing_reached_postfix(backend)
 
 
+def test_hangup_in_the_greet_wait_and_shutdown_during_it(backend: PrivatePostfix, make_guard: MakeGuard) -> None:
+    g = make_guard(backend.port, '[pregreet]\ngreet_wait = "30s"\n')
+    c = RawClient(g.port, source="127.0.0.57")
+    assert c.line() == "220-mx.guard.test ESMTP\r\n"
+    c.close()
+    g.wait_for_log(r"HANGUP after \d+\.\d\d from \[127\.0\.0\.57\]:\d+ in tests before SMTP handshake")
+    waiting = RawClient(g.port, source="127.0.0.58")
+    assert waiting.line() == "220-mx.guard.test ESMTP\r\n"
+    # A clean exit within 20s: the waiting client was not kept for its 30s
+    # wait nor for the 30s shutdown_timeout (stop() kills after 20s).
+    assert g.stop(timeout=20) == 0
+    assert waiting.reply() == "421 4.3.2 Service shutting down, closing connection\r\n"
+
+
 def test_good_client_delivers_then_pass_old_skips_the_wait(backend: PrivatePostfix, guard: Guard) -> None:
     c = RawClient(guard.port, source="127.0.0.23")
     assert c.reply() == BANNER

@@ -16,7 +16,9 @@ subprocess in front of it (as an admin would run it), then:
 2. **bots**: ``--bots`` pregreeting bots (``EHLO`` sent right after
    ``220-``), ``--concurrency`` at a time, against a fresh smtpguard:
    with ``[pregreet] action = "drop"`` (521 at once, hang up) and with the
-   default ``enforce`` (keep talking, 550 at RCPT, QUIT; greet wait 0.2s).
+   default ``enforce`` (keep talking, 550 at RCPT, QUIT; greet wait 1s).
+   Every bot has its own source address, so no bot rides on another's
+   cached pass.
    Reports smtpguard's CPU (utime+stime from /proc/PID/stat) per rejected
    connection.
 
@@ -64,10 +66,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def source(i: int) -> str:
-    """40 connections per source address: 127.1.0.1, 127.1.0.2, ..."""
-    n = i // 40
+def source(i: int, per: int = 40) -> str:
+    """*per* connections per source address: 127.1.0.1, 127.1.0.2, ..."""
+    n = i // per
     return f"127.{1 + n // 60000}.{(n // 250) % 240}.{n % 250 + 1}"
+
+
+def bot_source(i: int) -> str:
+    """One address per bot (127.100.0.1, ...): a bot's result is never
+    another's cached pass."""
+    return f"127.{100 + i // 60000}.{(i // 250) % 240}.{i % 250 + 1}"
 
 
 class Guard:
@@ -129,7 +137,7 @@ def deliver(port: int, backend: PrivatePostfix) -> float:
 
 
 async def bot(port: int, i: int, enforce: bool) -> bool:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source(i), 0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(bot_source(i), 0))
     try:
         await reader.readline()  # 220-
         writer.write(b"EHLO bot.example\r\n")
@@ -150,12 +158,12 @@ async def bot(port: int, i: int, enforce: bool) -> bool:
         writer.close()
 
 
-async def flood(port: int, n: int, concurrency: int, enforce: bool) -> int:
+async def flood(port: int, n: int, concurrency: int, enforce: bool, first: int = 0) -> int:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> bool:
         async with sem:
-            return await bot(port, i, enforce)
+            return await bot(port, first + i, enforce)
 
     results = await asyncio.gather(*(one(i) for i in range(n)))
     return sum(results)
@@ -202,10 +210,10 @@ def main() -> None:
             g.stop()
         # ------------------------------------------------ pregreet bots
         for mode, extra in (("drop", '[pregreet]\ngreet_wait = "6s"\naction = "drop"\n'),
-                            ("enforce", '[pregreet]\ngreet_wait = "0.2s"\n')):
+                            ("enforce", '[pregreet]\ngreet_wait = "1s"\n')):
             g = Guard(work / f"bots-{mode}", backend.port, extra)
             try:
-                asyncio.run(flood(g.port, 50, 50, mode == "enforce"))  # warm up
+                asyncio.run(flood(g.port, 50, 50, mode == "enforce", first=args.bots))  # warm up
                 cpu0, t0 = cpu_seconds(g.proc.pid), time.monotonic()
                 rejected = asyncio.run(flood(g.port, args.bots, args.concurrency, mode == "enforce"))
                 cpu1, t1 = cpu_seconds(g.proc.pid), time.monotonic()

@@ -68,7 +68,8 @@ class GuardProtocol(SMTP):
         self._handler_coroutine = None
         self._proxy_timeout = None
         self._handle_hooks: dict[str, Any] = {}
-        self.conversation: Conversation | None = None
+        self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
+        self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
         self._ip: str | None = None  # counted in server.per_ip
         self._first_data: float | None = None  # loop time of the client's first byte
@@ -99,12 +100,12 @@ class GuardProtocol(SMTP):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        s = Session(peer[0], peer[1], local[0], local[1])
+        s = self._session = Session(peer[0], peer[1], local[0], local[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(local[0], local[1]))
         counts: collections.Counter[str] = collections.Counter()
         pipeline = self.server.pipeline
         cfg = self.server.cfg
-        conv = self.conversation = Conversation(cfg, s, self, pipeline)
+        conv: Conversation | None = None
         cancelled = False
         try:
             concurrent = self.server.per_ip.get(s.client_ip, 1)
@@ -127,6 +128,7 @@ class GuardProtocol(SMTP):
                 if verdict.action is Action.DROP:
                     await self._refuse(s, verdict.reply or REPLIES["not_accepted"], "PREGREET")
                     return
+            conv = self.conversation = Conversation(cfg, s, self, pipeline)
             self.send(f"220 {greeting}\r\n".encode())
             while self.transport is not None:
                 await self._writer.drain()
@@ -161,10 +163,12 @@ class GuardProtocol(SMTP):
             self.send(f"{REPLIES['internal_error']}\r\n".encode())
         finally:
             if cancelled:
-                conv.upstream.abort()
+                if conv is not None:
+                    conv.upstream.abort()
                 self.close()
             else:
-                await conv.close()
+                if conv is not None:
+                    await conv.close()
                 await self._flush_and_close()
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
 
@@ -239,7 +243,10 @@ class GuardProtocol(SMTP):
     async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
         """Refuse before the SMTP dialogue; a failed test (PREGREET) has
         logged its own line already, as postscreen does."""
-        METRICS.connections_rejected.labels(reason=str(reply.code)).inc()
+        counter = _REJECTED.get(reply.code)
+        if counter is None:  # labels() is slow on a bot flood: keep the children
+            counter = _REJECTED[reply.code] = METRICS.connections_rejected.labels(reason=str(reply.code))
+        counter.inc()
         if stage == "CONNECT":
             log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
         self.send(f"{reply}\r\n".encode())
@@ -300,10 +307,11 @@ class GuardProtocol(SMTP):
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""
         conv = self.conversation
-        if conv is not None:
-            log.info("timeout after %s from %s", conv.last_command or "CONNECT", conv.session.who)
-            if conv.in_data:
-                conv.upstream.abort()  # never finish a half-received message
+        if self._session is not None:
+            last = conv.last_command if conv is not None else ""
+            log.info("timeout after %s from %s", last or "CONNECT", self._session.who)
+        if conv is not None and conv.in_data:
+            conv.upstream.abort()  # never finish a half-received message
         if self.transport is not None:
             self.send(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
             self.transport.close()
@@ -311,8 +319,8 @@ class GuardProtocol(SMTP):
     def shutdown_idle(self) -> None:
         """At shutdown: a session waiting for a command outside a
         transaction is told 421 and closed now; others finish first."""
-        conv = self.conversation
-        if conv is not None and self._waiting and not conv.session.in_transaction and self.transport is not None:
+        s = self._session
+        if s is not None and self._waiting and not s.in_transaction and self.transport is not None:
             self.send(f"{REPLIES['shutdown']}\r\n".encode())
             self.transport.close()
 
@@ -323,6 +331,9 @@ class GuardProtocol(SMTP):
         if self.transport is not None:
             self.send(f"{REPLIES['shutdown']}\r\n".encode())
             self.transport.close()
+
+
+_REJECTED: dict[int, Any] = {}
 
 
 def _command_counts(counts: collections.Counter[str]) -> str:
@@ -372,7 +383,7 @@ class Server:
             except TimeoutError:
                 break
         for p in list(self.sessions):
-            log.info("shutdown: closing session from %s", p.conversation.session.who if p.conversation else "?")
+            log.info("shutdown: closing session from %s", p._session.who if p._session else "?")
             p.force_close()
         for srv in self._servers:
             await srv.wait_closed()

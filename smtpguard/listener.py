@@ -130,6 +130,7 @@ class GuardProtocol(SMTP):
                     return
             conv = self.conversation = Conversation(cfg, s, self, pipeline)
             self.send(f"220 {greeting}\r\n".encode())
+            self._reset_timeout(screening_timeout)  # the first command's full time, after the wait
             while self.transport is not None:
                 await self._writer.drain()
                 if self.server.closing and not s.in_transaction:

@@ -124,7 +124,7 @@ class Pipeline:
         if v.action is Action.DROP:
             return v
         if rate_enabled(cfg.limits, s.client_ip):
-            rate = await self.store.hit_rate(f"conn:{s.client_ip}", cfg.limits.rate_time_unit)
+            rate = await self._hit_rate(f"conn:{s.client_ip}", cfg.limits.rate_time_unit)
             v = self._decide(s, check_connection_rate(cfg.limits, s.client_ip, rate, peer), "connect")
             if v.action is Action.DROP:
                 return v
@@ -139,7 +139,7 @@ class Pipeline:
             return v
         enabled = [t for t in CACHEABLE if getattr(cfg, t).enabled]
         if enabled:
-            cache = await self.store.get_cache(s.client_ip)
+            cache = await self._get_cache(s.client_ip)
             now = self.clock()
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
@@ -231,7 +231,7 @@ class Pipeline:
         now = self.clock()
         for test in passed:
             self._count(Result(test, Outcome.PASS))
-            await self.store.put_cache(s.client_ip, test, now + getattr(self.cfg, test).ttl)
+            await self._put_cache(s.client_ip, test, now + getattr(self.cfg, test).ttl)
         s.todo = s.todo.difference(passed)
         self._pass_new(s)
 
@@ -246,19 +246,43 @@ class Pipeline:
             # once, when the test passes for the session (on_relayed).
             self._record(s, found, "connect")
         if found.outcome is Outcome.PASS and test == "pregreet" and test in s.todo:
-            await self.store.put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
+            await self._put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
             s.todo = s.todo - {test}
             self._pass_new(s)
         if found.outcome is not Outcome.FAIL:
             return CONTINUE
         if test not in s.failed:
             s.failed.add(test)
-            await self.store.put_cache(s.client_ip, test, 0.0)
+            await self._put_cache(s.client_ip, test, 0.0)
         v = found.verdict
         if v.action in (Action.REJECT, Action.DEFER):
             s.delayed.setdefault("connect", v)
             return CONTINUE
         return v
+
+    # The state store fails open: an unreachable store must not refuse mail.
+    # No cache means every test runs (as for a new client); no rate means no
+    # rate limit; a lost cache write means the client is tested again.
+
+    async def _get_cache(self, ip: str) -> dict[str, float]:
+        try:
+            return await self.store.get_cache(ip)
+        except Exception as exc:
+            log.warning("state store: allowlist cache lookup for %s failed, running all tests: %s", ip, exc)
+            return {}
+
+    async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
+        try:
+            await self.store.put_cache(ip, test, expiry)
+        except Exception as exc:
+            log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
+
+    async def _hit_rate(self, key: str, window: float) -> int:
+        try:
+            return await self.store.hit_rate(key, window)
+        except Exception as exc:
+            log.warning("state store: connection rate for %s unknown, not limited: %s", key, exc)
+            return 0
 
     def _pass_new(self, s: Session) -> None:
         if not s.todo and not s.failed:

@@ -288,3 +288,25 @@ async def test_memory_store_forgets_idle_rate_keys() -> None:
     clock.now += 61
     assert await store.hit_rate("conn:new", 60) == 1  # the 10,000th call sweeps
     assert list(store._hits) == ["conn:new"]
+
+
+class BrokenStore:
+    async def get_cache(self, ip: str) -> dict[str, float]:
+        raise ConnectionError("redis down")
+
+    async def put_cache(self, ip: str, test: str, expiry: float) -> None:
+        raise ConnectionError("redis down")
+
+    async def hit_rate(self, key: str, window: float) -> int:
+        raise ConnectionError("redis down")
+
+
+async def test_store_failure_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    p = Pipeline(from_dict({"limits": {"connection_rate_limit": 1}}), BrokenStore(), FakeClock())
+    s = session()
+    assert code(await p.on_connect(s, 1, 1)) == CONT  # no rate known: not limited
+    assert s.todo == {"pregreet", "pipelining", "non_smtp", "bare_newline"}  # no cache: all tests run
+    assert code(await p.on_greet(s, b"", 0.0)) == CONT
+    await p.on_relayed(s)
+    assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: redis down" in caplog.text
+    assert "state store: allowlist cache update for 192.0.2.7 failed: redis down" in caplog.text

@@ -21,6 +21,11 @@ NAME = "non_smtp"
 _HEADER = re.compile(rb"[!-9;-~]+:")  # a header field name and its colon, no space before it
 
 
+def parse_verb(value: object) -> str:
+    """A command verb, stored in upper case."""
+    return parse_str(value).upper()
+
+
 @dataclass(frozen=True)
 class NonSmtpConfig:
     """``[non_smtp]``: postscreen_non_smtp_command_*."""
@@ -29,7 +34,7 @@ class NonSmtpConfig:
     action: str = field(default="drop", metadata=opt(one_of(*ACTIONS), "postscreen_non_smtp_command_action"))
     ttl: float = field(default=30 * 86400.0, metadata=opt(parse_duration, "postscreen_non_smtp_command_ttl"))
     forbidden_commands: tuple[str, ...] = field(
-        default=("CONNECT", "GET", "POST"), metadata=opt(list_of(parse_str), "postscreen_forbidden_commands")
+        default=("CONNECT", "GET", "POST"), metadata=opt(list_of(parse_verb), "postscreen_forbidden_commands")
     )
 
 
@@ -39,7 +44,7 @@ def check_non_smtp(cfg: NonSmtpConfig, line: bytes, previous: str, peer: str) ->
     if not cfg.enabled:
         return skip(NAME, "disabled")
     verb = line.split(None, 1)[0].decode("ascii", "replace").upper() if line.strip() else ""
-    if verb not in {c.upper() for c in cfg.forbidden_commands} and not _HEADER.match(line):
+    if verb not in cfg.forbidden_commands and not _HEADER.match(line):
         return passed(NAME, "SMTP command")
     text = escape(line.rstrip(b"\r\n"))
     return failed(NAME, cfg.action, PROTOCOL_ERROR, f"NON-SMTP COMMAND from {peer} after {previous}: {text}")

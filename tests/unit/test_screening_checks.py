@@ -103,7 +103,8 @@ def test_non_smtp(line: bytes, expected: tuple[Any, ...]) -> None:
 
 
 def test_non_smtp_forbidden_commands_configurable() -> None:
-    cfg = NonSmtpConfig(forbidden_commands=("PUT",), action="enforce")
+    cfg = dataclasses.replace(from_dict({"non_smtp": {"forbidden_commands": ["put"]}}).non_smtp, action="enforce")
+    assert cfg.forbidden_commands == ("PUT",)
     assert summary(check_non_smtp(cfg, b"PUT /x\r\n", "EHLO", PEER)) == FAIL_ENFORCE
     assert summary(check_non_smtp(cfg, b"GET /x\r\n", "EHLO", PEER)) == PASS
 

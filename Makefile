@@ -33,6 +33,7 @@ lint: venv
 
 ## Performance figures (printed, never asserted).
 bench: venv sysdeps
+	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/relay.py
 
 clean:

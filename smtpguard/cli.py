@@ -1,7 +1,7 @@
 """Command line: ``smtpguard serve|check-config -c FILE``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`).  ``check-config`` validates a file and
+:class:`smtpguard.listener.Server`); SIGHUP reloads the access tables.  ``check-config`` validates a file and
 prints a one-line summary, or the error naming the key, with exit status 1.
 Without ``-c`` the embedded defaults are used.
 """
@@ -35,12 +35,16 @@ def summary(cfg: Config) -> str:
 
 
 async def serve(cfg: Config) -> None:
-    server = Server(cfg, Pipeline(cfg))
+    pipeline = Pipeline(cfg)
+    server = Server(cfg, pipeline)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read the access tables; a table with an error keeps its
+    # previous contents and the error (file, line) is logged.
+    loop.add_signal_handler(signal.SIGHUP, pipeline.reload_tables)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))

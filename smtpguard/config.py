@@ -283,12 +283,43 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ScreenConfig:
+    """``[screen]``: how screening verdicts are delivered."""
+
+    delay_reject: bool = field(default=True, metadata=opt(parse_bool, "smtpd_delay_reject"))
+
+
+# The check sections are declared next to their checks (smtpguard/checks/),
+# which import the parsers above: import them only now.
+from .checks.access import AccessConfig  # noqa: E402
+from .checks.addresses import AddressConfig  # noqa: E402
+from .checks.barenewline import BareNewlineConfig  # noqa: E402
+from .checks.errors import ErrorsConfig  # noqa: E402
+from .checks.helo import HeloConfig  # noqa: E402
+from .checks.limits import LimitsConfig  # noqa: E402
+from .checks.nonsmtp import NonSmtpConfig  # noqa: E402
+from .checks.pipelining import PipeliningConfig  # noqa: E402
+from .checks.pregreet import PregreetConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Screening, in the order the pipeline applies them.
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    pregreet: PregreetConfig = field(default_factory=PregreetConfig)
+    pipelining: PipeliningConfig = field(default_factory=PipeliningConfig)
+    non_smtp: NonSmtpConfig = field(default_factory=NonSmtpConfig)
+    bare_newline: BareNewlineConfig = field(default_factory=BareNewlineConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    helo: HeloConfig = field(default_factory=HeloConfig)
+    addresses: AddressConfig = field(default_factory=AddressConfig)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

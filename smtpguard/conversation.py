@@ -25,6 +25,7 @@ import time
 from typing import Protocol
 
 from . import logs
+from .checks.errors import error_delay
 from .config import Config
 from .data import DataScanner
 from .envelope import EnvelopeError, parse_mail, parse_rcpt
@@ -61,45 +62,71 @@ class Conversation:
         self.pipeline = pipeline
         self.upstream = Upstream(cfg.upstream, cfg.server.hostname)
         self._upstream_mail = False  # MAIL sent upstream in this transaction
-        self._handlers = {
-            "HELO": self.helo,
-            "EHLO": self.ehlo,
-            "MAIL": self.mail,
-            "RCPT": self.rcpt,
-            "DATA": self.data,
-            "RSET": self.rset,
-            "NOOP": self.noop,
-            "QUIT": self.quit,
-            "VRFY": self.vrfy,
-        }
         self.in_data = False
         self.last_command = ""  # for "lost connection after CMD" and the counts
+        # smtpd_error_sleep_time: output held back while the session is over the soft error limit.
+        self._hold = 0.0
+        self._held: list[bytes] = []
 
     # ---------------------------------------------------------- plumbing
 
     def reply(self, reply: Reply | str) -> None:
         text = str(reply)
         if text[0] in "45":
-            self.session.errors += 1
-        self.io.send(text.encode("utf-8", "surrogateescape") + b"\r\n")
+            self._error()
+        self._send(text.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def relay_reply(self, reply: UpstreamReply) -> None:
         if reply.code >= 400:
-            self.session.errors += 1
-        self.io.send(reply.raw)
+            self._error()
+        self._send(reply.raw)
 
-    async def handle(self, line: bytes) -> None:
-        """Answer one command line (without its line ending).
+    def _error(self) -> None:
+        """Count an error reply; past the soft limit it is held back."""
+        delay = error_delay(self.cfg.errors, self.session.errors)
+        self.session.errors += 1
+        self._hold = max(self._hold, delay)
+
+    def _send(self, data: bytes) -> None:
+        if self._hold:
+            self._held.append(data)
+        else:
+            self.io.send(data)
+
+    @property
+    def hold(self) -> float:
+        """Seconds the listener must wait before :meth:`release` (the error
+        sleep of the command just handled); 0 when nothing is held."""
+        return self._hold
+
+    def release(self) -> None:
+        """Send the output held back by the error sleep."""
+        self._hold = 0.0
+        held, self._held = self._held, []
+        for data in held:
+            self.io.send(data)
+
+    async def handle(self, raw: bytes, pending: bytes = b"") -> None:
+        """Answer one command line *raw* (with its line ending, as received);
+        *pending* is the input already received after it.
 
         Raises :class:`Hangup` when the session must end.
         """
         s = self.session
         s.commands += 1
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         verb, _, rest = line.partition(b" ")
         command = verb.upper().decode("ascii", "replace")
-        arg = rest.strip().decode("utf-8", "surrogateescape") or None
-        handler = self._handlers.get(command)
+        name = _HANDLERS.get(command)
+        handler = getattr(self, name) if name is not None else None
+        previous = self.last_command
         self.last_command = command if handler is not None else "UNKNOWN"
+        verdict = await self.pipeline.on_command(s, raw, command[:32], pending, previous)
+        if verdict.action is Action.DROP:
+            # The check logged its own line (PREGREET, too many errors, ...).
+            self.io.send(f"{verdict.reply or REPLIES['not_accepted']}\r\n".encode())
+            raise Hangup
+        arg = rest.strip().decode("utf-8", "surrogateescape") or None
         if handler is None:
             # XCLIENT, XFORWARD, BDAT, AUTH, ETRN... are never forwarded.
             log.info("warning: %s: unknown or unsupported command: %s", s.who, command[:32] or "<empty>")
@@ -146,13 +173,15 @@ class Conversation:
         if not server.disable_vrfy_command:
             lines.append("VRFY")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
-        self.io.send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+        self._send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+        self.session.advertised = True  # from now on the client may pipeline
 
     async def _new_helo(self, name: str, esmtp: bool) -> None:
         # HELO/EHLO in a transaction resets it, as RSET does (RFC 5321 4.1.4).
         await self._reset()
         self.session.helo = name
         self.session.esmtp = esmtp
+        self.session.advertised = False
 
     async def mail(self, arg: str | None) -> None:
         s = self.session
@@ -182,6 +211,7 @@ class Conversation:
             return
         if not await self._screen(await self.pipeline.on_rcpt(s, path.address), "RCPT", path.address):
             return
+        await self.pipeline.on_relayed(s)  # a recipient passed screening: the screening phase is over
         rcpt_line = _command("RCPT TO", path.address, path.params)
         try:
             if not self.upstream.connected:
@@ -219,6 +249,8 @@ class Conversation:
             return
         if not s.rcpts:
             self.reply(REPLIES["no_valid_rcpt"])
+            return
+        if not await self._screen(await self.pipeline.on_data(s), "DATA"):
             return
         try:
             reply = await self.upstream.command(b"DATA\r\n")
@@ -315,6 +347,10 @@ class Conversation:
         self.upstream.abort()
         self._upstream_mail = False
         self.session.rcpts = []
+
+
+# Command verb -> method; a class-level table, so no per-session dict of bound methods.
+_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY")}
 
 
 def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:

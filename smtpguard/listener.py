@@ -69,8 +69,12 @@ class GuardProtocol(SMTP):
         self._handler_coroutine = None
         self._proxy_timeout = None
         self._handle_hooks: dict[str, Any] = {}
-        self.conversation: Conversation | None = None
+        self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
+        self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
+        self._ip: str | None = None  # counted in server.per_ip
+        self._first_data: float | None = None  # loop time of the client's first byte
+        self._greet_waiter: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ ClientIO
 
@@ -97,17 +101,37 @@ class GuardProtocol(SMTP):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        s = Session(peer[0], peer[1], local[0], local[1])
+        s = self._session = Session(peer[0], peer[1], local[0], local[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(local[0], local[1]))
         counts: collections.Counter[str] = collections.Counter()
-        conv = self.conversation = Conversation(self.server.cfg, s, self, self.server.pipeline)
+        pipeline = self.server.pipeline
+        cfg = self.server.cfg
+        conv: Conversation | None = None
         cancelled = False
         try:
-            verdict = await self.server.pipeline.on_connect(s, len(self.server.sessions))
+            concurrent = self.server.per_ip.get(s.client_ip, 1)
+            verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
             if verdict.action is Action.DROP:
                 await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
                 return
-            self.send(f"220 {self.server.cfg.server.greeting}\r\n".encode())
+            screening_timeout = min(cfg.server.command_timeout, cfg.errors.command_time_limit)
+            greeting = cfg.server.greeting
+            wait = pipeline.greet_wait(s)
+            if wait > 0:
+                # Pregreet: the first line of a multi-line banner, then wait.
+                self.send(f"220-{greeting}\r\n".encode())
+                received, after = await self._greet_wait(wait, cfg.pregreet.action == "drop")
+                if not received and self._reader.at_eof():
+                    log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
+                             time.monotonic() - s.started, s.peer)
+                    return
+                verdict = await pipeline.on_greet(s, received, after)
+                if verdict.action is Action.DROP:
+                    await self._refuse(s, verdict.reply or REPLIES["not_accepted"], "PREGREET")
+                    return
+            conv = self.conversation = Conversation(cfg, s, self, pipeline)
+            self.send(f"220 {greeting}\r\n".encode())
+            self._reset_timeout(screening_timeout)  # the first command's full time, after the wait
             while self.transport is not None:
                 await self._writer.drain()
                 if self.server.closing and not s.in_transaction:
@@ -119,11 +143,16 @@ class GuardProtocol(SMTP):
                 if line is None:
                     log.info("lost connection after %s from %s", conv.last_command or "CONNECT", s.who)
                     break
-                self._reset_timeout()
+                # Input already received past this line: the pipelining test's evidence.
+                buffered = self._reader._buffer  # type: ignore[attr-defined]
+                pending = bytes(buffered[:256]) if buffered else b""
+                self._reset_timeout(None if s.screened else screening_timeout)
                 try:
-                    await conv.handle(line)
+                    await conv.handle(line, pending)
                 finally:
                     counts[conv.last_command] += 1
+                    if conv.hold:  # smtpd_error_sleep_time: the error reply waits
+                        await self._release(conv)
         except Hangup:
             pass
         except asyncio.CancelledError:
@@ -136,15 +165,58 @@ class GuardProtocol(SMTP):
             self.send(f"{REPLIES['internal_error']}\r\n".encode())
         finally:
             if cancelled:
-                conv.upstream.abort()
+                if conv is not None:
+                    conv.upstream.abort()
                 self.close()
             else:
-                conv.close()
+                if conv is not None:
+                    conv.close()
                 self.close()  # the transport flushes what is left, then closes
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
 
+    async def _release(self, conv: Conversation) -> None:
+        try:
+            if self.transport is not None:
+                await asyncio.sleep(conv.hold)
+        finally:
+            conv.release()
+
+    async def _greet_wait(self, wait: float, stop_early: bool) -> tuple[bytes, float]:
+        """Wait *wait* seconds after ``220-``; return what the client sent
+        meanwhile (left in the buffer for the command loop) and when its
+        first byte came.  *stop_early*: end the wait at the first byte."""
+        loop = self.loop
+        start = loop.time()
+        self._waiting = True  # a shutdown may close the connection now
+        try:
+            if self._first_data is None and not self._reader.at_eof():
+                self._greet_waiter = loop.create_future()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._greet_waiter
+                except TimeoutError:
+                    pass
+                finally:
+                    self._greet_waiter = None
+            if not stop_early and not self._reader.at_eof():
+                remaining = wait - (loop.time() - start)
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+        finally:
+            self._waiting = False
+        buffered = self._reader._buffer  # type: ignore[attr-defined]
+        after = max(0.0, self._first_data - start) if self._first_data is not None else 0.0
+        return bytes(buffered[:512]), after
+
+    def data_received(self, data: bytes) -> None:
+        if self._first_data is None:
+            self._first_data = self.loop.time()
+            if self._greet_waiter is not None and not self._greet_waiter.done():
+                self._greet_waiter.set_result(None)
+        super().data_received(data)
+
     async def _read_command(self, conv: Conversation) -> bytes | None:
-        """One command line without its CRLF/LF; None at end of input."""
+        """One command line as received (with its CRLF/LF); None at end of input."""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -159,7 +231,7 @@ class GuardProtocol(SMTP):
                 conv.reply(REPLIES["line_too_long"])
                 await self._writer.drain()
                 continue
-            return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            return line
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -170,24 +242,51 @@ class GuardProtocol(SMTP):
             except asyncio.LimitOverrunError as exc:
                 await self._reader.readexactly(exc.consumed)
 
-    async def _refuse(self, s: Session, reply: Reply) -> None:
-        METRICS.connections_rejected.labels(reason=str(reply.code)).inc()
-        log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", s.who, reply)
+    async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
+        """Refuse before the SMTP dialogue; a failed test (PREGREET) has
+        logged its own line already, as postscreen does."""
+        counter = _REJECTED.get(reply.code)
+        if counter is None:  # labels() is slow on a bot flood: keep the children
+            counter = _REJECTED[reply.code] = METRICS.connections_rejected.labels(reason=str(reply.code))
+        counter.inc()
+        if stage == "CONNECT":
+            log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
         self.send(f"{reply}\r\n".encode())
 
 
     # ------------------------------------------------------------ plumbing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        """aiosmtpd's connection_made minus its per-connection Session and
+        Envelope objects (we keep our own; memory per idle connection counts)."""
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._ip = ip = peer[0]
+            self.server.per_ip[ip] = self.server.per_ip.get(ip, 0) + 1
+        asyncio.StreamReaderProtocol.connection_made(self, transport)  # reader, writer
+        self.transport = transport
+        self._reset_timeout()
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
         self.server.sessions.add(self)
         METRICS.connections.inc()
         METRICS.sessions_active.inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.server.sessions.discard(self)
+        if self._ip is not None:
+            ip, self._ip = self._ip, None
+            left = self.server.per_ip.get(ip, 1) - 1
+            if left > 0:
+                self.server.per_ip[ip] = left
+            else:
+                self.server.per_ip.pop(ip, None)
         METRICS.sessions_active.dec()
-        super().connection_lost(error)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self.transport = None
         self.server.session_ended()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -202,6 +301,8 @@ class GuardProtocol(SMTP):
         """The client half-closed: let the loop answer what it already sent
         and end at its next read (aiosmtpd would cancel the loop instead)."""
         self._reader.feed_eof()
+        if self._greet_waiter is not None and not self._greet_waiter.done():
+            self._greet_waiter.set_result(None)
         return True
 
     def _timeout_cb(self) -> None:
@@ -210,10 +311,11 @@ class GuardProtocol(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         conv = self.conversation
-        if conv is not None:
-            log.info("timeout after %s from %s", conv.last_command or "CONNECT", conv.session.who)
-            if conv.in_data:
-                conv.upstream.abort()  # never finish a half-received message
+        if self._session is not None:
+            last = conv.last_command if conv is not None else ""
+            log.info("timeout after %s from %s", last or "CONNECT", self._session.who)
+        if conv is not None and conv.in_data:
+            conv.upstream.abort()  # never finish a half-received message
         if self.transport is not None:
             self.send(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
             self.transport.close()
@@ -221,8 +323,8 @@ class GuardProtocol(SMTP):
     def shutdown_idle(self) -> None:
         """At shutdown: a session waiting for a command outside a
         transaction is told 421 and closed now; others finish first."""
-        conv = self.conversation
-        if conv is not None and self._waiting and not conv.session.in_transaction and self.transport is not None:
+        s = self._session
+        if s is not None and self._waiting and not s.in_transaction and self.transport is not None:
             self.send(f"{REPLIES['shutdown']}\r\n".encode())
             self.transport.close()
 
@@ -233,6 +335,9 @@ class GuardProtocol(SMTP):
         if self.transport is not None:
             self.send(f"{REPLIES['shutdown']}\r\n".encode())
             self.transport.close()
+
+
+_REJECTED: dict[int, Any] = {}
 
 
 def _command_counts(counts: collections.Counter[str]) -> str:
@@ -248,6 +353,7 @@ class Server:
         self.cfg = cfg
         self.pipeline = pipeline
         self.sessions: set[GuardProtocol] = set()
+        self.per_ip: dict[str, int] = {}  # open connections per client address (anvil's count)
         self.closing = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
@@ -281,7 +387,7 @@ class Server:
             except TimeoutError:
                 break
         for p in list(self.sessions):
-            log.info("shutdown: closing session from %s", p.conversation.session.who if p.conversation else "?")
+            log.info("shutdown: closing session from %s", p._session.who if p._session else "?")
             p.force_close()
         for srv in self._servers:
             await srv.wait_closed()

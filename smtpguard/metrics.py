@@ -28,6 +28,7 @@ class Metrics:
     upstream_errors: Counter
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
+    check_results: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -52,6 +53,10 @@ class Metrics:
             upstream_data_seconds=Histogram(
                 "smtpguard_upstream_data_seconds", "Time from DATA to Postfix's end-of-data reply",
                 buckets=_LATENCY_BUCKETS, registry=r,
+            ),
+            check_results=Counter(
+                "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
+                ["check", "outcome"], registry=r,
             ),
         )
 

@@ -1,39 +1,346 @@
 """Where the checks run, and in which order: written once, here.
 
-The listener asks :meth:`Pipeline.on_connect` before the banner; the
-conversation asks :meth:`on_helo`, :meth:`on_mail` and :meth:`on_rcpt` as
-the commands arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.
+The listener asks :meth:`Pipeline.on_connect` before the banner and
+:meth:`on_greet` after the pregreet wait; the conversation asks
+:meth:`on_command` for every command line, then :meth:`on_helo`,
+:meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as the commands
+arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
+themselves are pure functions in :mod:`smtpguard.checks`; this module is
+the I/O edge around them (tables, the state store, the clock, the log).
 
-Connect-time precedence follows postscreen's ``psc_endpt_lookup_done``:
-global connection cap, then per-client concurrency, connection rate,
-permanent access list, temporary allowlist cache, pregreet (with DNS
-lookups running during the wait), and then the SMTP-phase checks.  Checks
-are added to this module as they land; with none configured every phase
-continues.
+Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
+
+1. global connection cap (``server.max_connections``) -> ``421 4.3.2``;
+2. per-client concurrency (``limits.connection_count_limit``) -> ``421 4.7.0``;
+3. connection rate (``limits.connection_rate_limit``, state store) -> ``421 4.7.0``;
+4. permanent access list (``access.client_table``): PERMIT allowlists the
+   client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
+5. temporary allowlist cache (state store): the tests whose pass is still
+   valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
+6. pregreet wait (the listener), then per command: error and command
+   limits, non-SMTP command, bare newline, unauthorized pipelining; then
+   the HELO, sender and recipient checks at their commands.  Unauthorized
+   pipelining is checked for every client that is not allowlisted, also
+   after it passed (Postfix's reject_unauth_pipelining: a client that sends
+   the message before the 354 must not get it through); its cache entry
+   only counts towards PASS OLD.
+
+Verdict delivery (Postfix's smtpd_delay_reject): a REJECT/DEFER decided
+before RCPT is kept in ``session.delayed`` and answered to every RCPT (and
+DATA), so the log line holds helo, from and to.  Protocol tests
+(pregreet, pipelining, non-SMTP, bare newline) always work that way
+(postscreen's ``enforce``); HELO/sender verdicts do when ``screen.delay_reject``
+is on (default).  Syntax errors (``501``) and ``503`` (MAIL before HELO with
+``helo.required``) are answered at once.  DROP always acts at once.
+
+Allowlist cache (postscreen's temporary allowlist): per client IP, one expiry
+per cacheable test (pregreet, pipelining, non_smtp, bare_newline).  Pregreet
+passes when the wait ends quietly; the in-session tests pass when the first
+recipient passes screening (and goes to Postfix) without a failure.  When the last test still to do
+passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
+:class:`~smtpguard.screenstore.ScreenStore` (MERGE POINT: the real state store).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import logs
+from .checks.access import check_client_access
+from .checks.addresses import RECIPIENT, SENDER, check_address
+from .checks.barenewline import check_bare_newline
+from .checks.errors import check_command_count, check_error_limit
+from .checks.helo import check_helo, require_helo
+from .checks.limits import check_connection_count, check_connection_rate, rate_enabled
+from .checks.nonsmtp import check_non_smtp
+from .checks.pipelining import check_pipelining
+from .checks.pregreet import check_pregreet
 from .config import Config
+from .metrics import METRICS
+from .screenstore import MemoryScreenStore, ScreenStore
 from .session import Session
-from .verdict import CONTINUE, REPLIES, Action, Verdict
+from .tables import Table, TableError, open_access_table
+from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
+
+log = logging.getLogger("smtpguard")
+
+# Tests kept in the allowlist cache, each with its section's enabled/ttl.
+CACHEABLE = ("pregreet", "pipelining", "non_smtp", "bare_newline")
+# Checks whose reason is their own log line (postscreen/anvil style).
+_OWN_LINE = frozenset({*CACHEABLE, "errors", "command_count"})
+_WARNING_LINE = frozenset({"connection_count", "connection_rate"})
+# Replies that are answered at once even with delay_reject.
+_IMMEDIATE = frozenset({"helo_required", "sender_syntax", "recipient_syntax"})
+_PHASES = ("connect", "helo", "mail")
 
 
 class Pipeline:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, store: ScreenStore | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock
+        self.store: ScreenStore = store if store is not None else MemoryScreenStore(clock)
+        specs = {
+            "client": cfg.access.client_table,
+            "helo": cfg.helo.access_table,
+            "sender": cfg.addresses.sender_access_table,
+            "recipient": cfg.addresses.recipient_access_table,
+        }
+        self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
+        self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        self._counters: dict[tuple[str, Outcome], Any] = {}
 
-    async def on_connect(self, session: Session, active: int) -> Verdict:
-        """Before the banner; *active* counts sessions including this one."""
-        if active > self.cfg.server.max_connections:
+    # ------------------------------------------------------------ tables
+
+    def reload_tables(self) -> list[str]:
+        """Re-read every table (SIGHUP); a table that fails to load keeps its
+        old contents.  Returns the errors (already logged)."""
+        errors = []
+        for table in self.tables.values():
+            if table is None:
+                continue
+            try:
+                table.reload()
+            except TableError as exc:
+                log.error("table %s not reloaded, keeping the previous contents: %s", table.spec, exc)
+                errors.append(str(exc))
+        loaded = sum(t is not None for t in self.tables.values())
+        log.info("reload: %d table(s) read, %d error(s)", loaded - len(errors), len(errors))
+        return errors
+
+    # ------------------------------------------------------------ connect
+
+    async def on_connect(self, s: Session, active: int, concurrent: int = 1) -> Verdict:
+        """Before the banner; *active* counts all sessions and *concurrent*
+        this client's, both including this one."""
+        cfg = self.cfg
+        if active > cfg.server.max_connections:
             return Verdict(Action.DROP, REPLIES["busy"])
+        peer = s.peer
+        v = self._decide(s, check_connection_count(cfg.limits, s.client_ip, concurrent, peer), "connect")
+        if v.action is Action.DROP:
+            return v
+        if rate_enabled(cfg.limits, s.client_ip):
+            rate = await self._hit_rate(f"conn:{s.client_ip}", cfg.limits.rate_time_unit)
+            v = self._decide(s, check_connection_rate(cfg.limits, s.client_ip, rate, peer), "connect")
+            if v.action is Action.DROP:
+                return v
+        found = check_client_access(cfg.access, self.tables["client"], s.client_ip, s.client_name)
+        if found.outcome is Outcome.PASS:
+            s.allowlisted = True
+            log.info("ALLOWLISTED %s", peer)
+            self._count(found)
+            return CONTINUE
+        v = self._decide(s, found, "connect")
+        if v.action is Action.DROP:
+            return v
+        enabled = [t for t in CACHEABLE if getattr(cfg, t).enabled]
+        if enabled:
+            cache = await self._get_cache(s.client_ip)
+            now = self.clock()
+            s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
+            if not s.todo:
+                log.info("PASS OLD %s", peer)
         return CONTINUE
 
-    async def on_helo(self, session: Session) -> Verdict:
+    def greet_wait(self, s: Session) -> float:
+        """How long the listener waits after ``220-`` (0: no pregreet test)."""
+        return self.cfg.pregreet.greet_wait if "pregreet" in s.todo else 0.0
+
+    async def on_greet(self, s: Session, received: bytes, after: float) -> Verdict:
+        """After the greet wait: what the client sent during it."""
+        return await self._protocol_test(s, check_pregreet(self.cfg.pregreet, received, after, s.peer))
+
+    # ------------------------------------------------------------ commands
+
+    async def on_command(self, s: Session, line: bytes, command: str, pending: bytes, previous: str) -> Verdict:
+        """Each command line as received (*line* with its line ending,
+        *command* its verb, *pending* the input already received after it,
+        *previous* the last command before it), before it is answered."""
+        cfg = self.cfg
+        hostname = cfg.server.hostname
+        # Limits: only a failure is recorded (and counted), not every command.
+        if s.errors >= cfg.errors.hard_limit:
+            found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
+            if found.outcome is Outcome.FAIL:
+                return self._decide(s, found, "connect")
+        if s.allowlisted:
+            return CONTINUE
+        if not s.screened:
+            found = check_command_count(cfg.errors, s.commands, hostname, s.peer)
+            if found.outcome is Outcome.FAIL:
+                return self._decide(s, found, "connect")
+        todo = s.todo - s.failed  # a failed test is logged and acted on once
+        peer = s.peer
+        if "non_smtp" in todo:
+            v = await self._protocol_test(s, check_non_smtp(cfg.non_smtp, line, previous or "CONNECT", peer))
+            if v.action is Action.DROP:
+                return v
+        if "bare_newline" in todo:
+            v = await self._protocol_test(s, check_bare_newline(cfg.bare_newline, line, command, peer))
+            if v.action is Action.DROP:
+                return v
+        # Always, as reject_unauth_pipelining (see the module docstring).
+        if cfg.pipelining.enabled and "pipelining" not in s.failed:
+            v = await self._protocol_test(s, check_pipelining(cfg.pipelining, command, s.advertised, pending, peer))
+            if v.action is Action.DROP:
+                return v
         return CONTINUE
 
-    async def on_mail(self, session: Session) -> Verdict:
-        return CONTINUE
+    async def on_helo(self, s: Session) -> Verdict:
+        s.delayed.pop("helo", None)  # a new HELO is judged afresh
+        if s.allowlisted:
+            return CONTINUE
+        found = check_helo(self.cfg.helo, s.helo, s.client_ip, hostname=self.cfg.server.hostname,
+                           our_addresses=(s.server_ip, *self._our_addresses), table=self.tables["helo"])
+        return self._decide(s, found, "helo")
 
-    async def on_rcpt(self, session: Session, rcpt: str) -> Verdict:
-        return CONTINUE
+    async def on_mail(self, s: Session) -> Verdict:
+        helo = self.cfg.helo
+        if helo.enabled and helo.required and s.helo is None and not s.allowlisted:
+            return self._decide(s, require_helo(None, helo.action), "mail")
+        found = check_address(self.cfg.addresses, s.sender or "", SENDER, self.tables["sender"], _utf8(s))
+        return self._decide(s, found, "mail")
+
+    async def on_rcpt(self, s: Session, rcpt: str) -> Verdict:
+        for phase in _PHASES:
+            v = s.delayed.get(phase)
+            if v is not None:
+                return v
+        found = check_address(self.cfg.addresses, rcpt, RECIPIENT, self.tables["recipient"], _utf8(s))
+        return self._decide(s, found, "rcpt")
+
+    async def on_data(self, s: Session) -> Verdict:
+        """DATA: a protocol-test failure decided at the DATA command itself
+        (pipelining the message) rejects it."""
+        return s.delayed.get("connect", CONTINUE)
+
+    async def on_relayed(self, s: Session) -> None:
+        """A recipient passed screening and goes to Postfix: the screening
+        phase is over (as when postscreen hands a client to smtpd); the
+        in-session tests not failed have passed."""
+        if s.screened:
+            return
+        s.screened = True
+        passed = [t for t in s.todo if t != "pregreet" and t not in s.failed]
+        if not passed:
+            return
+        now = self.clock()
+        for test in passed:
+            self._count(Result(test, Outcome.PASS))
+            await self._put_cache(s.client_ip, test, now + getattr(self.cfg, test).ttl)
+        s.todo = s.todo.difference(passed)
+        self._pass_new(s)
+
+    # ------------------------------------------------------------ helpers
+
+    async def _protocol_test(self, s: Session, found: Result) -> Verdict:
+        """A cacheable postscreen test: log, cache, and keep an enforce
+        verdict for RCPT whatever delay_reject says."""
+        test = found.check
+        if found.outcome is not Outcome.PASS or test == "pregreet":
+            # Per-command passes are not counted one by one: they are counted
+            # once, when the test passes for the session (on_relayed).
+            self._record(s, found, "connect")
+        if found.outcome is Outcome.PASS and test == "pregreet" and test in s.todo:
+            await self._put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
+            s.todo = s.todo - {test}
+            self._pass_new(s)
+        if found.outcome is not Outcome.FAIL:
+            return CONTINUE
+        if test not in s.failed:
+            s.failed.add(test)
+            await self._put_cache(s.client_ip, test, 0.0)
+        v = found.verdict
+        if v.action in (Action.REJECT, Action.DEFER):
+            s.delayed.setdefault("connect", v)
+            return CONTINUE
+        return v
+
+    # The state store fails open: an unreachable store must not refuse mail.
+    # No cache means every test runs (as for a new client); no rate means no
+    # rate limit; a lost cache write means the client is tested again.
+
+    async def _get_cache(self, ip: str) -> dict[str, float]:
+        try:
+            return await self.store.get_cache(ip)
+        except Exception as exc:
+            log.warning("state store: allowlist cache lookup for %s failed, running all tests: %s", ip, exc)
+            return {}
+
+    async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
+        try:
+            await self.store.put_cache(ip, test, expiry)
+        except Exception as exc:
+            log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
+
+    async def _hit_rate(self, key: str, window: float) -> int:
+        try:
+            return await self.store.hit_rate(key, window)
+        except Exception as exc:
+            log.warning("state store: connection rate for %s unknown, not limited: %s", key, exc)
+            return 0
+
+    def _pass_new(self, s: Session) -> None:
+        if not s.todo and not s.failed:
+            log.info("PASS NEW %s", s.peer)
+
+    def _decide(self, s: Session, found: Result, phase: str) -> Verdict:
+        """Record *found* and turn its verdict into what happens now."""
+        self._record(s, found, phase)
+        v = found.verdict
+        if (v.action in (Action.REJECT, Action.DEFER) and phase != "rcpt"
+                and self.cfg.screen.delay_reject and found.check not in _IMMEDIATE):
+            s.delayed.setdefault(phase, v)
+            return CONTINUE
+        return v
+
+    def _count(self, found: Result) -> None:
+        key = (found.check, found.outcome)
+        counter = self._counters.get(key)
+        if counter is None:  # labels() is slow: keep the children
+            counter = self._counters[key] = METRICS.check_results.labels(check=found.check,
+                                                                          outcome=found.outcome.value)
+        counter.inc()
+
+    def _record(self, s: Session, found: Result, phase: str) -> None:
+        """Count every result; log every failure once, as postscreen/smtpd would."""
+        self._count(found)
+        if found.outcome is not Outcome.FAIL:
+            self._warn(s, found, phase)
+            return
+        s.results.append(found)
+        if found.check in _OWN_LINE:
+            log.info("%s", found.reason)
+        elif found.check in _WARNING_LINE:
+            log.warning("%s", found.reason)
+        elif found.verdict.action is Action.CONTINUE:  # action = ignore: warn_if_reject
+            stage = _stage(s, phase)
+            line = logs.noqueue(found.reason, stage, s.who, s.sender, None, s.proto, s.helo)
+            log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: reject_warning:", 1))
+
+
+    def _warn(self, s: Session, found: Result, phase: str) -> None:
+        """An access table's ``WARN text``: smtpd's ``NOQUEUE: warn:`` line."""
+        if "WARN" not in found.reason.upper():
+            return
+        for m in _WARN.finditer(found.reason):
+            rcpt = m.group(1) if phase == "rcpt" else None
+            line = logs.noqueue(m.group(2) or "", _stage(s, phase), s.who, s.sender, rcpt, s.proto, s.helo)
+            log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: warn:", 1))
+
+
+_WARN = re.compile(r"<([^>]*)>: WARN(?:\s+([^;]*))?", re.IGNORECASE)
+
+
+def _stage(s: Session, phase: str) -> str:
+    if phase == "helo":
+        return "EHLO" if s.esmtp else "HELO"
+    return phase.upper()
+
+
+def _utf8(s: Session) -> bool:
+    return any(p.upper() == "SMTPUTF8" for p in s.mail_params)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from . import logs
 from .relay import ClientIdentity
-from .verdict import Result
+from .verdict import Result, Verdict
 
 
-@dataclass
+@dataclass(slots=True)  # slots: one per connection, thousands may be idle
 class Session:
     client_ip: str
     client_port: int
@@ -34,6 +34,13 @@ class Session:
     commands: int = 0
     messages: int = 0
     results: list[Result] = field(default_factory=list)
+    # Screening state (see smtpguard.pipeline).
+    allowlisted: bool = False  # the client access table said OK/PERMIT
+    todo: frozenset[str] = frozenset()  # cacheable tests still to pass
+    failed: set[str] = field(default_factory=set)  # tests failed in this session
+    delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT
+    screened: bool = False  # a recipient passed screening: the screening phase is over
+    advertised: bool = False  # the client got our EHLO reply (PIPELINING)
 
     @property
     def proto(self) -> str:
@@ -58,6 +65,7 @@ class Session:
         return ClientIdentity(self.client_ip, self.client_port, name, self.helo, self.proto)
 
     def reset_transaction(self) -> None:
+        self.delayed.pop("mail", None)
         self.sender = None
         self.mail_params = ()
         self.rcpts = []

@@ -65,7 +65,8 @@ class HeloConfig:
     reject_bare_ip: bool = field(
         default=True, metadata=opt(parse_bool, "reject_non_fqdn_helo_hostname (bare IP addresses only)")
     )
-    reject_literal_mismatch: bool = field(default=True, metadata=opt(parse_bool, ""))
+    # Off by default: MTAs behind NAT legitimately send their inside address.
+    reject_literal_mismatch: bool = field(default=False, metadata=opt(parse_bool, ""))
     reject_impersonation: bool = field(
         default=True, metadata=opt(parse_bool, "check_helo_access with $myhostname etc. REJECT You are not me")
     )

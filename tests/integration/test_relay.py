@@ -41,7 +41,7 @@ def test_delivers_exact_body_with_real_client_identity(backend: PrivatePostfix, 
 
 def test_ehlo_features_vrfy_and_no_auth(guard: Guard) -> None:
     c = RawClient(guard.port)
-    assert c.reply() == "220 mx.guard.test ESMTP\r\n"
+    assert c.reply() == "220-mx.guard.test ESMTP\r\n220 mx.guard.test ESMTP\r\n"  # pregreet test
     ehlo = c.cmd("EHLO client.example")
     assert ehlo.splitlines() == ["250-mx.guard.test", "250-PIPELINING", "250-SIZE 10240000",
                                  "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-DSN", "250 SMTPUTF8"]

@@ -269,8 +269,9 @@ def run(helo: str | None, client: str = CLIENT, table: Table | None = None, **se
         (lambda: run("192.0.2.77"), "helo_bare_ip", non_fqdn("192.0.2.77")),
         (lambda: run("192.0.2.77", reject_bare_ip=False), "helo", PASS),
         (lambda: run("[198.51.100.7]"), "helo", PASS),
-        (lambda: run("[192.0.2.77]"), "helo_literal_mismatch", (Outcome.FAIL, f"554 5.7.1 <[192.0.2.77]>: {MISMATCH}")),
-        (lambda: run("[192.0.2.77]", reject_literal_mismatch=False), "helo", PASS),
+        (lambda: run("[192.0.2.77]", reject_literal_mismatch=True), "helo_literal_mismatch",
+         (Outcome.FAIL, f"554 5.7.1 <[192.0.2.77]>: {MISMATCH}")),
+        (lambda: run("[192.0.2.77]"), "helo", PASS),  # off by default: NATed MTAs send their inside address
         # impersonation comes before the syntax checks
         (lambda: run("localhost", reject_non_fqdn=True), "helo_impersonation", not_me("localhost")),
         (lambda: run("mx.example.com"), "helo_impersonation", not_me("mx.example.com")),
@@ -322,7 +323,7 @@ def test_config_defaults_and_loading(tmp_path: Path) -> None:
     defaults = HeloConfig()
     assert (defaults.enabled, defaults.action, defaults.required) == (True, "enforce", False)
     assert (defaults.reject_invalid, defaults.reject_non_fqdn, defaults.reject_bare_ip) == (True, False, True)
-    assert (defaults.reject_literal_mismatch, defaults.reject_impersonation) == (True, True)
+    assert (defaults.reject_literal_mismatch, defaults.reject_impersonation) == (False, True)
     assert (defaults.our_domains, defaults.access_table) == ((), "")
     path = tmp_path / "helo_access"
     path.write_text("friend REJECT\n")

@@ -1,0 +1,96 @@
+"""Connection count and rate per client address (anvil's limits).
+
+How it works: the listener counts this process's open connections per
+client address (like anvil, per process) and the pipeline asks the state
+store for the client's connections in the last ``rate_time_unit``
+(``hit_rate``; on Redis shared by all nodes).  These pure checks compare
+the figures with the limits; over a limit the client gets ``421 4.7.0
+Error: too many connections from ADDR`` before the banner and is
+disconnected, logged as smtpd does (``warning: Connection concurrency
+limit exceeded: 51 from [a]:p for service smtp``).  ``exceptions`` lists
+networks exempt from both (smtpd_client_event_limit_exceptions).  The
+global cap (``server.max_connections``, ``421 4.3.2 All server ports are
+busy``) is applied before these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import list_of, one_of, opt, parse_bool, parse_duration, parse_int
+from ..verdict import Action, Outcome, Reply, Result, Verdict
+from ._common import passed, skip
+
+
+def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a network like 192.0.2.0/24, got {value!r}")
+    try:
+        return ipaddress.ip_network(value.strip("[]"), strict=False)
+    except ValueError:
+        raise ValueError(f'expected a network like 192.0.2.0/24, got "{value}"') from None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: smtpd_client_connection_*_limit, anvil_rate_time_unit."""
+
+    enabled: bool = field(default=True, metadata=opt(parse_bool, ""))
+    action: str = field(default="drop", metadata=opt(one_of("ignore", "drop"), ""))
+    connection_count_limit: int = field(
+        default=50,
+        metadata=opt(parse_int, "smtpd_client_connection_count_limit (postscreen_client_connection_count_limit)"),
+    )
+    connection_rate_limit: int = field(default=0, metadata=opt(parse_int, "smtpd_client_connection_rate_limit"))
+    rate_time_unit: float = field(default=60.0, metadata=opt(parse_duration, "anvil_rate_time_unit"))
+    exceptions: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=opt(list_of(parse_network), "smtpd_client_event_limit_exceptions")
+    )
+
+
+def too_many(ip: str) -> Reply:
+    return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
+
+
+def exempt(cfg: LimitsConfig, ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in cfg.exceptions)
+
+
+def _over(check: str, cfg: LimitsConfig, ip: str, reason: str) -> Result:
+    verdict = Verdict(Action.DROP, too_many(ip)) if cfg.action == "drop" else Verdict(Action.CONTINUE)
+    return Result(check, Outcome.FAIL, reason, verdict)
+
+
+def check_connection_count(cfg: LimitsConfig, ip: str, count: int, who: str) -> Result:
+    """*count*: this process's connections from *ip*, this one included."""
+    if not cfg.enabled or not cfg.connection_count_limit:
+        return skip("connection_count", "disabled")
+    if exempt(cfg, ip):
+        return skip("connection_count", "exempt")
+    if count <= cfg.connection_count_limit:
+        return passed("connection_count", f"{count} connections")
+    return _over("connection_count", cfg, ip,
+                 f"Connection concurrency limit exceeded: {count} from {who} for service smtp")
+
+
+def check_connection_rate(cfg: LimitsConfig, ip: str, rate: int, who: str) -> Result:
+    """*rate*: connections from *ip* in the last ``rate_time_unit``, this one included."""
+    if not cfg.enabled or not cfg.connection_rate_limit:
+        return skip("connection_rate", "disabled")
+    if exempt(cfg, ip):
+        return skip("connection_rate", "exempt")
+    if rate <= cfg.connection_rate_limit:
+        return passed("connection_rate", f"{rate} connections per {cfg.rate_time_unit:g}s")
+    return _over("connection_rate", cfg, ip,
+                 f"Connection rate limit exceeded: {rate} from {who} for service smtp")
+
+
+def rate_enabled(cfg: LimitsConfig, ip: str) -> bool:
+    """Whether the rate counter must be consulted at all (a store round trip)."""
+    return cfg.enabled and cfg.connection_rate_limit > 0 and not exempt(cfg, ip)

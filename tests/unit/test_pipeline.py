@@ -1,0 +1,312 @@
+"""The pipeline without sockets: precedence, delayed rejects, the allowlist
+cache and rate counters on a fake clock (no sleeping)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpguard.config import Config, from_dict
+from smtpguard.pipeline import Pipeline
+from smtpguard.screenstore import MemoryScreenStore
+from smtpguard.session import Session
+from smtpguard.verdict import Action, Verdict
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, MemoryScreenStore]:
+    clock = FakeClock()
+    store = MemoryScreenStore(clock)
+    return Pipeline(from_dict(data or {}), store, clock), clock, store
+
+
+def session(ip: str = "192.0.2.7") -> Session:
+    return Session(ip, 40123, "198.51.100.1", 25)
+
+
+def code(v: Verdict) -> tuple[Action, int | None]:
+    return v.action, v.reply.code if v.reply else None
+
+
+CONT = (Action.CONTINUE, None)
+
+
+# ---------------------------------------------------------------- connect precedence
+
+async def test_precedence_cap_before_count_before_rate(tmp_path: Path) -> None:
+    table = tmp_path / "clients"
+    table.write_text("192.0.2.7 OK\n")
+    p, _, _ = make({"server": {"max_connections": 10}, "limits": {"connection_count_limit": 2,
+                                                                  "connection_rate_limit": 1},
+                    "access": {"client_table": f"cidr:{table}"}})
+    s = session()
+    # global cap wins over everything, even the access table's OK
+    assert code(await p.on_connect(s, active=11, concurrent=5)) == (Action.DROP, 421)
+    assert str((await p.on_connect(s, 11, 5)).reply) == "421 4.3.2 All server ports are busy"
+    # then per-client concurrency (the rate counter is not even consulted)
+    v = await p.on_connect(s, 1, 3)
+    assert str(v.reply) == "421 4.7.0 Error: too many connections from 192.0.2.7"
+    # then the rate: first connection in the window passes, the second is over 1
+    assert code(await p.on_connect(session(), 1, 1)) == CONT
+    assert code(await p.on_connect(session(), 1, 1)) == (Action.DROP, 421)
+
+
+async def test_access_permit_allowlists_and_skips_the_tests(tmp_path: Path) -> None:
+    table = tmp_path / "clients"
+    table.write_text("192.0.2.7 permit\n192.0.2.8 REJECT\n")
+    p, _, _ = make({"access": {"client_table": f"cidr:{table}"}})
+    s = session()
+    assert code(await p.on_connect(s, 1, 1)) == CONT
+    assert s.allowlisted and p.greet_wait(s) == 0.0
+    s.helo = "localhost"  # would be "You are not me" from a non-local client
+    assert code(await p.on_helo(s)) == CONT
+    assert code(await p.on_command(s, b"GET /\r\n", "GET", b"", "EHLO")) == CONT
+    rejected = session("192.0.2.8")
+    assert code(await p.on_connect(rejected, 1, 1)) == CONT  # enforce: answered at RCPT
+    rejected.sender = "a@b.example"
+    v = await p.on_rcpt(rejected, "c@d.example")
+    assert str(v.reply) == "554 5.7.1 <unknown[192.0.2.8]>: Client host rejected: Access denied"
+
+
+# ---------------------------------------------------------------- allowlist cache
+
+async def test_pass_new_then_pass_old_then_expiry(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    p, clock, store = make()
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert s.todo == {"pregreet", "pipelining", "non_smtp", "bare_newline"}
+    assert p.greet_wait(s) == 6.0
+    assert code(await p.on_greet(s, b"", 0.0)) == CONT
+    assert "pregreet" not in s.todo and "PASS NEW" not in caplog.text
+    await p.on_relayed(s)
+    assert "PASS NEW [192.0.2.7]:40123" in caplog.text
+    cache = await store.get_cache("192.0.2.7")
+    assert cache["pregreet"] == clock.now + 86400 and cache["pipelining"] == clock.now + 30 * 86400
+
+    s2 = session()
+    await p.on_connect(s2, 1, 1)
+    assert s2.todo == frozenset() and p.greet_wait(s2) == 0.0
+    assert "PASS OLD [192.0.2.7]:40123" in caplog.text
+
+    clock.now += 86400 + 1  # pregreet expired, the 30-day tests not
+    s3 = session()
+    await p.on_connect(s3, 1, 1)
+    assert s3.todo == {"pregreet"} and p.greet_wait(s3) == 6.0
+
+
+async def test_failed_test_is_not_cached_and_rejects_at_rcpt(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    p, _, store = make()
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert code(await p.on_greet(s, b"EHLO bot\r\n", 0.25)) == CONT  # enforce: keep talking
+    assert "PREGREET 10 after 0.25 from [192.0.2.7]:40123: EHLO bot\\r\\n" in caplog.text
+    assert (await store.get_cache("192.0.2.7")).get("pregreet", 0.0) == 0.0
+    s.helo, s.sender = "bot", "x@y.example"
+    assert str((await p.on_rcpt(s, "a@b.example")).reply) == "550 5.5.1 Protocol error"
+    await p.on_relayed(s)  # cannot happen after a reject, but even so: no PASS NEW
+    assert "PASS NEW" not in caplog.text
+
+
+async def test_pregreet_drop_verdict() -> None:
+    p, _, _ = make({"pregreet": {"action": "drop"}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert code(await p.on_greet(s, b"x", 0.0)) == (Action.DROP, 521)
+
+
+async def test_disabled_tests_are_not_in_the_cache_record() -> None:
+    p, _, _ = make({"pregreet": {"enabled": False}, "pipelining": {"enabled": False},
+                    "non_smtp": {"enabled": False}, "bare_newline": {"enabled": False}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert s.todo == frozenset() and p.greet_wait(s) == 0.0
+
+
+# ---------------------------------------------------------------- per command
+
+async def test_pipelining_and_non_smtp_per_command() -> None:
+    p, _, _ = make()
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert code(await p.on_command(s, b"EHLO x\r\n", "EHLO", b"", "")) == CONT
+    s.advertised = True
+    assert code(await p.on_command(s, b"MAIL FROM:<a@b>\r\n", "MAIL", b"RCPT TO:<c@d>\r\n", "EHLO")) == CONT
+    assert code(await p.on_command(s, b"DATA\r\n", "DATA", b"Subject: x\r\n", "RCPT")) == CONT
+    assert str((await p.on_data(s)).reply) == "550 5.5.1 Protocol error"
+    assert code(await p.on_command(s, b"GET / HTTP/1.0\r\n", "GET", b"", "DATA")) == (Action.DROP, 521)
+
+
+async def test_error_and_command_limits() -> None:
+    p, _, _ = make({"errors": {"hard_limit": 3, "soft_limit": 1, "command_count_limit": 4}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.commands = 4
+    assert code(await p.on_command(s, b"NOOP\r\n", "NOOP", b"", "NOOP")) == CONT
+    s.commands = 5
+    assert str((await p.on_command(s, b"NOOP\r\n", "NOOP", b"", "NOOP")).reply) == (
+        "421 4.7.0 localhost Error: too many commands")
+    s.screened = True  # after the first relayed recipient the count no longer applies
+    assert code(await p.on_command(s, b"NOOP\r\n", "NOOP", b"", "NOOP")) == CONT
+    s.errors = 3
+    assert str((await p.on_command(s, b"NOOP\r\n", "NOOP", b"", "NOOP")).reply) == (
+        "421 4.7.0 localhost Error: too many errors")
+
+
+# ---------------------------------------------------------------- delayed rejects
+
+async def test_helo_reject_is_delayed_to_rcpt_and_a_new_helo_is_judged_afresh() -> None:
+    p, _, _ = make({"helo": {"reject_non_fqdn": True}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.helo = "friend"
+    assert code(await p.on_helo(s)) == CONT
+    s.sender = "a@b.example"
+    assert code(await p.on_mail(s)) == CONT
+    v = await p.on_rcpt(s, "c@d.example")
+    assert str(v.reply) == "504 5.5.2 <friend>: Helo command rejected: need fully-qualified hostname"
+    s.helo = "mail.example.net"
+    await p.on_helo(s)
+    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
+
+
+async def test_delay_reject_off_answers_at_once() -> None:
+    p, _, _ = make({"helo": {"reject_non_fqdn": True}, "screen": {"delay_reject": False}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.helo = "friend"
+    assert code(await p.on_helo(s)) == (Action.REJECT, 504)
+
+
+async def test_sender_reject_lasts_one_transaction() -> None:
+    p, _, _ = make({"addresses": {"reject_non_fqdn_sender": True}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.helo, s.sender = "mail.example.net", "a@nodot"
+    assert code(await p.on_mail(s)) == CONT
+    assert code(await p.on_rcpt(s, "c@d.example")) == (Action.REJECT, 504)
+    s.reset_transaction()
+    s.sender = "a@b.example"
+    await p.on_mail(s)
+    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
+
+
+async def test_helo_required_and_syntax_errors_are_immediate() -> None:
+    p, _, _ = make({"helo": {"required": True}, "addresses": {"strict_syntax": True}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.sender = "a@b.example"
+    assert str((await p.on_mail(s)).reply) == "503 5.5.1 Error: send HELO/EHLO first"
+    s.helo, s.sender = "mail.example.net", "a..b@b.example"
+    assert str((await p.on_mail(s)).reply) == "501 5.1.7 Bad sender address syntax"
+
+
+async def test_helo_ignore_logs_reject_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    p, _, _ = make({"helo": {"action": "ignore", "reject_non_fqdn": True}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.helo, s.esmtp = "friend", True
+    assert code(await p.on_helo(s)) == CONT
+    assert ("NOQUEUE: reject_warning: EHLO from unknown[192.0.2.7]:40123: 504 5.5.2 <friend>: Helo command "
+            "rejected: need fully-qualified hostname; proto=ESMTP helo=<friend>") in caplog.text
+
+
+# ---------------------------------------------------------------- tables, store
+
+async def test_reload_keeps_old_table_on_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = tmp_path / "clients"
+    table.write_text("192.0.2.7 REJECT\n")
+    p, _, _ = make({"access": {"client_table": f"cidr:{table}"}})
+    table.write_text("192.0.2.7 REJECT\nbogus line\n")
+    errors = p.reload_tables()
+    assert len(errors) == 1 and errors[0].startswith(f"{table}, line 2: ")
+    assert f"table cidr:{table} not reloaded, keeping the previous contents" in caplog.text
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert "connect" in s.delayed  # the old contents still reject
+    table.write_text("192.0.2.7 OK\n")
+    assert p.reload_tables() == []
+    s = session()
+    await p.on_connect(s, 1, 1)
+    assert s.allowlisted
+
+
+async def test_memory_store_rate_window_and_expiry() -> None:
+    clock = FakeClock()
+    store = MemoryScreenStore(clock)
+    assert [await store.hit_rate("k", 60) for _ in range(3)] == [1, 2, 3]
+    clock.now += 30
+    assert await store.hit_rate("k", 60) == 4
+    clock.now += 31  # the first three left the window
+    assert await store.hit_rate("k", 60) == 2
+    await store.put_cache("ip", "pregreet", clock.now + 10)
+    assert await store.get_cache("ip") == {"pregreet": clock.now + 10}
+    clock.now += 11
+    assert await store.get_cache("ip") == {}
+
+
+def test_default_config_builds_a_pipeline() -> None:
+    p = Pipeline(Config())
+    assert all(t is None for t in p.tables.values())
+
+
+async def test_access_warn_logs_smtpd_warn_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    clients = tmp_path / "clients"
+    clients.write_text("192.0.2.7 WARN suspicious client\n")
+    helos = tmp_path / "helos"
+    helos.write_text("odd.example WARN odd helo\n")
+    p, _, _ = make({"access": {"client_table": f"cidr:{clients}"}, "helo": {"access_table": f"texthash:{helos}"}})
+    s = session()
+    assert code(await p.on_connect(s, 1, 1)) == CONT
+    s.helo, s.esmtp = "odd.example", True
+    assert code(await p.on_helo(s)) == CONT
+    lines = [r.getMessage() for r in caplog.records if "warn:" in r.getMessage()]
+    assert lines == [
+        "NOQUEUE: warn: CONNECT from unknown[192.0.2.7]:40123: suspicious client; proto=SMTP",
+        "NOQUEUE: warn: EHLO from unknown[192.0.2.7]:40123: odd helo; proto=ESMTP helo=<odd.example>",
+    ]
+
+
+async def test_memory_store_forgets_idle_rate_keys() -> None:
+    clock = FakeClock()
+    store = MemoryScreenStore(clock)
+    for i in range(9_999):
+        await store.hit_rate(f"conn:{i}", 60)
+    clock.now += 61
+    assert await store.hit_rate("conn:new", 60) == 1  # the 10,000th call sweeps
+    assert list(store._hits) == ["conn:new"]
+
+
+class BrokenStore:
+    async def get_cache(self, ip: str) -> dict[str, float]:
+        raise ConnectionError("redis down")
+
+    async def put_cache(self, ip: str, test: str, expiry: float) -> None:
+        raise ConnectionError("redis down")
+
+    async def hit_rate(self, key: str, window: float) -> int:
+        raise ConnectionError("redis down")
+
+
+async def test_store_failure_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    p = Pipeline(from_dict({"limits": {"connection_rate_limit": 1}}), BrokenStore(), FakeClock())
+    s = session()
+    assert code(await p.on_connect(s, 1, 1)) == CONT  # no rate known: not limited
+    assert s.todo == {"pregreet", "pipelining", "non_smtp", "bare_newline"}  # no cache: all tests run
+    assert code(await p.on_greet(s, b"", 0.0)) == CONT
+    await p.on_relayed(s)
+    assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: redis down" in caplog.text
+    assert "state store: allowlist cache update for 192.0.2.7 failed: redis down" in caplog.text

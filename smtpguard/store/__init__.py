@@ -1,0 +1,51 @@
+"""The state store: greylist triplets, auto-allowlisted networks, the
+allowlist cache and connection-rate counters behind one async API.
+
+:func:`open_store` picks the backend from the URL (``[state] url``):
+
+=====================================  ==========================================
+``memory://``                          process memory (tests, throw-away runs)
+``sqlite:///relative/path``            one node, one file (SQLAlchemy convention:
+``sqlite:////absolute/path``           three slashes then the path)
+``redis://host:port/db``               shared by several nodes
+``unix:///path/redis.sock?db=N``       the same over a unix socket
+=====================================  ==========================================
+
+The interface is :class:`~.base.Store` (see :mod:`.base` for how expiry and
+the error model work); every failure is a :class:`StoreError`.  The clock is
+injected so tests can run the store on a fake one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .base import ClientNet, Clock, Store, StoreError, StoreStats, Triplet
+from .memory import MemoryStore
+from .redis import RedisStore
+from .sqlite import SQLiteStore
+
+__all__ = ["ClientNet", "Clock", "Store", "StoreError", "StoreStats", "Triplet", "open_store"]
+
+#: default key prefix in Redis
+REDIS_PREFIX = "smtpguard:"
+
+
+async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = REDIS_PREFIX) -> Store:
+    """Open the store at *url*.
+
+    A malformed URL is a ValueError (a configuration mistake); a store that
+    cannot be opened is a StoreError.  SQLite is opened (and its schema
+    created) here; Redis connects on first use, so a Redis that is down does
+    not stop smtpguard from starting -- its operations raise StoreError.
+    """
+    if url == "memory://":
+        return MemoryStore(clock)
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path.strip("/"):
+            raise ValueError(f'no database path in "{url}"')
+        return await SQLiteStore.open(path, clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore.connect(url, clock, redis_prefix)
+    raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH or redis://HOST:PORT/DB')

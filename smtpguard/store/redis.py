@@ -1,0 +1,228 @@
+"""``redis://host:port/db`` and ``unix:///path/redis.sock?db=N``: state shared
+by several smtpguard nodes in one Redis, through redis.asyncio.
+
+How it works
+------------
+Every record is a hash under ``<prefix><space>:<key>`` (prefix
+``smtpguard:`` by default, so several deployments can share a Redis):
+
+* ``smtpguard:greylist:<net/sender/rcpt>`` -- first_seen, last_seen,
+  passed_at (``""`` until passed), expires;
+* ``smtpguard:clients:<net>`` -- count, last_counted, expires;
+* ``smtpguard:cache:<ip>`` -- one field per test, its value the expiry;
+* ``smtpguard:rate:<key>`` -- start, hits.
+
+Writes are one MULTI/EXEC (HSET + PEXPIRE) or one Lua script, so a key never
+exists without its TTL.  The TTL is *relative* (``expires - clock()``): Redis
+drops dead keys on its own, and reads also compare the stored ``expires``
+with the injected clock, which is what a fake clock in tests relies on.  The
+allowlist cache merges tests into the hash and only ever lengthens its TTL;
+the rate counter keeps its window start in the hash (a fixed window from the
+first hit, as anvil(8) counts) so the injected clock decides, not Redis's.
+
+Operator scans (list, stats, purge) walk keys with SCAN, so they cost O(keys)
+but never block Redis; :meth:`purge_expired` deletes with a script that
+re-checks ``expires`` inside Redis, so it cannot remove a record another node
+has just refreshed.  On a live system Redis's TTLs make purging unnecessary.
+
+Network failures, timeouts (:data:`TIMEOUT` seconds; one quick retry for a
+pooled connection that went stale) and error replies become StoreError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .base import CLIENTS, GREYLIST, KINDS, Clock, Kind, Row, Store, StoreStats
+
+T = TypeVar("T")
+
+#: socket connect and read timeout, seconds
+TIMEOUT = 2.0
+#: keys asked per SCAN call and fetched per pipeline in operator scans
+SCAN_COUNT = 1000
+
+_RATE = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = tonumber(redis.call('HGET', KEYS[1], 'start'))
+if start == nil or now - start >= window then
+  redis.call('HSET', KEYS[1], 'start', ARGV[1], 'hits', 1)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  return 1
+end
+return redis.call('HINCRBY', KEYS[1], 'hits', 1)
+"""
+
+_MERGE_TESTS = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local ttl = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 0
+"""
+
+_PURGE_RECORDS = """
+local now, removed = tonumber(ARGV[1]), 0
+for _, key in ipairs(KEYS) do
+  local expires = tonumber(redis.call('HGET', key, 'expires'))
+  if expires ~= nil and expires <= now then
+    redis.call('DEL', key)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+_PURGE_TESTS = """
+local now, removed = tonumber(ARGV[1]), 0
+for _, key in ipairs(KEYS) do
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    if tonumber(flat[i + 1]) <= now then
+      redis.call('HDEL', key, flat[i])
+      removed = removed + 1
+    end
+  end
+end
+return removed
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def _ttl_ms(expires: float, now: float) -> int:
+    return max(1, math.ceil((expires - now) * 1000))
+
+
+class RedisStore(Store):
+    backend = "redis"
+    backend_errors = (RedisError, OSError)
+
+    def __init__(self, client: redis.asyncio.Redis, clock: Clock, prefix: str) -> None:
+        super().__init__(clock)
+        self._r = client
+        self._prefix = prefix
+        self._rate = client.register_script(_RATE)
+        self._merge_tests = client.register_script(_MERGE_TESTS)
+        self._purge_records = client.register_script(_PURGE_RECORDS)
+        self._purge_tests = client.register_script(_PURGE_TESTS)
+
+    @classmethod
+    def connect(cls, url: str, clock: Clock, prefix: str) -> RedisStore:
+        """A store on *url*; connections are made on first use, so this
+        succeeds while Redis is down (operations then raise StoreError)."""
+        client = redis.asyncio.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(client, clock, prefix)
+
+    def _key(self, space: str, key: str) -> str:
+        return f"{self._prefix}{space}:{key}"
+
+    async def _scan(self, space: str, prefix: str) -> AsyncIterator[list[str]]:
+        """The keys in *space* whose own key starts with *prefix*, in batches."""
+        batch: list[str] = []
+        async for key in self._r.scan_iter(match=_glob_escape(self._key(space, prefix)) + "*", count=SCAN_COUNT):
+            batch.append(key)
+            if len(batch) >= SCAN_COUNT:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    async def _hgetall(self, keys: list[str]) -> list[dict[str, str]]:
+        """HGETALL of each key, in one round trip."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return cast(list[dict[str, str]], await pipe.execute())
+
+    async def _collect(
+        self, space: str, limit: int, prefix: str, live: Callable[[dict[str, str]], T | None]
+    ) -> list[tuple[str, T]]:
+        """Up to *limit* (key, value) of *space*, where ``live(fields)`` gives
+        the value of a live hash and None for a dead one."""
+        found: list[tuple[str, T]] = []
+        skip = len(self._key(space, ""))
+        async for keys in self._scan(space, prefix):
+            hashes = await self._hgetall(keys)
+            found += [(k[skip:], v) for k, h in zip(keys, hashes, strict=True) if (v := live(h)) is not None]
+            if len(found) >= limit:
+                break
+        return sorted(found)[:limit]
+
+    @staticmethod
+    def _live_row(kind: Kind[Any], fields: dict[str, str], now: float) -> Row | None:
+        if not fields or float(fields["expires"]) <= now:
+            return None
+        return tuple(fields[name] for name in kind.names)
+
+    @staticmethod
+    def _live_tests(fields: dict[str, str], now: float) -> dict[str, float] | None:
+        return {test: float(exp) for test, exp in fields.items() if float(exp) > now} or None
+
+    async def _get_rows(self, requests: list[tuple[Kind[Any], str]], now: float) -> list[Row | None]:
+        hashes = await self._hgetall([self._key(kind.name, key) for kind, key in requests])
+        return [self._live_row(kind, fields, now) for (kind, _), fields in zip(requests, hashes, strict=True)]
+
+    async def _put_rows(self, kind: Kind[Any], rows: list[tuple[str, Row]], now: float) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            for key, row in rows:
+                name = self._key(kind.name, key)
+                pipe.hset(name, mapping={c: "" if v is None else v for c, v in zip(kind.names, row, strict=True)})
+                pipe.pexpire(name, _ttl_ms(row[-1], now))
+            await pipe.execute()
+
+    async def _delete(self, kind: str, key: str) -> bool:
+        return bool(await self._r.delete(self._key(kind, key)))
+
+    async def _scan_rows(self, kind: Kind[Any], limit: int, prefix: str, now: float) -> list[tuple[str, Row]]:
+        return await self._collect(kind.name, limit, prefix, lambda fields: self._live_row(kind, fields, now))
+
+    async def _get_tests(self, ip: str, now: float) -> dict[str, float]:
+        (fields,) = await self._hgetall([self._key("cache", ip)])
+        return self._live_tests(fields, now) or {}
+
+    async def _put_tests(self, ip: str, tests: dict[str, float], now: float) -> None:
+        flat = [v for test, expires in tests.items() for v in (test, expires)]
+        await self._merge_tests(keys=[self._key("cache", ip)], args=[_ttl_ms(max(tests.values()), now), *flat])
+
+    async def _scan_tests(self, limit: int, prefix: str, now: float) -> list[tuple[str, dict[str, float]]]:
+        return await self._collect("cache", limit, prefix, lambda fields: self._live_tests(fields, now))
+
+    async def _hit_rate(self, key: str, window: float, now: float) -> int:
+        return int(await self._rate(keys=[self._key("rate", key)], args=[now, window]))
+
+    async def _ping(self) -> None:
+        await self._r.ping()
+
+    async def _purge(self, now: float) -> int:
+        removed = 0
+        scripts = {GREYLIST.name: self._purge_records, CLIENTS.name: self._purge_records, "cache": self._purge_tests}
+        for space, script in scripts.items():
+            async for keys in self._scan(space, ""):
+                removed += int(await script(keys=keys, args=[now]))
+        return removed
+
+    async def _count(self, space: str) -> int:
+        return sum([len(keys) async for keys in self._scan(space, "")])
+
+    async def _stats(self) -> StoreStats:
+        counts = {space: await self._count(space) for space in (*(kind.name for kind in KINDS), "cache")}
+        return StoreStats(greylist=counts[GREYLIST.name], clients=counts[CLIENTS.name], cache=counts["cache"])
+
+    async def _close(self) -> None:
+        await self._r.aclose()

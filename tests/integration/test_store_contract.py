@@ -1,0 +1,353 @@
+"""The state store contract: one suite, run against every backend.
+
+``memory://``, SQLite in ``tmp_path`` and Redis (the lab's private
+redis-server, ``redis_url``) must behave the same under a fake clock; then
+what only one backend can show: SQLite surviving close/reopen and ``kill
+-9``, SQLite refusing unwritable files, Redis unreachable, Redis over its unix
+socket and key prefixes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from smtpguard.store import ClientNet, Store, StoreError, StoreStats, Triplet, open_store
+from smtpguard.store.base import PUT_BATCH
+from tests.lab import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest_asyncio.fixture
+async def store(store_url: str, clock: FakeClock) -> AsyncIterator[Store]:
+    s = await open_store(store_url, clock)
+    yield s
+    await s.close()
+
+
+def passed(first: float, expires: float) -> Triplet:
+    return Triplet(first_seen=first, last_seen=first + 400, passed_at=first + 400, expires=expires)
+
+
+# ------------------------------------------------------------------ contract
+
+
+@pytest.mark.asyncio
+async def test_triplet_round_trip(store: Store) -> None:
+    assert await store.get_triplet("192.0.2.0/a@example.org/b@example.net") is None
+    pending = Triplet(T0, T0, None, T0 + 100)
+    await store.put_triplet("192.0.2.0/a@example.org/b@example.net", pending)
+    assert await store.get_triplet("192.0.2.0/a@example.org/b@example.net") == pending
+    await store.put_triplet("192.0.2.0/a@example.org/b@example.net", passed(T0, T0 + 1000))
+    assert await store.get_triplet("192.0.2.0/a@example.org/b@example.net") == passed(T0, T0 + 1000)
+    assert await store.delete_triplet("192.0.2.0/a@example.org/b@example.net") is True
+    assert await store.delete_triplet("192.0.2.0/a@example.org/b@example.net") is False
+    assert await store.get_triplet("192.0.2.0/a@example.org/b@example.net") is None
+
+
+@pytest.mark.asyncio
+async def test_expiry_is_honoured_and_purged(store: Store, clock: FakeClock) -> None:
+    await store.put_triplet("short", Triplet(T0, T0, None, T0 + 100))
+    await store.put_triplet("long", passed(T0, T0 + 1000))
+    await store.put_client("192.0.2.0", ClientNet(3, T0, T0 + 100))
+    clock.advance(99.9)
+    assert await store.get_triplet("short") is not None
+    assert await store.get_client("192.0.2.0") == ClientNet(3, T0, T0 + 100)
+    clock.advance(0.1)  # alive while now < expires
+    assert await store.get_triplet("short") is None
+    assert await store.get_client("192.0.2.0") is None
+    assert [key for key, _ in await store.list_triplets()] == ["long"]
+    assert await store.purge_expired() == 2
+    assert await store.stats() == StoreStats(greylist=1, clients=0, cache=0)
+    assert await store.get_triplet("long") == passed(T0, T0 + 1000)
+
+
+@pytest.mark.asyncio
+async def test_dead_record_is_not_stored(store: Store) -> None:
+    await store.put_triplet("k", Triplet(T0, T0, None, T0 + 10))
+    await store.put_triplet("k", Triplet(T0, T0, None, T0))  # expires now: deletes
+    assert await store.get_triplet("k") is None
+    assert await store.stats() == StoreStats(greylist=0, clients=0, cache=0)
+
+
+@pytest.mark.asyncio
+async def test_clients_and_get_greylist(store: Store) -> None:
+    assert await store.get_greylist("192.0.2.0/a@x/b@y", "192.0.2.0") == (None, None)
+    await store.put_client("192.0.2.0", ClientNet(5, T0, T0 + 3600))
+    await store.put_triplet("192.0.2.0/a@x/b@y", passed(T0, T0 + 3600))
+    assert await store.get_greylist("192.0.2.0/a@x/b@y", "192.0.2.0") == (
+        passed(T0, T0 + 3600),
+        ClientNet(5, T0, T0 + 3600),
+    )
+    assert await store.list_clients() == [("192.0.2.0", ClientNet(5, T0, T0 + 3600))]
+    assert await store.delete_client("192.0.2.0") is True
+    assert await store.get_client("192.0.2.0") is None
+
+
+@pytest.mark.asyncio
+async def test_list_with_prefix_and_limit(store: Store) -> None:
+    for net in ("192.0.2.0", "198.51.100.0"):
+        for i in range(3):
+            await store.put_triplet(f"{net}/s{i}@x/r@y", passed(T0, T0 + 100))
+    listed = await store.list_triplets(prefix="198.51.100.0/")
+    assert [key for key, _ in listed] == [f"198.51.100.0/s{i}@x/r@y" for i in range(3)]
+    assert len(await store.list_triplets(limit=4)) == 4
+    assert len(await store.list_triplets()) == 6
+    assert await store.list_triplets(prefix="203.0.113.0/") == []
+
+
+@pytest.mark.asyncio
+async def test_bulk_put(store: Store) -> None:
+    n = PUT_BATCH * 2 + 7
+    stored = await store.put_triplets((f"10.0.0.0/s{i}@x/r@y", passed(T0, T0 + 100 + i)) for i in range(n))
+    assert stored == n
+    assert (await store.stats()).greylist == n
+    assert await store.get_triplet(f"10.0.0.0/s{n - 1}@x/r@y") == passed(T0, T0 + 100 + n - 1)
+
+
+@pytest.mark.asyncio
+async def test_allowlist_cache_per_test_expiry(store: Store, clock: FakeClock) -> None:
+    ip = "192.0.2.7"
+    assert await store.get_cache(ip) == {}
+    await store.put_cache(ip, {"pregreet": T0 + 10, "dnsbl": T0 + 100})
+    assert await store.get_cache(ip) == {"pregreet": T0 + 10, "dnsbl": T0 + 100}
+    clock.advance(50)
+    assert await store.get_cache(ip) == {"dnsbl": T0 + 100}
+    await store.put_cache(ip, {"bare_newline": T0 + 500})  # merged, dnsbl kept
+    assert await store.get_cache(ip) == {"dnsbl": T0 + 100, "bare_newline": T0 + 500}
+    await store.put_cache("2001:db8::1", {"pregreet": T0 + 60})
+    assert await store.list_cache() == [
+        ("192.0.2.7", {"dnsbl": T0 + 100, "bare_newline": T0 + 500}),
+        ("2001:db8::1", {"pregreet": T0 + 60}),
+    ]
+    assert await store.list_cache(prefix="2001:") == [("2001:db8::1", {"pregreet": T0 + 60})]
+    clock.advance(60)  # T0 + 110: pregreet of both IPs and dnsbl are dead
+    assert await store.purge_expired() == 3
+    assert await store.stats() == StoreStats(greylist=0, clients=0, cache=1)
+    assert await store.delete_cache(ip) is True
+    assert await store.get_cache(ip) == {}
+
+
+@pytest.mark.asyncio
+async def test_rate_counter_fixed_window_from_first_hit(store: Store, clock: FakeClock) -> None:
+    assert [await store.hit_rate("192.0.2.7", 60) for _ in range(3)] == [1, 2, 3]
+    assert await store.hit_rate("192.0.2.8", 60) == 1  # keys are independent
+    clock.advance(59.5)
+    assert await store.hit_rate("192.0.2.7", 60) == 4
+    clock.advance(0.5)  # the window (60 s from the first hit) has ended
+    assert await store.hit_rate("192.0.2.7", 60) == 1
+    clock.advance(30)
+    assert await store.hit_rate("192.0.2.7", 60) == 2  # the new window started at its first hit
+    assert await store.hit_rate("192.0.2.8", 60) == 1
+
+
+@pytest.mark.asyncio
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+# ------------------------------------------------------------------- SQLite
+
+
+@pytest.mark.asyncio
+async def test_sqlite_survives_close_and_reopen(tmp_path: Path, clock: FakeClock) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    s = await open_store(url, clock)
+    await s.put_triplet("k", passed(T0, T0 + 1000))
+    await s.put_client("192.0.2.0", ClientNet(2, T0, T0 + 1000))
+    await s.put_cache("192.0.2.7", {"pregreet": T0 + 1000})
+    await s.close()
+    s = await open_store(url, clock)
+    try:
+        assert await s.get_greylist("k", "192.0.2.0") == (passed(T0, T0 + 1000), ClientNet(2, T0, T0 + 1000))
+        assert await s.get_cache("192.0.2.7") == {"pregreet": T0 + 1000}
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_sqlite_relative_url_and_created_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = await open_store("sqlite:///state/smtpguard.db", FakeClock())
+    await s.close()
+    assert (tmp_path / "state" / "smtpguard.db").is_file()
+
+
+@pytest.mark.asyncio
+async def test_bad_urls_are_value_errors() -> None:
+    for url in ("sqlite:///", "postgres://x/y", "memory"):
+        with pytest.raises(ValueError):
+            await open_store(url, FakeClock())
+
+
+@pytest.mark.asyncio
+async def test_sqlite_unopenable_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError, match="sqlite"):
+        await open_store(f"sqlite:///{tmp_path / 'file' / 'state.db'}", FakeClock())
+
+
+@pytest.mark.asyncio
+async def test_sqlite_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"this is not an SQLite database, just text" * 100)
+    with pytest.raises(StoreError, match="sqlite"):
+        await open_store(f"sqlite:///{tmp_path / 'state.db'}", FakeClock())
+
+
+UNWRITABLE = """
+import asyncio, sys
+from smtpguard.store import StoreError, Triplet, open_store
+
+async def main() -> None:
+    try:
+        store = await open_store(sys.argv[1])
+        try:
+            await store.put_triplet("k", Triplet(1.0, 1.0, None, 4e9))
+        finally:
+            await store.close()
+    except StoreError as exc:
+        print("StoreError:", exc)
+    else:
+        print("written")
+
+asyncio.run(main())
+"""
+
+
+def test_sqlite_unwritable_file_is_store_error(tmp_path: Path) -> None:
+    """A database file (and directory) the process may read but not write.
+    Root ignores file modes, so as root the writer runs without the
+    capabilities that let it (setpriv drops CAP_DAC_OVERRIDE)."""
+    db = tmp_path / "state.db"
+    command = [sys.executable, "-c", UNWRITABLE, f"sqlite:///{db}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.stdout.strip() == "written", first.stdout + first.stderr
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    db.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        tmp_path.chmod(0o755)
+    assert result.stdout.startswith("StoreError: sqlite"), result.stdout + result.stderr
+
+
+KILLED_WRITER = """
+import asyncio, sys, time
+from smtpguard.store import Triplet, open_store
+
+async def main() -> None:
+    store = await open_store(sys.argv[1])
+    await store.put_triplet("192.0.2.0/a@example.org/b@example.net", Triplet(1.0, 400.0, 400.0, 4e9))
+    print("acknowledged", flush=True)
+    time.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_sqlite_passed_triplet_survives_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, f"sqlite:///{db}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "acknowledged"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    assert Path(f"{db}-wal").stat().st_size > 0  # left behind by the killed writer: recovery reads it
+    s = await open_store(f"sqlite:///{db}")
+    try:
+        assert await s.get_triplet("192.0.2.0/a@example.org/b@example.net") == Triplet(1.0, 400.0, 400.0, 4e9)
+    finally:
+        await s.close()
+
+
+# -------------------------------------------------------------------- Redis
+
+
+@pytest.mark.asyncio
+async def test_redis_unreachable_is_store_error() -> None:
+    s = await open_store(f"redis://127.0.0.1:{free_port()}/0", FakeClock())  # nothing listens there
+    try:
+        with pytest.raises(StoreError, match="redis"):
+            await s.ping()
+        with pytest.raises(StoreError):
+            await s.get_triplet("k")
+        with pytest.raises(StoreError):
+            await s.put_triplet("k", passed(T0, T0 + 100))
+        with pytest.raises(StoreError):
+            await s.hit_rate("k", 60)
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_unix_socket_url(redis_server: RedisServer) -> None:
+    s = await open_store(redis_server.unix_url, FakeClock())
+    try:
+        await s.ping()
+        await s.put_triplet("k", passed(T0, T0 + 100))
+        assert await s.get_triplet("k") == passed(T0, T0 + 100)
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_prefixes_separate_deployments(redis_url: str) -> None:
+    a = await open_store(redis_url, FakeClock(), redis_prefix="mx-a:")
+    b = await open_store(redis_url, FakeClock(), redis_prefix="mx-b:")
+    try:
+        await a.put_triplet("k", passed(T0, T0 + 100))
+        assert await b.get_triplet("k") is None
+        assert (await b.stats()).greylist == 0
+        shared = await open_store(redis_url, FakeClock(), redis_prefix="mx-a:")
+        assert await shared.get_triplet("k") == passed(T0, T0 + 100)  # another node, same state
+        await shared.close()
+    finally:
+        await a.close()
+        await b.close()

@@ -1,9 +1,10 @@
-"""Command line: ``smtpguard serve|check-config -c FILE``.
+"""Command line: ``smtpguard serve|check-config|greylist|cache -c FILE``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
 :class:`smtpguard.listener.Server`); SIGHUP reloads the access tables.  ``check-config`` validates a file and
 prints a one-line summary, or the error naming the key, with exit status 1.
-Without ``-c`` the embedded defaults are used.
+``greylist`` and ``cache`` are the operator commands on the state store
+(:mod:`smtpguard.admin`).  Without ``-c`` the embedded defaults are used.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import logging
 import signal
 import sys
 
+from . import admin, logs, metrics
 from . import config as config_mod
-from . import logs, metrics
 from .config import Config, ConfigError
 from .listener import Server
 from .pipeline import Pipeline
+from .store import StoreError, open_store, sweep_forever
 
 log = logging.getLogger("smtpguard")
 
@@ -35,9 +37,16 @@ def summary(cfg: Config) -> str:
 
 
 async def serve(cfg: Config) -> None:
-    pipeline = Pipeline(cfg)
+    store = await open_store(cfg.state.url)
+    sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
+    pipeline = Pipeline(cfg, store)
     server = Server(cfg, pipeline)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        sweeper.cancel()
+        await store.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,6 +58,8 @@ async def serve(cfg: Config) -> None:
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     await server.shutdown()
+    sweeper.cancel()
+    await store.close()
     log.info("daemon stopped")
 
 
@@ -58,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("serve", "run the SMTP front end"), ("check-config", "validate a configuration file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
+    admin.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
         cfg = _load(args.config)
@@ -67,12 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"smtpguard: configuration OK: {summary(cfg)}")
         return 0
+    if args.command in ("greylist", "cache"):
+        try:
+            return asyncio.run(admin.run(cfg, args))
+        except StoreError as exc:
+            print(f"smtpguard: error: state store {cfg.state.url}: {exc}", file=sys.stderr)
+            return 1
     logs.setup(cfg.log)
     try:
         if cfg.metrics.listen is not None:
             metrics.serve(cfg.metrics.listen)
         asyncio.run(serve(cfg))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         log.critical("cannot start: %s", exc)
         return 1
     return 0

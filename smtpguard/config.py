@@ -265,7 +265,14 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    url: str = field(default="sqlite:///state/smtpguard.db", metadata=opt(parse_state_url, "postscreen_cache_map"))
+    url: str = field(
+        default="sqlite:///state/smtpguard.db",
+        metadata=opt(parse_state_url, "postscreen_cache_map; postgrey --dbdir"),
+    )
+    cleanup_interval: float = field(
+        default=3600.0,
+        metadata=opt(parse_duration, "postscreen_cache_cleanup_interval; postgrey's nightly maintenance"),
+    )
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,7 @@ from .checks.access import AccessConfig  # noqa: E402
 from .checks.addresses import AddressConfig  # noqa: E402
 from .checks.barenewline import BareNewlineConfig  # noqa: E402
 from .checks.errors import ErrorsConfig  # noqa: E402
+from .checks.greylist import GreylistConfig  # noqa: E402
 from .checks.helo import HeloConfig  # noqa: E402
 from .checks.limits import LimitsConfig  # noqa: E402
 from .checks.nonsmtp import NonSmtpConfig  # noqa: E402
@@ -320,6 +328,7 @@ class Config:
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
     helo: HeloConfig = field(default_factory=HeloConfig)
     addresses: AddressConfig = field(default_factory=AddressConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

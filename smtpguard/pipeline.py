@@ -38,7 +38,12 @@ per cacheable test (pregreet, pipelining, non_smtp, bare_newline).  Pregreet
 passes when the wait ends quietly; the in-session tests pass when the first
 recipient passes screening (and goes to Postfix) without a failure.  When the last test still to do
 passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
-:class:`~smtpguard.screenstore.ScreenStore` (MERGE POINT: the real state store).
+:class:`~smtpguard.store.Store` (``[state] url``): with SQLite it survives
+restarts, with Redis it is shared by every node, as are the rate counters.
+
+Greylisting runs last, per recipient, after every other check passed
+(postgrey sits at the end of ``smtpd_recipient_restrictions``); a client
+the access table allowlisted is not greylisted.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from .checks.access import check_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
 from .checks.errors import check_command_count, check_error_limit
+from .checks.greylist import check_greylist
 from .checks.helo import check_helo, require_helo
 from .checks.limits import check_connection_count, check_connection_rate, rate_enabled
 from .checks.nonsmtp import check_non_smtp
@@ -61,8 +67,8 @@ from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
 from .config import Config
 from .metrics import METRICS
-from .screenstore import MemoryScreenStore, ScreenStore
 from .session import Session
+from .store import MemoryStore, Store
 from .tables import Table, TableError, open_access_table
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
 
@@ -79,10 +85,10 @@ _PHASES = ("connect", "helo", "mail")
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, store: ScreenStore | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.store: ScreenStore = store if store is not None else MemoryScreenStore(clock)
+        self.store: Store = store if store is not None else MemoryStore(clock)
         specs = {
             "client": cfg.access.client_table,
             "helo": cfg.helo.access_table,
@@ -211,6 +217,14 @@ class Pipeline:
             if v is not None:
                 return v
         found = check_address(self.cfg.addresses, rcpt, RECIPIENT, self.tables["recipient"], _utf8(s))
+        v = self._decide(s, found, "rcpt")
+        if v.final or s.allowlisted or not self.cfg.greylist.enabled:
+            return v
+        found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
+                                     s.sender or "", rcpt, self.clock())
+        log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
+                 "greylist" if found.outcome is Outcome.FAIL else found.outcome.value, found.reason,
+                 s.who, s.sender or "", rcpt)
         return self._decide(s, found, "rcpt")
 
     async def on_data(self, s: Session) -> Verdict:
@@ -273,7 +287,7 @@ class Pipeline:
 
     async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
         try:
-            await self.store.put_cache(ip, test, expiry)
+            await self.store.put_cache(ip, {test: expiry})
         except Exception as exc:
             log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
 

@@ -351,8 +351,10 @@ def _text(value: Any) -> str:
 class GreylistConfig:
     """``[greylist]``; each key's metadata names its postgrey option."""
 
+    # Off by default, as postgrey is until check_policy_service names it:
+    # turning it on delays every new sender by `delay`.
     enabled: bool = field(
-        default=True,
+        default=False,
         metadata=opt(parse_bool, "check_policy_service inet:127.0.0.1:10023 in smtpd_recipient_restrictions"),
     )
     action: str = field(

@@ -18,6 +18,8 @@ injected so tests can run the store on a fake one.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from .base import ClientNet, Clock, Store, StoreError, StoreStats, Triplet
@@ -25,7 +27,8 @@ from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["ClientNet", "Clock", "Store", "StoreError", "StoreStats", "Triplet", "open_store"]
+__all__ = ["ClientNet", "Clock", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet", "open_store",
+           "sweep_forever"]
 
 #: default key prefix in Redis
 REDIS_PREFIX = "smtpguard:"
@@ -49,3 +52,18 @@ async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = 
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.connect(url, clock, redis_prefix)
     raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH or redis://HOST:PORT/DB')
+
+
+async def sweep_forever(store: Store, interval: float) -> None:
+    """Drop expired records every *interval* seconds (SQLite and memory
+    keep them until then; Redis expires its keys by itself).  A failed sweep
+    is logged and tried again at the next interval."""
+    log = logging.getLogger("smtpguard")
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await store.purge_expired()
+        except StoreError as exc:
+            log.warning("state store: cleanup failed: %s", exc)
+            continue
+        log.info("state store: cleanup removed %d expired record(s)", removed)

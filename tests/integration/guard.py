@@ -25,7 +25,7 @@ PREGREET_WAIT = "0.2s"
 
 class Guard:
     def __init__(self, workdir: Path, upstream_port: int, extra: str = "", port: int | None = None,
-                 upstream_extra: str = "") -> None:
+                 upstream_extra: str = "", state_url: str | None = None) -> None:
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.dir = workdir
@@ -34,6 +34,7 @@ class Guard:
         self.upstream_port = upstream_port
         self.extra = extra
         self.upstream_extra = upstream_extra
+        self.state_url = state_url or f"sqlite:///{workdir}/state.db"
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
@@ -50,13 +51,14 @@ class Guard:
             "[metrics]\n"
             f'listen = "127.0.0.1:{self.metrics_port}"\n'
             "[state]\n"
-            f'url = "sqlite:///{self.dir}/state.db"\n'
+            f'url = "{self.state_url}"\n'
             + ("" if "[pregreet]" in rest else f'[pregreet]\ngreet_wait = "{PREGREET_WAIT}"\n')
             + rest
         )
 
     def start(self) -> Guard:
         self.write_config()
+        offset = len(self.full_log())  # a restart appends to the same log
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smtpguard", "serve", "-c", str(self.config)],
@@ -69,7 +71,7 @@ class Guard:
             if self.proc.poll() is not None:
                 raise AssertionError(f"smtpguard exited {self.proc.returncode}:\n{self.full_log()}")
             # Not a probe connection: it would count as a session (limits tests).
-            return "daemon started" in self.full_log()
+            return "daemon started" in self.full_log()[offset:]
 
         wait_until(up, timeout=20, what="smtpguard to start")
         return self

@@ -34,7 +34,7 @@ from smtpguard.store.memory import MemoryStore
 from smtpguard.verdict import Action, Outcome, Reply, Result
 
 T0 = 1_700_000_000.0
-CFG = GreylistConfig()
+CFG = GreylistConfig(enabled=True)
 DELAY, WINDOW, MAX_AGE = CFG.delay, CFG.retry_window, CFG.max_age
 
 
@@ -218,7 +218,7 @@ async def test_check_greylist_sequence_and_reply() -> None:
 @pytest.mark.asyncio
 async def test_text_substitutions_and_dry_run() -> None:
     clock = Clock()
-    cfg = GreylistConfig(text="Try again in %s seconds (%r)", action="ignore")
+    cfg = GreylistConfig(enabled=True, text="Try again in %s seconds (%r)", action="ignore")
     result = await greylist(await open_store("memory://", clock), clock, cfg=cfg)
     assert (result.outcome, result.verdict.final) == (Outcome.FAIL, False)  # logged, not enforced
     reply = greylist_reply(cfg, "Bob@Example.net", 299.5)
@@ -252,7 +252,7 @@ async def test_auto_allowlist_after_five_passes_counted_hourly() -> None:
 async def test_auto_allowlist_off() -> None:
     clock = Clock()
     store = await open_store("memory://", clock)
-    cfg = GreylistConfig(auto_allowlist_clients=0)
+    cfg = GreylistConfig(enabled=True, auto_allowlist_clients=0)
     await check_greylist(store, cfg, "192.0.2.1", "unknown", "a@x.org", "b@y.org", clock.now)
     clock.now += DELAY
     result = await check_greylist(store, cfg, "192.0.2.1", "unknown", "a@x.org", "b@y.org", clock.now)
@@ -268,7 +268,7 @@ async def test_allowlisted_clients_and_recipients_skip_greylisting(tmp_path: Pat
     assert (google.outcome, google.reason) == (Outcome.PASS, "client allowlist")
     fake = await greylist(store, clock, client="192.0.2.5", name="google.com.attacker.example")
     assert fake.outcome is Outcome.FAIL
-    no_default = GreylistConfig(use_default_client_allowlist=False)
+    no_default = GreylistConfig(enabled=True, use_default_client_allowlist=False)
     assert (await greylist(store, clock, name="mail-ej1-f41.google.com", cfg=no_default)).outcome is Outcome.FAIL
     postmaster = await greylist(store, clock, rcpt="PostMaster+x@example.net")
     assert (postmaster.outcome, postmaster.reason) == (Outcome.PASS, "recipient allowlist")
@@ -290,7 +290,7 @@ class BrokenStore(MemoryStore):
     ],
 )
 async def test_store_error(on_error: str, action: str, expected: Reply | None) -> None:
-    cfg = GreylistConfig(on_store_error=on_error, action=action)
+    cfg = GreylistConfig(enabled=True, on_store_error=on_error, action=action)
     result = await greylist(BrokenStore(Clock()), Clock(), cfg=cfg)
     assert result.outcome is Outcome.SKIP
     assert "Connection refused" in result.reason

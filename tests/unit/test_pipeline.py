@@ -4,6 +4,7 @@ cache and rate counters on a fake clock (no sleeping)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ import pytest
 
 from smtpguard.config import Config, from_dict
 from smtpguard.pipeline import Pipeline
-from smtpguard.screenstore import MemoryScreenStore
 from smtpguard.session import Session
+from smtpguard.store import MemoryStore
 from smtpguard.verdict import Action, Verdict
 
 
@@ -24,9 +25,9 @@ class FakeClock:
         return self.now
 
 
-def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, MemoryScreenStore]:
+def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, MemoryStore]:
     clock = FakeClock()
-    store = MemoryScreenStore(clock)
+    store = MemoryStore(clock)
     return Pipeline(from_dict(data or {}), store, clock), clock, store
 
 
@@ -243,20 +244,6 @@ async def test_reload_keeps_old_table_on_error(tmp_path: Path, caplog: pytest.Lo
     assert s.allowlisted
 
 
-async def test_memory_store_rate_window_and_expiry() -> None:
-    clock = FakeClock()
-    store = MemoryScreenStore(clock)
-    assert [await store.hit_rate("k", 60) for _ in range(3)] == [1, 2, 3]
-    clock.now += 30
-    assert await store.hit_rate("k", 60) == 4
-    clock.now += 31  # the first three left the window
-    assert await store.hit_rate("k", 60) == 2
-    await store.put_cache("ip", "pregreet", clock.now + 10)
-    assert await store.get_cache("ip") == {"pregreet": clock.now + 10}
-    clock.now += 11
-    assert await store.get_cache("ip") == {}
-
-
 def test_default_config_builds_a_pipeline() -> None:
     p = Pipeline(Config())
     assert all(t is None for t in p.tables.values())
@@ -280,21 +267,11 @@ async def test_access_warn_logs_smtpd_warn_lines(tmp_path: Path, caplog: pytest.
     ]
 
 
-async def test_memory_store_forgets_idle_rate_keys() -> None:
-    clock = FakeClock()
-    store = MemoryScreenStore(clock)
-    for i in range(9_999):
-        await store.hit_rate(f"conn:{i}", 60)
-    clock.now += 61
-    assert await store.hit_rate("conn:new", 60) == 1  # the 10,000th call sweeps
-    assert list(store._hits) == ["conn:new"]
-
-
 class BrokenStore:
     async def get_cache(self, ip: str) -> dict[str, float]:
         raise ConnectionError("redis down")
 
-    async def put_cache(self, ip: str, test: str, expiry: float) -> None:
+    async def put_cache(self, ip: str, tests: Mapping[str, float]) -> None:
         raise ConnectionError("redis down")
 
     async def hit_rate(self, key: str, window: float) -> int:
@@ -310,3 +287,31 @@ async def test_store_failure_fails_open(caplog: pytest.LogCaptureFixture) -> Non
     await p.on_relayed(s)
     assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: redis down" in caplog.text
     assert "state store: allowlist cache update for 192.0.2.7 failed: redis down" in caplog.text
+
+
+# ---------------------------------------------------------------- greylisting
+
+async def test_greylisting_runs_last_per_recipient_on_a_fake_clock(tmp_path: Path) -> None:
+    table = tmp_path / "clients"
+    table.write_text("192.0.2.99 OK\n")
+    p, clock, store = make({"greylist": {"enabled": True, "use_default_client_allowlist": False},
+                            "addresses": {"reject_non_fqdn_recipient": True},
+                            "access": {"client_table": f"cidr:{table}"}})
+    s = session()
+    await p.on_connect(s, 1, 1)
+    s.sender = "a@b.example"
+    # Another check's reject wins: greylisting is not even consulted.
+    assert code(await p.on_rcpt(s, "bob")) == (Action.REJECT, 504)
+    assert (await store.stats()).greylist == 0
+    v = await p.on_rcpt(s, "c@d.example")
+    assert code(v) == (Action.DEFER, 450) and "Greylisted" in str(v.reply)
+    clock.now += 299
+    assert code(await p.on_rcpt(s, "c@d.example")) == (Action.DEFER, 450)  # early retry
+    clock.now += 2
+    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
+    assert code(await p.on_rcpt(s, "e@d.example")) == (Action.DEFER, 450)  # per recipient
+    # A client the access table allowlisted is never greylisted.
+    ok = session("192.0.2.99")
+    await p.on_connect(ok, 1, 1)
+    ok.sender = "a@b.example"
+    assert code(await p.on_rcpt(ok, "x@d.example")) == CONT

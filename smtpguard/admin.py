@@ -1,0 +1,207 @@
+"""Operator commands on the configured state store.
+
+``smtpguard greylist list|show KEY|allow NET-or-ADDR|delete KEY|purge|stats``
+and ``smtpguard cache list|show IP|delete IP|purge|stats`` read the store
+named by ``[state] url`` (SQLite file or Redis, so on a cluster every node
+sees the same answer).  Output is a readable table; ``--json`` prints one
+JSON document for scripts.  Times are shown in local time, as postgrey's
+reports do.
+
+Each command is a small async function taking the store and the config, so
+tests call them directly; :func:`run` is the argparse glue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from .checks.greylist import client_network
+from .config import Config
+from .store import ClientNet, Store, open_store
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(out: TextIO, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    for row in (header, *rows):
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+class Admin:
+    """The commands; *out* is where they print."""
+
+    def __init__(self, store: Store, cfg: Config, out: TextIO, as_json: bool, clock: Callable[[], float]) -> None:
+        self.store, self.cfg, self.out, self.as_json, self.clock = store, cfg, out, as_json, clock
+
+    def _emit(self, doc: Any, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+        if self.as_json:
+            json.dump(doc, self.out, indent=2, sort_keys=True)
+            self.out.write("\n")
+        else:
+            _table(self.out, header, rows)
+
+    # ------------------------------------------------------------ greylist
+
+    async def greylist_list(self, limit: int, prefix: str = "") -> int:
+        items = await self.store.list_triplets(limit, prefix)
+        self._emit(
+            [{"key": k, **asdict(t)} for k, t in items],
+            ("KEY", "FIRST SEEN", "LAST SEEN", "PASSED", "EXPIRES"),
+            [(k, _when(t.first_seen), _when(t.last_seen), _when(t.passed_at), _when(t.expires)) for k, t in items],
+        )
+        return 0
+
+    async def greylist_show(self, key: str) -> int:
+        t = await self.store.get_triplet(key.lower())
+        if t is None:
+            self.out.write(f"no greylist entry {key}\n")
+            return 1
+        self._emit({"key": key.lower(), **asdict(t)}, ("FIELD", "VALUE"),
+                   [("key", key.lower()), ("first_seen", _when(t.first_seen)), ("last_seen", _when(t.last_seen)),
+                    ("passed_at", _when(t.passed_at)), ("expires", _when(t.expires)),
+                    ("state", "passed" if t.passed_at is not None else "waiting for a retry")])
+        return 0
+
+    async def greylist_allow(self, what: str) -> int:
+        """Allowlist a client network (as the auto-allowlist would) for max_age."""
+        g = self.cfg.greylist
+        try:
+            if "/" in what:
+                net = ipaddress.ip_network(what, strict=False)
+                ip = net.network_address
+            else:
+                ip = ipaddress.ip_address(what)
+        except ValueError:
+            self.out.write(f"smtpguard: error: expected an IP address or network, got {what!r}\n")
+            return 2
+        key = client_network(ip, g.ipv4_mask, g.ipv6_mask)
+        now = self.clock()
+        await self.store.put_client(key, ClientNet(max(g.auto_allowlist_clients, 1), now, now + g.max_age))
+        self._emit({"allowed": key, "until": now + g.max_age}, ("ALLOWED", "UNTIL"),
+                   [(key, _when(now + g.max_age))])
+        return 0
+
+    async def greylist_delete(self, key: str) -> int:
+        found = await self.store.delete_triplet(key.lower()) or await self.store.delete_client(key.lower())
+        self.out.write(f"{'deleted' if found else 'not found'}: {key}\n")
+        return 0 if found else 1
+
+    async def greylist_clients(self, limit: int) -> int:
+        items = await self.store.list_clients(limit)
+        threshold = self.cfg.greylist.auto_allowlist_clients
+        self._emit(
+            [{"network": k, **asdict(c)} for k, c in items],
+            ("NETWORK", "COUNT", "LAST COUNTED", "EXPIRES", "ALLOWLISTED"),
+            [(k, str(c.count), _when(c.last_counted), _when(c.expires),
+              "yes" if threshold and c.count >= threshold else "no") for k, c in items],
+        )
+        return 0
+
+    # ------------------------------------------------------------ cache
+
+    async def cache_list(self, limit: int, prefix: str = "") -> int:
+        items = await self.store.list_cache(limit, prefix)
+        self._emit(
+            [{"ip": ip, "tests": tests} for ip, tests in items],
+            ("CLIENT", "TEST", "VALID UNTIL"),
+            [(ip, test, _when(exp) if exp else "failed") for ip, tests in items for test, exp in sorted(tests.items())],
+        )
+        return 0
+
+    async def cache_show(self, ip: str) -> int:
+        tests = await self.store.get_cache(ip)
+        if not tests:
+            self.out.write(f"no allowlist cache entry for {ip}\n")
+            return 1
+        self._emit({"ip": ip, "tests": tests}, ("TEST", "VALID UNTIL"),
+                   [(t, _when(e) if e else "failed") for t, e in sorted(tests.items())])
+        return 0
+
+    async def cache_delete(self, ip: str) -> int:
+        found = await self.store.delete_cache(ip)
+        self.out.write(f"{'deleted' if found else 'not found'}: {ip}\n")
+        return 0 if found else 1
+
+    # ------------------------------------------------------------ both
+
+    async def purge(self) -> int:
+        removed = await self.store.purge_expired()
+        self._emit({"removed": removed}, ("REMOVED",), [(str(removed),)])
+        return 0
+
+    async def stats(self) -> int:
+        st = await self.store.stats()
+        self._emit(asdict(st), ("RECORDS", "COUNT"),
+                   [("greylist triplets", str(st.greylist)), ("client networks", str(st.clients)),
+                    ("allowlist cache clients", str(st.cache))])
+        return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """The ``greylist`` and ``cache`` sub-commands (each takes -c and --json)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    def leaf(parent: Any, name: str, text: str) -> Any:
+        return parent.add_parser(name, help=text, parents=[common])
+
+    g = sub.add_parser("greylist", help="inspect and edit greylisting state")
+    gs = g.add_subparsers(dest="action", required=True)
+    p = leaf(gs, "list", "list greylist triplets")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--prefix", default="", help="only keys starting with this (e.g. a network)")
+    leaf(gs, "show", "show one triplet").add_argument("key", help="NETWORK/sender/recipient")
+    leaf(gs, "allow", "allowlist a client network").add_argument("client", help="IP address or network")
+    leaf(gs, "delete", "delete a triplet or client network").add_argument("key")
+    leaf(gs, "clients", "list auto-allowlist client networks").add_argument("--limit", type=int, default=100)
+    c = sub.add_parser("cache", help="inspect and edit the allowlist cache (postscreen's temporary allowlist)")
+    cs = c.add_subparsers(dest="action", required=True)
+    p = leaf(cs, "list", "list cached clients and their tests")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--prefix", default="")
+    leaf(cs, "show", "show one client").add_argument("ip")
+    leaf(cs, "delete", "forget one client").add_argument("ip")
+    for parent in (gs, cs):
+        leaf(parent, "purge", "remove expired records now")
+        leaf(parent, "stats", "count stored records")
+
+
+def dispatch(admin: Admin, args: argparse.Namespace) -> Awaitable[int]:
+    a = args.action
+    if args.command == "greylist":
+        table: dict[str, Callable[[], Awaitable[int]]] = {
+            "list": lambda: admin.greylist_list(args.limit, args.prefix),
+            "show": lambda: admin.greylist_show(args.key),
+            "allow": lambda: admin.greylist_allow(args.client),
+            "delete": lambda: admin.greylist_delete(args.key),
+            "clients": lambda: admin.greylist_clients(args.limit),
+        }
+    else:
+        table = {
+            "list": lambda: admin.cache_list(args.limit, args.prefix),
+            "show": lambda: admin.cache_show(args.ip),
+            "delete": lambda: admin.cache_delete(args.ip),
+        }
+    table |= {"purge": admin.purge, "stats": admin.stats}
+    return table[a]()
+
+
+async def run(cfg: Config, args: argparse.Namespace) -> int:
+    store = await open_store(cfg.state.url)
+    try:
+        return await dispatch(Admin(store, cfg, sys.stdout, args.json, time.time), args)
+    finally:
+        await store.close()

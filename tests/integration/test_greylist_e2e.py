@@ -1,0 +1,141 @@
+"""Greylisting end to end: smtpguard (subprocess) -> the private Postfix,
+with SQLite and Redis state, a real sending MTA that retries by itself, and
+two smtpguard nodes sharing one Redis.
+
+The greylist delay is 1s here (a real process cannot take a fake clock);
+the timing logic itself is unit-tested on a fake clock in
+tests/unit/test_greylist.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.guard import Guard, RawClient
+from tests.lab import PostfixFactory, PrivatePostfix, wait_until
+
+pytestmark = pytest.mark.postfix
+
+DELAY = 1.0
+GREYLIST = f'[greylist]\nenabled = true\ndelay = "{DELAY:g}s"\nuse_default_client_allowlist = false\n'
+GREYLISTED = "450 4.2.0 <bob@example.test>: Recipient address rejected: Greylisted, see " \
+             "http://postgrey.schweikert.ch/help/example.test.html\r\n"
+
+
+def attempt(port: int, source: str, sender: str = "alice@sender.test", rcpt: str = "bob@example.test") -> str:
+    """One delivery attempt; returns the RCPT reply (and finishes the message when accepted)."""
+    c = RawClient(port, source=source)
+    c.reply()
+    c.cmd("EHLO client.example")
+    c.cmd(f"MAIL FROM:<{sender}>")
+    reply = c.cmd(f"RCPT TO:<{rcpt}>")
+    if reply.startswith("250"):
+        assert c.cmd("DATA").startswith("354")
+        c.send(b"Subject: greylist test\r\n\r\nhello\r\n.\r\n")
+        assert c.reply().startswith("250 2.0.0")
+    c.cmd("QUIT")
+    c.close()
+    return reply
+
+
+def wait_past(start: float, seconds: float) -> None:
+    """Let the greylist delay pass (the server's own clock: no way around it)."""
+    wait_until(lambda: time.time() >= start + seconds, timeout=seconds + 5, what="the greylist delay", interval=0.05)
+
+
+def test_first_attempt_early_retry_then_delivery(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, GREYLIST)
+    assert attempt(g.port, "127.0.3.10") == GREYLISTED
+    start = time.time()  # after the first RCPT: the delay counts from it
+    g.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.3\.10\]:\d+: 450 4\.2\.0 <bob@example\.test>: "
+                   r"Recipient address rejected: Greylisted.*; from=<alice@sender\.test> to=<bob@example\.test> "
+                   r"proto=ESMTP helo=<client\.example>")
+    g.wait_for_log(r"greylist: greylist, reason=new triplet, client=unknown\[127\.0\.3\.10\]")
+    assert attempt(g.port, "127.0.3.10") == GREYLISTED  # early retry
+    g.wait_for_log(r"reason=early retry")
+    assert backend.messages() == []
+    wait_past(start, DELAY)
+    assert attempt(g.port, "127.0.3.10").startswith("250")
+    g.wait_for_log(r"greylist: pass, reason=triplet passed, delayed \d+s")
+    # Another client of the same /24 is the same network for greylisting.
+    assert attempt(g.port, "127.0.3.99").startswith("250")
+    # A client in another /24 starts from scratch.
+    assert attempt(g.port, "127.0.4.10") == GREYLISTED
+    assert len(backend.wait_for_messages(2)) == 2
+    # The operator CLI reads the same store.
+    out = subprocess.run([sys.executable, "-m", "smtpguard", "greylist", "list", "--json", "-c", str(g.config)],
+                         check=True, capture_output=True, text=True).stdout
+    keys = {e["key"]: e for e in json.loads(out)}
+    assert keys["127.0.3.0/alice@sender.test/bob@example.test"]["passed_at"] is not None
+    assert keys["127.0.4.0/alice@sender.test/bob@example.test"]["passed_at"] is None
+
+
+def test_sender_normalisation_and_postmaster(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, GREYLIST)
+    assert attempt(g.port, "127.0.5.1", sender="prvs=1234567890=news+list@sender.test").startswith("450")
+    start = time.time()
+    assert attempt(g.port, "127.0.5.1", rcpt="postmaster@example.test").startswith("250")  # always allowlisted
+    wait_past(start, DELAY)
+    # BATV tag and +extension stripped: the retry with another tag is the same triplet.
+    assert attempt(g.port, "127.0.5.1", sender="prvs=0987654321=news+other@sender.test").startswith("250")
+
+
+def test_state_survives_restart(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, GREYLIST)
+    assert attempt(g.port, "127.0.6.1") == GREYLISTED
+    start = time.time()
+    g.stop()
+    wait_past(start, DELAY)
+    g.start()  # same config, same SQLite file
+    assert attempt(g.port, "127.0.6.1").startswith("250")
+    assert len(backend.wait_for_messages(1)) == 1
+
+
+def test_auto_allowlist_and_cli_allow(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, GREYLIST + "auto_allowlist_clients = 1\n")
+    assert attempt(g.port, "127.0.7.1") == GREYLISTED
+    start = time.time()
+    wait_past(start, DELAY)
+    assert attempt(g.port, "127.0.7.1").startswith("250")  # counted once: allowlisted now
+    assert attempt(g.port, "127.0.7.2", sender="new@other.test").startswith("250")
+    g.wait_for_log(r"reason=client auto-allowlisted")
+    # An operator allowlists a network by hand.
+    subprocess.run([sys.executable, "-m", "smtpguard", "greylist", "allow", "127.0.8.0/24", "-c", str(g.config)],
+                   check=True, capture_output=True)
+    assert attempt(g.port, "127.0.8.5").startswith("250")
+
+
+def test_real_sending_mta_retries_by_itself(backend: PrivatePostfix, make_guard: Callable[..., Guard],
+                                            postfix_factory: PostfixFactory) -> None:
+    g = make_guard(backend.port, GREYLIST)
+    sender = postfix_factory.sender(g.port)
+    sender.start()
+    sender.submit(b"Subject: via a real MTA\r\n\r\nretried by Postfix itself\r\n", "alice@sender.test",
+                  "bob@example.test")
+    sender.wait_for_log(r"status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 450 4\.2\.0 "
+                        r"<bob@example\.test>: Recipient address rejected: Greylisted", timeout=20)
+    [msg] = backend.wait_for_messages(1, timeout=60)
+    assert b"retried by Postfix itself" in msg
+    sender.wait_for_log(r"status=sent \(250 2\.0\.0 Ok: queued as", timeout=20)
+    g.wait_for_log(r"greylist: pass, reason=triplet passed")
+
+
+@pytest.mark.redis
+def test_two_nodes_share_one_redis(backend: PrivatePostfix, make_guard: Callable[..., Guard], redis_url: str) -> None:
+    a = make_guard(backend.port, GREYLIST, state_url=redis_url)
+    b = make_guard(backend.port, GREYLIST, state_url=redis_url)
+    assert attempt(a.port, "127.0.9.1") == GREYLISTED  # node A
+    start = time.time()
+    assert attempt(b.port, "127.0.9.1") == GREYLISTED  # node B knows the triplet: early retry
+    b.wait_for_log(r"reason=early retry")
+    wait_past(start, DELAY)
+    assert attempt(b.port, "127.0.9.1").startswith("250")  # node B passes it
+    assert attempt(a.port, "127.0.9.1").startswith("250")  # and node A knows it passed
+    a.wait_for_log(r"reason=triplet known")
+    assert len(backend.wait_for_messages(2)) == 2

@@ -15,8 +15,9 @@ import signal
 import sys
 
 from . import config as config_mod
-from . import logs, metrics
+from . import logs
 from .config import Config, ConfigError
+from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
 
@@ -37,6 +38,11 @@ def summary(cfg: Config) -> str:
 async def serve(cfg: Config) -> None:
     server = Server(cfg, Pipeline(cfg))
     await server.start()
+    ops = None
+    if cfg.metrics.listen is not None:
+        readiness = Readiness(lambda: server.cfg, accepting=lambda: not server.closing)
+        ops = OpsServer(cfg.metrics.listen, readiness)
+        await ops.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -45,6 +51,8 @@ async def serve(cfg: Config) -> None:
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     await server.shutdown()
+    if ops is not None:
+        await ops.close()
     log.info("daemon stopped")
 
 
@@ -65,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(cfg.log)
     try:
-        if cfg.metrics.listen is not None:
-            metrics.serve(cfg.metrics.listen)
         asyncio.run(serve(cfg))
     except OSError as exc:
         log.critical("cannot start: %s", exc)

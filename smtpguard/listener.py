@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP
 from . import logs
 from .config import Config
 from .conversation import Conversation, Hangup
-from .metrics import METRICS
+from .metrics import METRICS, reject_reason
 from .pipeline import Pipeline
 from .session import Session
 from .verdict import REPLIES, Action, Reply
@@ -170,7 +170,8 @@ class GuardProtocol(SMTP):
                 await self._reader.readexactly(exc.consumed)
 
     async def _refuse(self, s: Session, reply: Reply) -> None:
-        METRICS.connections_rejected.labels(reason=str(reply.code)).inc()
+        METRICS.connections_rejected.labels(reason=reject_reason(reply)).inc()
+        METRICS.rejects.labels(stage="CONNECT", code=str(reply.code)).inc()
         log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", s.who, reply)
         self.send(f"{reply}\r\n".encode())
 

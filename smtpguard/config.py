@@ -278,7 +278,10 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(default="info", metadata=opt(one_of("debug", "info", "warning", "error"), ""))
-    syslog_name: str = field(default="smtpguard", metadata=opt(parse_str, "syslog_name"))
+    syslog_name: str = field(default="postfix", metadata=opt(parse_str, "syslog_name"))
+    service_name: str = field(
+        default="smtpd", metadata=opt(parse_str, "master.cf service name (the part after syslog_name/)")
+    )
     output: str = field(default="stderr", metadata=opt(one_of("stderr", "syslog"), "maillog_file"))
 
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test venv sysdeps lint bench clean
+.PHONY: run test venv sysdeps lint bench clean wheelhouse compose-test docs
 
 $(BIN)/smtpguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ lint: venv
 ## Performance figures (printed, never asserted).
 bench: venv sysdeps
 	$(BIN)/python bench/relay.py
+
+## The project and its dependencies as wheels in build/wheels, for the container image
+## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on
+## Debian bookworm's Python 3.11.2, which the host's Python may not.
+wheelhouse: venv
+	rm -rf build/wheels
+	$(BIN)/pip wheel -q . 'async-timeout>=4.0.3' -w build/wheels
+
+## Build and run deploy/docker-compose.yml with podman-compose, send a message through it,
+## check delivery and the Prometheus scrape, tear it down (root; see deploy/compose-test.sh).
+compose-test: wheelhouse
+	PYTHON=$(abspath $(BIN))/python bash deploy/compose-test.sh
 
 clean:
 	rm -rf $(VENV) state build .pytest_cache .mypy_cache .ruff_cache

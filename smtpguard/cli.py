@@ -1,7 +1,8 @@
 """Command line: ``smtpguard serve|check-config -c FILE``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`).  ``check-config`` validates a file and
+:class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file
+and its tables (:mod:`smtpguard.reload`).  ``check-config`` validates a file and
 prints a one-line summary, or the error naming the key, with exit status 1.
 Without ``-c`` the embedded defaults are used.
 """
@@ -20,6 +21,7 @@ from .config import Config, ConfigError
 from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
+from .reload import Reloader
 
 log = logging.getLogger("smtpguard")
 
@@ -35,7 +37,7 @@ def summary(cfg: Config) -> str:
             f"metrics {metrics_at}; hostname {cfg.server.hostname}")
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, path: str | None = None) -> None:
     server = Server(cfg, Pipeline(cfg))
     await server.start()
     ops = None
@@ -47,6 +49,7 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, Pipeline).signal)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(cfg.log)
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, args.config))
     except OSError as exc:
         log.critical("cannot start: %s", exc)
         return 1

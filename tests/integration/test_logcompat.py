@@ -64,7 +64,7 @@ def test_pflogsumm_counts_guard_rejects_in_shared_maillog(
     assert re.search(r"^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/smtpd\[\d+\]: NOQUEUE: reject: "
                      r"END-OF-MESSAGE from unknown\[127\.0\.0\.14\]:\d+: 550 5\.5\.2 ", g.full_log(), re.M)
     maillog = tmp_path / "maillog"
-    maillog.write_text(backend.full_log() + g.full_log())
+    maillog.write_text(backend.log() + g.full_log())  # only this test's Postfix lines
     # The lab Postfix logs as postfix-backend/...; smtpguard as postfix/smtpd.
     report = pflogsumm(maillog, f"--syslog-name={backend.syslog_name}")
     # 4 received: Postfix queued the bare-newline message before smtpguard aborted it

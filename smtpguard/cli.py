@@ -1,4 +1,4 @@
-"""Command line: ``smtpguard serve|check-config -c FILE``.
+"""Command line: ``smtpguard serve|check-config -c FILE``, ``smtpguard report LOG...``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
 :class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file
@@ -16,7 +16,7 @@ import signal
 import sys
 
 from . import config as config_mod
-from . import logs
+from . import logs, report
 from .config import Config, ConfigError
 from .health import OpsServer, Readiness
 from .listener import Server
@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("serve", "run the SMTP front end"), ("check-config", "validate a configuration file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
+    rp = sub.add_parser("report", help="summarise smtpguard's log (pflogsumm-like)")
+    rp.add_argument("logs", nargs="*", metavar="LOG", help="log files (.gz too); default or '-': stdin")
+    rp.add_argument("-n", "--top", type=int, default=10, help="lines in each top list (default 10)")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--syslog-name", help="read only lines of this program (e.g. postfix-smtpguard)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return report.main(args.logs, args.top, args.json, args.syslog_name)
     try:
         cfg = _load(args.config)
     except ConfigError as exc:

@@ -47,5 +47,11 @@ wheelhouse: venv
 compose-test: wheelhouse
 	PYTHON=$(abspath $(BIN))/python bash deploy/compose-test.sh
 
+## Regenerate the reference documents from the code (a unit test checks they are current).
+docs: venv
+	$(BIN)/python -m smtpguard.docgen configuration > docs/configuration.md
+	$(BIN)/python -m smtpguard.docgen metrics > docs/metrics-reference.md
+	$(BIN)/python deploy/grafana/make_dashboard.py > deploy/grafana/dashboards/smtpguard.json
+
 clean:
 	rm -rf $(VENV) state build .pytest_cache .mypy_cache .ruff_cache

@@ -176,9 +176,10 @@ def parse_state_url(value: Any) -> str:
     )
 
 
-def opt(parser: Callable[[Any], Any], equivalent: str = "") -> dict[str, Any]:
-    """Field metadata: the value parser and the Postfix/postgrey equivalent."""
-    return {"parse": parser, "equivalent": equivalent}
+def opt(parser: Callable[[Any], Any], equivalent: str = "", doc: str = "") -> dict[str, Any]:
+    """Field metadata: the value parser, the Postfix/postscreen/postgrey
+    equivalent and a one-line description (both read by smtpguard.docgen)."""
+    return {"parse": parser, "equivalent": equivalent, "doc": doc}
 
 
 # ---------------------------------------------------------------- loading

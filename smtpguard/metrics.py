@@ -17,7 +17,7 @@ sessions_active                             listener (core)
 rejects                                     conversation / listener (core)
 messages_relayed, bytes_relayed             conversation (core)
 upstream_errors, upstream_*_seconds         conversation (core)
-screening_verdicts                          pipeline (screening checks)
+check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
 greylist                                    greylisting
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
@@ -62,6 +62,7 @@ class Metrics:
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
     # ---- screening (pipeline / checks)
+    check_results: Counter  # labels: check, outcome (pass, fail, skip)
     screening_verdicts: Counter  # labels: check, action
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
     # ---- greylisting
@@ -112,6 +113,10 @@ class Metrics:
             upstream_data_seconds=Histogram(
                 "smtpguard_upstream_data_seconds", "Time from DATA to Postfix's end-of-data reply",
                 buckets=_LATENCY_BUCKETS, registry=r,
+            ),
+            check_results=Counter(
+                "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
+                ["check", "outcome"], registry=r,
             ),
             screening_verdicts=Counter(
                 "smtpguard_screening_verdicts",

@@ -30,6 +30,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
         ], 16),
     ]),
     ("Screening", [
+        ("Check failures / s by check", "ops", [
+            ("sum by (check) (rate(smtpguard_check_results_total{outcome=\"fail\"}[$__rate_interval]))",
+             "{{check}}"),
+        ], 12),
         ("Verdicts / s by check and action", "ops", [
             ("sum by (check, action) (rate(smtpguard_screening_verdicts_total{action!=\"continue\"}"
              "[$__rate_interval]))", "{{check}} {{action}}"),

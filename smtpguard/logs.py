@@ -44,6 +44,9 @@ from .config import LogConfig
 
 log = logging.getLogger("smtpguard")
 
+#: Where ``output = "syslog"`` sends datagrams (the local syslog daemon).
+SYSLOG_SOCKET = "/dev/log"
+
 
 class _PostfixFormatter(logging.Formatter):
     """``Mon DD HH:MM:SS host name[pid]: [level: ]message`` like maillog_file."""
@@ -77,7 +80,7 @@ def setup(cfg: LogConfig) -> None:
     handler: logging.Handler
     if cfg.output == "syslog":
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
         handler.ident = f"{program(cfg)}[{os.getpid()}]: "
         handler.setFormatter(logging.Formatter("%(message)s"))

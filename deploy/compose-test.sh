@@ -62,6 +62,7 @@ podman exec "${PROJECT}_postfix_1" sh -c 'cat /var/mail/vhosts/inbox/new/*' | gr
   || { log "the delivered message lacks the real client's Received: line (XCLIENT)"; exit 1; }
 log "ok: Received: line names the real client (XCLIENT from smtpguard)"
 
+curl_prom() { "$PY" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$PROMETHEUS_PORT$1"; }
 query() {  # query EXPR EXPECTED
   "$PY" - "$PROMETHEUS_PORT" "$1" "$2" <<'PYEOF'
 import json, sys, urllib.parse, urllib.request
@@ -71,6 +72,15 @@ result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
 sys.exit(0 if result and result[0]["value"][1] == expected else 1)
 PYEOF
 }
+# Postfix: not published on the host, and XCLIENT refused to anyone but smtpguard
+[ -z "$(podman port "${PROJECT}_postfix_1")" ] || { log "postfix has published ports"; exit 1; }
+podman exec "${PROJECT}_redis_1" bash -c 'exec 3<>/dev/tcp/postfix/25; printf "EHLO other.example\r\nXCLIENT ADDR=192.0.2.1\r\nQUIT\r\n" >&3; cat <&3' \
+  | grep -q "^550 5.7.0 Error: insufficient authorization" \
+  || { log "Postfix accepted XCLIENT from the redis container"; exit 1; }
+log "ok: Postfix is not published and refuses XCLIENT from another container"
+
+rules() { curl_prom /api/v1/rules | grep -q '"name":"smtpguard"'; }
+wait_for 30 "Prometheus loaded the smtpguard alerting rules" rules
 wait_for 90 'Prometheus scrapes smtpguard: up{job="smtpguard"} == 1' query 'up{job="smtpguard"}' 1
 wait_for 60 "Prometheus has smtpguard_relayed_messages_total == 1" query 'sum(smtpguard_relayed_messages_total)' 1
 log "PASS"

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import re
 import runpy
+import subprocess
 from pathlib import Path
 
+import pytest
+
 from smtpguard.metrics import METRICS
+from tests.lab import which
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -54,3 +58,20 @@ def test_compose_layout() -> None:
     for setting in ('"smtpd_authorized_xclient_hosts = $addr"', '"smtpd_forbid_bare_newline = reject"',
                     '"smtpd_forbid_bare_newline_exclusions ="'):
         assert setting in entrypoint
+
+
+@pytest.mark.prometheus
+def test_prometheus_config_and_rules_are_valid(tmp_path: Path) -> None:
+    promtool = which("promtool")
+    assert promtool is not None
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the config names the rules by their in-container path
+    config = tmp_path / "prometheus.yml"
+    config.write_text((DEPLOY / "prometheus" / "prometheus.yml").read_text()
+                      .replace("/etc/prometheus/alerts.yml", str(rules)))
+    r = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = rules.read_text()
+    assert "smtpguard_upstream_errors_total" in text and "smtpguard_config_last_reload_successful" in text

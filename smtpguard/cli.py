@@ -37,6 +37,12 @@ def summary(cfg: Config) -> str:
             f"metrics {metrics_at}; hostname {cfg.server.hostname}")
 
 
+def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
+    """The pipeline for a reloaded configuration (re-reads its tables); hand
+    it *previous*'s store and resolver once it has them (see smtpguard.reload)."""
+    return Pipeline(cfg)
+
+
 async def serve(cfg: Config, path: str | None = None) -> None:
     server = Server(cfg, Pipeline(cfg))
     await server.start()
@@ -49,7 +55,7 @@ async def serve(cfg: Config, path: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, Pipeline).signal)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, _new_pipeline).signal)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))

@@ -21,9 +21,14 @@ What a reload does, in order:
    configuration is applied.
 
 Reloads are serialised: a SIGHUP arriving during a reload runs after it.
-A pipeline may hold resources (a store connection, a resolver): if the old
-one has an ``aclose()`` coroutine method it is called once the switch is
-done; sessions still using the old pipeline finish with it.
+
+The pipeline factory is called as ``make_pipeline(new_cfg, previous)``.
+Long-lived state must survive a reload -- the state store (the PASS OLD
+allowlist cache, rate windows, greylist triplets), the DNS resolver and its
+cache -- so a factory hands *previous*'s store and resolver to the new
+pipeline instead of opening new ones (``Pipeline(cfg, store=previous.store)``),
+unless the new configuration changed ``[state] url``.  Nothing is closed by
+the reloader: sessions still using the previous pipeline finish with it.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class Reloadable(Protocol):
     pipeline: Any
 
 
-PipelineFactory = Callable[[Config], Any | Awaitable[Any]]
+#: ``make_pipeline(new_cfg, previous_pipeline)`` -> pipeline (or an awaitable of one).
+PipelineFactory = Callable[[Config, Any], Any | Awaitable[Any]]
 
 
 class Reloader:
@@ -83,7 +89,7 @@ class Reloader:
         try:
             new = config_mod.load(self.path)
             new, pending = _keep_restart_only(old, new)
-            pipeline = self.make_pipeline(new)
+            pipeline = self.make_pipeline(new, self.server.pipeline)
             if inspect.isawaitable(pipeline):
                 pipeline = await pipeline
         except Exception as exc:  # every failure refuses the new configuration
@@ -91,7 +97,6 @@ class Reloader:
             METRICS.config_last_reload_success.set(0)
             log.error("reload: configuration %s refused, the running configuration stays: %s", self.path, exc)
             return False
-        old_pipeline = self.server.pipeline
         self.server.cfg, self.server.pipeline = new, pipeline  # one step: no await in between
         if new.log != old.log:
             logs.setup(new.log)
@@ -103,12 +108,6 @@ class Reloader:
         METRICS.config_last_reload_timestamp.set_to_current_time()
         changed = ", ".join(_changed_sections(old, new)) or "no changes"
         log.info("reload: configuration %s loaded (generation %d; changed: %s)", self.path, self.generation, changed)
-        aclose = getattr(old_pipeline, "aclose", None)
-        if aclose is not None and old_pipeline is not pipeline:
-            try:
-                await aclose()
-            except Exception as exc:
-                log.warning("reload: closing the previous pipeline: %s", exc)
         return True
 
 

@@ -21,13 +21,11 @@ class FakeServer:
     pipeline: Any = "old-pipeline"
 
 
-class ClosablePipeline:
-    def __init__(self, cfg: Config) -> None:
+class FakePipeline:
+    def __init__(self, cfg: Config, previous: Any = None) -> None:
         self.cfg = cfg
-        self.closed = False
-
-    async def aclose(self) -> None:
-        self.closed = True
+        # long-lived state is handed over, as a real factory does with the store
+        self.store = previous.store if isinstance(previous, FakePipeline) else object()
 
 
 def failures() -> float:
@@ -39,7 +37,7 @@ async def test_table_error_refuses_reload(tmp_path: Path, caplog: pytest.LogCapt
     conf.write_text('[server]\nhostname = "new.example"\n')
     server = FakeServer()
 
-    def make(cfg: Config) -> Any:
+    def make(cfg: Config, previous: Any) -> Any:
         raise ValueError("/etc/smtpguard/client_access.cidr, line 3: bad CIDR 10.0.0.0/33")
 
     before = failures()
@@ -56,20 +54,21 @@ async def test_table_error_refuses_reload(tmp_path: Path, caplog: pytest.LogCapt
     assert "bad CIDR 10.0.0.0/33" in caplog.text and "the running configuration stays" in caplog.text
 
 
-async def test_success_switches_and_closes_old_pipeline(tmp_path: Path) -> None:
+async def test_success_switches_and_keeps_the_store(tmp_path: Path) -> None:
     conf = tmp_path / "g.toml"
     conf.write_text('[server]\nhostname = "new.example"\n')
-    old = ClosablePipeline(Config())
+    old = FakePipeline(Config())
     server = FakeServer(pipeline=old)
 
-    async def make(cfg: Config) -> ClosablePipeline:  # an async factory works too
-        return ClosablePipeline(cfg)
+    async def make(cfg: Config, previous: Any) -> FakePipeline:  # an async factory works too
+        return FakePipeline(cfg, previous)
 
     reloader = Reloader(conf, server, make)
     assert await reloader.reload() is True
     assert server.cfg.server.hostname == "new.example"
-    assert isinstance(server.pipeline, ClosablePipeline) and server.pipeline.cfg is server.cfg
-    assert old.closed and reloader.generation == 2
+    assert isinstance(server.pipeline, FakePipeline) and server.pipeline.cfg is server.cfg
+    assert server.pipeline is not old and server.pipeline.store is old.store
+    assert reloader.generation == 2
     assert METRICS.config_last_reload_success._value.get() == 1
 
 
@@ -77,12 +76,12 @@ async def test_listen_change_is_kept_until_restart(tmp_path: Path) -> None:
     conf = tmp_path / "g.toml"
     conf.write_text('[server]\nlisten = ["127.0.0.1:2600"]\n[metrics]\nlisten = ""\n')
     server = FakeServer()
-    assert await Reloader(conf, server, ClosablePipeline).reload() is True
+    assert await Reloader(conf, server, FakePipeline).reload() is True
     assert server.cfg.server.listen == Config().server.listen
     assert server.cfg.metrics.listen == Config().metrics.listen
 
 
 async def test_no_file_is_a_no_op() -> None:
     server = FakeServer()
-    assert await Reloader(None, server, ClosablePipeline).reload() is True
+    assert await Reloader(None, server, FakePipeline).reload() is True
     assert server.pipeline == "old-pipeline"

@@ -73,7 +73,12 @@ def describe_parser(parse: Any) -> str:
         "parse_hostport": "`HOST:PORT`",
         "parse_optional_hostport": "`HOST:PORT` or `\"\"`",
         "parse_state_url": "URL",
-    }.get(getattr(parse, "__name__", ""), getattr(parse, "__name__", "value"))
+    }.get(getattr(parse, "__name__", ""), _readable(getattr(parse, "__name__", "value")))
+
+
+def _readable(parser_name: str) -> str:
+    """``parse_network`` -> ``network`` for parsers this module does not know."""
+    return parser_name.removeprefix("parse_").replace("_", " ")
 
 
 def toml_value(value: Any) -> str:

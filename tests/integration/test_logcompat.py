@@ -3,6 +3,7 @@ pflogsumm counts its rejects, fail2ban's stock postfix filter bans on them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import subprocess
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from smtpguard import logs
-from smtpguard.config import LogConfig
+from smtpguard.config import Config, LogConfig
 from smtpguard.verdict import Reply
-from tests.integration.guard import Guard
+from tests.integration.guard import Guard, RawClient
 from tests.integration.test_metrics import scripted_sessions
 from tests.lab import PrivatePostfix, which
 
@@ -155,3 +156,30 @@ def test_fail2ban_reads_postfix_smtpguard_syslog_name(logged_rejects: Callable[[
     path = logged_rejects(LogConfig(syslog_name="postfix/smtpguard"))
     assert "postfix/smtpguard/smtpd[" in path.read_text()
     assert len(fail2ban_ips(path)) == len(SCREENING_REJECTS)
+
+
+@pytest.mark.postfix
+@pytest.mark.fail2ban
+@pytest.mark.pflogsumm
+@pytest.mark.skipif("helo" not in {f.name for f in dataclasses.fields(Config)},
+                    reason="needs the screening checks ([helo] section), which land from the screen branch")
+def test_fail2ban_and_pflogsumm_on_live_screening_reject(
+    backend: PrivatePostfix, make_guard: Callable[..., Guard], tmp_path: Path
+) -> None:
+    """A real session rejected by a screening check (HELO is a bare IP
+    address: ``504 5.5.2 <ip>: Helo command rejected: need fully-qualified
+    hostname``, delivered at RCPT): both tools find it in smtpguard's log."""
+    g = make_guard(backend.port)
+    c = RawClient(g.port, source="127.0.0.51")
+    c.reply()
+    c.cmd("EHLO 192.0.2.51")
+    c.cmd("MAIL FROM:<spam@sender.test>")
+    reply = c.cmd("RCPT TO:<bob@example.test>")
+    assert reply.startswith("504 5.5.2"), reply
+    c.cmd("QUIT")
+    c.close()
+    g.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.51\]")
+    log = tmp_path / "live.log"
+    log.write_text(g.full_log())
+    assert fail2ban_ips(log) == ["127.0.0.51"]
+    assert rejected_count(pflogsumm(log)) == 1

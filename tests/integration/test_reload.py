@@ -17,9 +17,10 @@ pytestmark = pytest.mark.postfix
 
 
 def banner(g: Guard) -> str:
+    """The final greeting line (a pregreet test sends a "220-" line first)."""
     c = RawClient(g.port)
     try:
-        return c.reply()
+        return c.reply().splitlines(keepends=True)[-1]
     finally:
         c.close()
 
@@ -41,7 +42,7 @@ def test_sighup_good_then_bad_config(backend: PrivatePostfix, make_guard: Callab
     g.proc.send_signal(signal.SIGHUP)
     g.wait_for_log(r"reload: configuration \S+ loaded \(generation 2; changed: server\)")
     assert banner(g) == "220 mx2.guard.test ESMTP\r\n"
-    c2 = RawClient(g.port)
+    c2 = RawClient(g.port, source="127.0.0.42")
     c2.reply()
     assert "250-SIZE 5242880" in c2.cmd("EHLO client.example")
     c2.cmd("QUIT")

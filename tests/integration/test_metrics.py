@@ -3,6 +3,7 @@ a real Prometheus scraping a test instance, /healthz and /readyz."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -187,3 +188,27 @@ def test_prometheus_scrapes_smtpguard(backend: PrivatePostfix, guard: Guard, tmp
                        str(len(BODY1)))
     finally:
         prom.stop()
+
+
+def test_readyz_not_ready_while_shutting_down(backend: PrivatePostfix, guard: Guard) -> None:
+    """SIGTERM with a transaction in progress: the process drains the
+    session and meanwhile tells load balancers it is not ready."""
+    c = session(guard.port, "127.0.0.61")
+    assert c.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+    assert c.cmd("RCPT TO:<bob@example.test>").startswith("250")
+    assert http_get(guard.metrics_port, "/readyz")[0] == 200
+    assert guard.proc is not None
+    guard.proc.send_signal(signal.SIGTERM)
+    guard.wait_for_log(r"shutting down: no new connections, 1 session\(s\) to finish")
+
+    def draining() -> bool:
+        status, body = http_get(guard.metrics_port, "/readyz")
+        return status == 503 and "listener failed: not accepting connections" in body
+
+    wait_until(draining, timeout=10, what="/readyz 503 while draining")
+    assert http_get(guard.metrics_port, "/healthz")[0] == 200
+    assert c.cmd("DATA").startswith("354")
+    c.send(b"Subject: during shutdown\r\n\r\nbody\r\n.\r\n")
+    assert c.reply().startswith("250 2.0.0 Ok: queued as ")
+    assert guard.proc.wait(30) == 0
+    backend.wait_for_messages(1)

@@ -12,6 +12,8 @@ What it reads (the stable keywords of :mod:`smtpguard.logs`):
                                            a reject (counted by reason, client, stage)
 ``QUEUEID: relayed from name[ip]:port: 250 ...; from=<s> nrcpt=N size=B``
                                            a message Postfix accepted
+``PASS NEW``, ``PASS OLD``, ``PREGREET``, ``HANGUP``, ``DNSBL rank`` ...
+                                           postscreen's screening events, counted
 
 Greylisting is recognised from its reply text (``... Greylisted ...``, as
 postgrey and smtpguard's greylist check word it).  A greylisted triplet is
@@ -53,6 +55,9 @@ _REJECT = re.compile(r"^NOQUEUE: reject: (?P<stage>[A-Z-]+) from (?P<name>[^\[\s
 _RELAYED = re.compile(r"^(?P<qid>\w+): relayed from (?P<name>[^\[\s]*)\[(?P<ip>[^\]]+)\](?::\d+)?: 250 .*?; "
                       r"from=<(?P<sender>[^>]*)> nrcpt=(?P<nrcpt>\d+) size=(?P<size>\d+)")
 _CONNECT = re.compile(r"^CONNECT from \[")
+# postscreen's keywords, as the screening checks log them.
+_EVENTS = re.compile(r"^(PASS NEW|PASS OLD|ALLOWLISTED|PREGREET|HANGUP|DNSBL rank|COMMAND PIPELINING|"
+                     r"NON-SMTP COMMAND|BARE NEWLINE|COMMAND COUNT LIMIT|COMMAND TIME LIMIT|COMMAND LENGTH LIMIT)\b")
 _FIELD = re.compile(r"(from|to|helo)=<([^>]*)>")
 
 # Delay buckets (upper bounds in seconds) for the greylisting histogram.
@@ -103,6 +108,7 @@ class Report:
     reasons: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, reason)
     clients: Counter[str] = field(default_factory=Counter)
     greylist: dict[tuple[str, str, str], Triplet] = field(default_factory=dict)
+    events: Counter[str] = field(default_factory=Counter)
 
     # ------------------------------------------------------------- input
 
@@ -112,6 +118,10 @@ class Report:
         self.last = when if self.last is None else max(self.last, when)
         if _CONNECT.match(msg):
             self.connections += 1
+            return
+        m = _EVENTS.match(msg)
+        if m:
+            self.events[m[1]] += 1
             return
         m = _REJECT.match(msg)
         if m:
@@ -141,6 +151,12 @@ class Report:
     # ------------------------------------------------------------- output
 
     @property
+    def cache_hit_ratio(self) -> float | None:
+        """PASS OLD / (PASS OLD + PASS NEW): how often the allowlist cache spared the tests."""
+        old, new = self.events["PASS OLD"], self.events["PASS NEW"]
+        return old / (old + new) if old + new else None
+
+    @property
     def greylist_passed(self) -> int:
         return sum(1 for t in self.greylist.values() if t.passed_at is not None)
 
@@ -164,6 +180,8 @@ class Report:
             "rejects": {"total": self.rejects, **dict(sorted(self.rejects_by_class.items()))},
             "reject_reasons": [{"stage": s, "reason": r, "count": n} for (s, r), n in _top(self.reasons, top)],
             "top_rejected_clients": [{"client": c, "count": n} for c, n in _top(self.clients, top)],
+            "screening_events": dict(sorted(self.events.items())),
+            "allowlist_cache_hit_ratio": self.cache_hit_ratio,
             "greylist": {
                 "triplets": triplets,
                 "passed": self.greylist_passed,
@@ -187,6 +205,10 @@ class Report:
         out += [f"{n:8d}   {s:<14} {r}" for (s, r), n in _top(self.reasons, top)] or ["    none"]
         out += ["", f"Top rejected clients (top {top})", "-" * len(f"Top rejected clients (top {top})")]
         out += [f"{n:8d}   {c}" for c, n in _top(self.clients, top)] or ["    none"]
+        out += ["", "Screening events", "----------------"]
+        out += [f"{n:8d}   {e}" for e, n in _top(self.events, len(self.events))] or ["    none"]
+        if self.cache_hit_ratio is not None:
+            out.append(f"           allowlist cache hits (PASS OLD / PASS OLD+NEW): {self.cache_hit_ratio:.1%}")
         g = d["greylist"]
         out += ["", "Greylisting", "-----------"]
         if not g["triplets"]:

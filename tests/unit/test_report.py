@@ -47,6 +47,11 @@ LOG = [
     line("10:07:01", f"CONNECT from {logs.endpoint('192.0.2.11', 40001)} to [192.0.2.1]:25"),
     line("10:07:02", relayed("192.0.2.11", "A@s.test", 2048)),
     line("10:07:03", "a Postfix line smtpguard does not write", prog="postfix/cleanup"),
+    line("10:08:00", "PASS NEW [192.0.2.11]:40001"),
+    line("10:09:00", "PASS OLD [192.0.2.11]:40002"),
+    line("10:09:01", "PASS OLD [192.0.2.11]:40003"),
+    line("10:09:02", "PREGREET 11 after 0.20 from [203.0.113.9]:40004: EHLO bot\\r\\n"),
+    line("10:09:03", "DNSBL rank 3 for [203.0.113.9]:40004"),
     "garbage that is no log line\n",
 ]
 
@@ -67,6 +72,8 @@ def test_report_counts() -> None:
         {"client": "192.0.2.10", "count": 2}, {"client": "203.0.113.5", "count": 2},
         {"client": "203.0.113.6", "count": 2}, {"client": "198.51.100.7", "count": 1},
     ]
+    assert d["screening_events"] == {"DNSBL rank": 1, "PASS NEW": 1, "PASS OLD": 2, "PREGREET": 1}
+    assert d["allowlist_cache_hit_ratio"] == pytest.approx(2 / 3)
     g = d["greylist"]
     # 3 triplets; both of 192.0.2.0/24 + a@s.test pass (sender compared lower-cased)
     assert (g["triplets"], g["passed"]) == (3, 2)
@@ -76,6 +83,7 @@ def test_report_counts() -> None:
     text = r.render(top=5)
     assert "3   triplets greylisted" in text and "66.7% pass rate" in text
     assert "median 7m00s" in text and "blocked using zen.test" in text
+    assert "2   PASS OLD" in text and "allowlist cache hits (PASS OLD / PASS OLD+NEW): 66.7%" in text
 
 
 def test_report_syslog_name_filter() -> None:

@@ -194,12 +194,20 @@ METRICS = Metrics.create()
 def reject_reason(reply: object) -> str:
     """A bounded ``reason`` label for a refused connection: the name of the
     fixed reply in :data:`~smtpguard.verdict.REPLIES` (``busy``), else the
-    reply code (``521``).  Never derived from client data."""
-    from .verdict import REPLIES, Reply
+    reply code (``521``).  Never derived from client data.  O(1): safe to
+    call on every refusal of a bot flood."""
+    global _REPLY_NAMES
+    if _REPLY_NAMES is None:
+        from .verdict import REPLIES
 
-    if isinstance(reply, Reply):
-        for name, known in REPLIES.items():
-            if known == reply:
-                return name
-        return str(reply.code)
-    return "unknown"
+        _REPLY_NAMES = {reply: name for name, reply in REPLIES.items()}
+    code = getattr(reply, "code", None)
+    if code is None:
+        return "unknown"
+    try:
+        return _REPLY_NAMES.get(reply, str(code))
+    except TypeError:  # not hashable
+        return str(code)
+
+
+_REPLY_NAMES: dict[object, str] | None = None

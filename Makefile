@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test venv sysdeps lint bench clean
+.PHONY: run test venv sysdeps lint bench clean wheelhouse compose-test docs
 
 $(BIN)/smtpguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,24 @@ lint: venv
 bench: venv sysdeps
 	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/relay.py
+
+## The project and its dependencies as wheels in build/wheels, for the container image
+## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on
+## Debian bookworm's Python 3.11.2, which the host's Python may not.
+wheelhouse: venv
+	rm -rf build/wheels
+	$(BIN)/pip wheel -q . 'async-timeout>=4.0.3' -w build/wheels
+
+## Build and run deploy/docker-compose.yml with podman-compose, send a message through it,
+## check delivery and the Prometheus scrape, tear it down (root; see deploy/compose-test.sh).
+compose-test: wheelhouse
+	PYTHON=$(abspath $(BIN))/python bash deploy/compose-test.sh
+
+## Regenerate the reference documents from the code (a unit test checks they are current).
+docs: venv
+	$(BIN)/python -m smtpguard.docgen configuration > docs/configuration.md
+	$(BIN)/python -m smtpguard.docgen metrics > docs/metrics-reference.md
+	$(BIN)/python deploy/grafana/make_dashboard.py > deploy/grafana/dashboards/smtpguard.json
 
 clean:
 	rm -rf $(VENV) state build .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,8 @@
-"""Command line: ``smtpguard serve|check-config|greylist|cache -c FILE``.
+"""Command line: ``smtpguard serve|check-config|greylist|cache -c FILE``, ``smtpguard report LOG...``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`); SIGHUP reloads the access tables.  ``check-config`` validates a file and
+:class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file
+and its tables (:mod:`smtpguard.reload`).  ``check-config`` validates a file and
 prints a one-line summary, or the error naming the key, with exit status 1.
 ``greylist`` and ``cache`` are the operator commands on the state store
 (:mod:`smtpguard.admin`).  Without ``-c`` the embedded defaults are used.
@@ -15,11 +16,13 @@ import logging
 import signal
 import sys
 
-from . import admin, logs, metrics
+from . import admin, logs, report
 from . import config as config_mod
 from .config import Config, ConfigError
+from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
+from .reload import Reloader
 from .store import StoreError, open_store, sweep_forever
 
 log = logging.getLogger("smtpguard")
@@ -36,28 +39,38 @@ def summary(cfg: Config) -> str:
             f"metrics {metrics_at}; hostname {cfg.server.hostname}")
 
 
-async def serve(cfg: Config) -> None:
+def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
+    """The pipeline for a reloaded configuration (re-reads its tables),
+    on *previous*'s state store (``state.url`` changes need a restart)."""
+    return Pipeline(cfg, previous.store)
+
+
+async def serve(cfg: Config, path: str | None = None) -> None:
     store = await open_store(cfg.state.url)
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
-    pipeline = Pipeline(cfg, store)
-    server = Server(cfg, pipeline)
+    server = Server(cfg, Pipeline(cfg, store))
     try:
         await server.start()
     except BaseException:
         sweeper.cancel()
         await store.close()
         raise
+    ops = None
+    if cfg.metrics.listen is not None:
+        readiness = Readiness(lambda: server.cfg, lambda: server.pipeline.store, accepting=lambda: not server.closing)
+        ops = OpsServer(cfg.metrics.listen, readiness)
+        await ops.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # SIGHUP: re-read the access tables; a table with an error keeps its
-    # previous contents and the error (file, line) is logged.
-    loop.add_signal_handler(signal.SIGHUP, pipeline.reload_tables)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, _new_pipeline).signal)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     await server.shutdown()
+    if ops is not None:
+        await ops.close()
     sweeper.cancel()
     await store.close()
     log.info("daemon stopped")
@@ -70,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
     admin.add_parsers(sub)
+    rp = sub.add_parser("report", help="summarise smtpguard's log (pflogsumm-like)")
+    rp.add_argument("logs", nargs="*", metavar="LOG", help="log files (.gz too); default or '-': stdin")
+    rp.add_argument("-n", "--top", type=int, default=10, help="lines in each top list (default 10)")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--syslog-name", help="read only lines of this program (e.g. postfix-smtpguard)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return report.main(args.logs, args.top, args.json, args.syslog_name)
     try:
         cfg = _load(args.config)
     except ConfigError as exc:
@@ -87,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     logs.setup(cfg.log)
     try:
-        if cfg.metrics.listen is not None:
-            metrics.serve(cfg.metrics.listen)
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, args.config))
     except (OSError, StoreError) as exc:
         log.critical("cannot start: %s", exc)
         return 1

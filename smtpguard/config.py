@@ -176,9 +176,10 @@ def parse_state_url(value: Any) -> str:
     )
 
 
-def opt(parser: Callable[[Any], Any], equivalent: str = "") -> dict[str, Any]:
-    """Field metadata: the value parser and the Postfix/postgrey equivalent."""
-    return {"parse": parser, "equivalent": equivalent}
+def opt(parser: Callable[[Any], Any], equivalent: str = "", doc: str = "") -> dict[str, Any]:
+    """Field metadata: the value parser, the Postfix/postscreen/postgrey
+    equivalent and a one-line description (both read by smtpguard.docgen)."""
+    return {"parse": parser, "equivalent": equivalent, "doc": doc}
 
 
 # ---------------------------------------------------------------- loading
@@ -285,7 +286,10 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(default="info", metadata=opt(one_of("debug", "info", "warning", "error"), ""))
-    syslog_name: str = field(default="smtpguard", metadata=opt(parse_str, "syslog_name"))
+    syslog_name: str = field(default="postfix", metadata=opt(parse_str, "syslog_name"))
+    service_name: str = field(
+        default="smtpd", metadata=opt(parse_str, "master.cf service name (the part after syslog_name/)")
+    )
     output: str = field(default="stderr", metadata=opt(one_of("stderr", "syslog"), "maillog_file"))
 
 

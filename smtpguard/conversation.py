@@ -146,6 +146,7 @@ class Conversation:
         reply = verdict.reply or REPLIES["not_accepted"]
         s = self.session
         log.info(logs.noqueue(str(reply), stage, s.who, s.sender, rcpt, s.proto, s.helo))
+        METRICS.rejects.labels(stage=stage, code=str(reply.code)).inc()
         self.reply(reply)
         if verdict.action is Action.DROP:
             raise Hangup
@@ -295,6 +296,7 @@ class Conversation:
         self._end_transaction()
         if scanner.error is not None:
             log.info(logs.noqueue(str(scanner.error), "END-OF-MESSAGE", s.who, sender, None, s.proto, s.helo))
+            METRICS.rejects.labels(stage="END-OF-MESSAGE", code=str(scanner.error.code)).inc()
             self.reply(scanner.error)
             return
         try:

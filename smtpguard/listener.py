@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP
 from . import logs
 from .config import Config
 from .conversation import Conversation, Hangup
-from .metrics import METRICS
+from .metrics import METRICS, reject_reason
 from .pipeline import Pipeline
 from .session import Session
 from .verdict import REPLIES, Action, Reply
@@ -245,10 +245,14 @@ class GuardProtocol(SMTP):
     async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
         """Refuse before the SMTP dialogue; a failed test (PREGREET) has
         logged its own line already, as postscreen does."""
-        counter = _REJECTED.get(reply.code)
-        if counter is None:  # labels() is slow on a bot flood: keep the children
-            counter = _REJECTED[reply.code] = METRICS.connections_rejected.labels(reason=str(reply.code))
-        counter.inc()
+        counters = _REJECTED.get(reply)
+        if counters is None:  # labels() is slow on a bot flood: keep the children
+            counters = _REJECTED[reply] = (
+                METRICS.connections_rejected.labels(reason=reject_reason(reply)),
+                METRICS.rejects.labels(stage="CONNECT", code=str(reply.code)),
+            )
+        for counter in counters:
+            counter.inc()
         if stage == "CONNECT":
             log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
         self.send(f"{reply}\r\n".encode())
@@ -337,7 +341,7 @@ class GuardProtocol(SMTP):
             self.transport.close()
 
 
-_REJECTED: dict[int, Any] = {}
+_REJECTED: dict[Reply, tuple[Any, Any]] = {}
 
 
 def _command_counts(counts: collections.Counter[str]) -> str:

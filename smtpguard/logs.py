@@ -1,16 +1,34 @@
-"""Postfix-style log lines.
+r"""Postfix-style log lines.
 
 Every event is one line with a stable keyword, formatted like Postfix's own
 (``CONNECT from [192.0.2.7]:40123 to [127.0.0.1]:25``, ``NOQUEUE: reject: RCPT
 from unknown[192.0.2.7]:40123: 550 5.7.1 ...; from=<a@b> to=<c@d>
 proto=ESMTP helo=<x>``), so that pflogsumm, fail2ban and admins' grep habits
-keep working.  On stderr each line carries the syslog prefix Postfix writes
-to ``maillog_file`` (``Nov 23 17:04:26 host smtpguard/smtpd[123]: ...``); with
-``output = "syslog"`` the same message goes to the local syslog socket with
-``syslog_name`` as ident.
+keep working.
+
+The program name is built as Postfix builds it: ``syslog_name/service``
+(``postfix/smtpd``, ``postfix-out/smtpd``, ``postfix/submission/smtpd``), from
+``[log] syslog_name`` (default ``postfix``) and ``[log] service_name``
+(default ``smtpd``).  That is what the log consumers key on:
+
+* pflogsumm (1.1.5) counts ``NOQUEUE: reject:`` lines only when the program
+  is ``smtpd`` or ``postscreen`` right after ``postfix/`` (or after
+  ``postfix/smtps/``, ``postfix/submission/``, or after the name given with
+  its ``--syslog-name``).  ``postfix/smtpd`` works unchanged;
+  ``syslog_name = "postfix-smtpguard"`` works with
+  ``pflogsumm --syslog-name=postfix-smtpguard``; ``postfix/smtpguard/smtpd``
+  is *not* counted by pflogsumm (its regex reads the program as
+  ``smtpguard/smtpd``).
+* fail2ban's stock ``postfix`` filter matches programs
+  ``postfix(-\w+)?/\w+(?:/smtp[ds])?``: all of the above.
+
+On stderr each line carries the syslog prefix Postfix writes to
+``maillog_file`` (``Nov 23 17:04:26 host postfix/smtpd[123]: ...``); with
+``output = "syslog"`` the same message goes to the local syslog socket
+(facility mail) with the same program name as ident.
 
 The helpers here only format; :func:`setup` wires the standard ``logging``
-module once at start-up.
+module once at start-up (and again on reload).
 """
 
 from __future__ import annotations
@@ -26,13 +44,16 @@ from .config import LogConfig
 
 log = logging.getLogger("smtpguard")
 
+#: Where ``output = "syslog"`` sends datagrams (the local syslog daemon).
+SYSLOG_SOCKET = "/dev/log"
+
 
 class _PostfixFormatter(logging.Formatter):
     """``Mon DD HH:MM:SS host name[pid]: [level: ]message`` like maillog_file."""
 
-    def __init__(self, syslog_name: str) -> None:
+    def __init__(self, program: str) -> None:
         super().__init__()
-        self._prefix = f"{socket.gethostname().split('.')[0]} {syslog_name}[{os.getpid()}]: "
+        self._prefix = f"{socket.gethostname().split('.')[0]} {program}[{os.getpid()}]: "
         self._second, self._stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -53,6 +74,11 @@ _LEVEL_WORD = {
 }
 
 
+def program(cfg: LogConfig) -> str:
+    """``syslog_name/service_name`` as Postfix names its processes."""
+    return f"{cfg.syslog_name}/{cfg.service_name}" if cfg.service_name else cfg.syslog_name
+
+
 def setup(cfg: LogConfig) -> None:
     """Configure the ``smtpguard`` logger from ``[log]``."""
     # Records need none of these; skipping them is the logging HOWTO's
@@ -65,13 +91,13 @@ def setup(cfg: LogConfig) -> None:
     handler: logging.Handler
     if cfg.output == "syslog":
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
-        handler.ident = f"{cfg.syslog_name}[{os.getpid()}]: "
+        handler.ident = f"{program(cfg)}[{os.getpid()}]: "
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_PostfixFormatter(cfg.syslog_name))
+        handler.setFormatter(_PostfixFormatter(program(cfg)))
     log.handlers[:] = [handler]
     log.setLevel(cfg.level.upper())
     log.propagate = False

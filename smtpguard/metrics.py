@@ -1,50 +1,110 @@
 """Prometheus metrics: one registry, the names written once.
 
 Metric objects live in :data:`METRICS`; the rest of the code increments
-them and never builds names.  Labels are bounded sets (check names, stages,
-reasons) — never a client address.  :func:`serve` starts the HTTP endpoint
-on ``[metrics] listen``.
+them and never builds names.  Naming follows Prometheus conventions:
+counters end in ``_total``, durations are ``_seconds`` histograms, sizes are
+``_bytes``.  Labels are small bounded sets (check names, actions, stages,
+reply codes, configured DNSBL domains) — never a client address, a sender
+or a recipient.
+
+Who increments what:
+
+==========================================  =====================================
+metric                                      incremented by
+==========================================  =====================================
+connections, connections_rejected           listener (core)
+sessions_active                             listener (core)
+rejects                                     conversation / listener (core)
+messages_relayed, bytes_relayed             conversation (core)
+upstream_errors, upstream_*_seconds         conversation (core)
+check_results, screening_verdicts           pipeline (screening checks)
+allowlist_cache                             pipeline (PASS OLD / PASS NEW)
+greylist                                    greylisting
+dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
+store_errors                                state store
+reloads                                     reload (SIGHUP)
+==========================================  =====================================
+
+The HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) is served from
+the asyncio loop by :mod:`smtpguard.health`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from .config import HostPort
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DNS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+#: Label values known in advance, exported at 0 from the start so dashboards
+#: and ``rate()`` see the series before the first event.
+SCREENING_ACTIONS = ("continue", "pass", "defer", "reject", "drop")
+ALLOWLIST_RESULTS = ("pass_old", "pass_new")
+GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
+RELOAD_RESULTS = ("success", "failure")
 
 
 @dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
+    # ---- core: connections and sessions
     connections: Counter
-    connections_rejected: Counter
+    connections_rejected: Counter  # labels: reason
     sessions_active: Gauge
+    rejects: Counter  # labels: stage, code
+    # ---- core: relay
     messages_relayed: Counter
     bytes_relayed: Counter
-    upstream_errors: Counter
+    upstream_errors: Counter  # labels: stage
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
-    check_results: Counter
+    # ---- screening (pipeline / checks)
+    check_results: Counter  # labels: check, outcome (pass, fail, skip)
+    screening_verdicts: Counter  # labels: check, action
+    allowlist_cache: Counter  # labels: result (pass_old, pass_new)
+    # ---- greylisting
+    greylist: Counter  # labels: outcome (new, early, passed, allowlisted)
+    # ---- DNS
+    dnsbl_hits: Counter  # labels: list (the configured DNSBL/DNSWL domain)
+    dns_query_seconds: Histogram  # labels: type (A, AAAA, TXT, PTR, MX)
+    dns_errors: Counter  # labels: type, error (timeout, servfail, ...)
+    # ---- state store
+    store_errors: Counter  # labels: operation
+    # ---- operations
+    reloads: Counter  # labels: result (success, failure)
+    config_last_reload_success: Gauge
+    config_last_reload_timestamp: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
-        return cls(
+        m = cls(
             registry=r,
-            connections=Counter("smtpguard_connections", "Client connections accepted by the listener", registry=r),
+            connections=Counter(
+                "smtpguard_connections", "Client connections accepted by the listener", registry=r,
+            ),
             connections_rejected=Counter(
-                "smtpguard_connections_rejected", "Client connections refused before the banner, by reason",
-                ["reason"], registry=r,
+                "smtpguard_connections_rejected",
+                "Client connections refused before or at the banner, by reason", ["reason"], registry=r,
             ),
             sessions_active=Gauge("smtpguard_sessions_active", "Client sessions in progress", registry=r),
-            messages_relayed=Counter("smtpguard_messages_relayed", "Messages accepted by Postfix", registry=r),
-            bytes_relayed=Counter("smtpguard_relayed_bytes", "Message bytes accepted by Postfix", registry=r),
+            rejects=Counter(
+                "smtpguard_rejects",
+                "Commands refused by smtpguard itself (NOQUEUE: reject lines), by SMTP stage and reply code",
+                ["stage", "code"], registry=r,
+            ),
+            messages_relayed=Counter(
+                "smtpguard_relayed_messages", "Messages relayed and accepted (250) by Postfix", registry=r,
+            ),
+            bytes_relayed=Counter(
+                "smtpguard_relayed_bytes", "Message bytes relayed and accepted by Postfix", registry=r,
+            ),
             upstream_errors=Counter(
-                "smtpguard_upstream_errors", "Upstream (Postfix) connection failures, by stage", ["stage"], registry=r,
+                "smtpguard_upstream_errors", "Upstream (Postfix) connection failures, by stage",
+                ["stage"], registry=r,
             ),
             upstream_connect_seconds=Histogram(
                 "smtpguard_upstream_connect_seconds", "Time to connect, XCLIENT and EHLO to Postfix",
@@ -58,12 +118,96 @@ class Metrics:
                 "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
                 ["check", "outcome"], registry=r,
             ),
+            screening_verdicts=Counter(
+                "smtpguard_screening_verdicts",
+                "Screening check results that decided something, by check and action", ["check", "action"],
+                registry=r,
+            ),
+            allowlist_cache=Counter(
+                "smtpguard_allowlist_cache",
+                "Temporary allowlist: pass_old = cache hit (PASS OLD), pass_new = passed all tests (PASS NEW)",
+                ["result"], registry=r,
+            ),
+            greylist=Counter(
+                "smtpguard_greylist", "Greylisting decisions, by outcome (new, early, passed, allowlisted)",
+                ["outcome"], registry=r,
+            ),
+            dnsbl_hits=Counter(
+                "smtpguard_dnsbl_hits", "DNSBL/DNSWL listings found, by configured list domain", ["list"],
+                registry=r,
+            ),
+            dns_query_seconds=Histogram(
+                "smtpguard_dns_query_seconds", "DNS query latency (cache misses), by record type", ["type"],
+                buckets=_DNS_BUCKETS, registry=r,
+            ),
+            dns_errors=Counter(
+                "smtpguard_dns_errors", "DNS queries that failed, by record type and error", ["type", "error"],
+                registry=r,
+            ),
+            store_errors=Counter(
+                "smtpguard_store_errors", "State store operations that failed, by operation", ["operation"],
+                registry=r,
+            ),
+            reloads=Counter(
+                "smtpguard_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r,
+            ),
+            config_last_reload_success=Gauge(
+                "smtpguard_config_last_reload_successful", "1 if the last configuration reload succeeded",
+                registry=r,
+            ),
+            config_last_reload_timestamp=Gauge(
+                "smtpguard_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load", registry=r,
+            ),
         )
+        _init_labels(m.allowlist_cache, "result", ALLOWLIST_RESULTS)
+        _init_labels(m.greylist, "outcome", GREYLIST_OUTCOMES)
+        _init_labels(m.reloads, "result", RELOAD_RESULTS)
+        m.config_last_reload_success.set(1)
+        m.config_last_reload_timestamp.set_to_current_time()
+        return m
+
+    def init_checks(self, checks: Iterable[str]) -> None:
+        """Export ``screening_verdicts`` at 0 for every action of *checks*."""
+        for check in checks:
+            for action in SCREENING_ACTIONS:
+                self.screening_verdicts.labels(check=check, action=action)
+
+    def init_dnsbl_lists(self, lists: Iterable[str]) -> None:
+        """Export ``dnsbl_hits`` at 0 for each configured list domain."""
+        for name in lists:
+            self.dnsbl_hits.labels(list=name)
+
+    def exposition(self) -> bytes:
+        """The text exposition format (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+
+def _init_labels(counter: Counter, label: str, values: Iterable[str]) -> None:
+    for v in values:
+        counter.labels(**{label: v})
 
 
 METRICS = Metrics.create()
 
 
-def serve(listen: HostPort) -> None:
-    """Start the /metrics HTTP endpoint in a background thread."""
-    start_http_server(listen.port, addr=listen.host, registry=METRICS.registry)
+def reject_reason(reply: object) -> str:
+    """A bounded ``reason`` label for a refused connection: the name of the
+    fixed reply in :data:`~smtpguard.verdict.REPLIES` (``busy``), else the
+    reply code (``521``).  Never derived from client data.  O(1): safe to
+    call on every refusal of a bot flood."""
+    global _REPLY_NAMES
+    if _REPLY_NAMES is None:
+        from .verdict import REPLIES
+
+        _REPLY_NAMES = {reply: name for name, reply in REPLIES.items()}
+    code = getattr(reply, "code", None)
+    if code is None:
+        return "unknown"
+    try:
+        return _REPLY_NAMES.get(reply, str(code))
+    except TypeError:  # not hashable
+        return str(code)
+
+
+_REPLY_NAMES: dict[object, str] | None = None

@@ -69,7 +69,7 @@ from .config import Config
 from .metrics import METRICS
 from .session import Session
 from .store import MemoryStore, Store
-from .tables import Table, TableError, open_access_table
+from .tables import Table, open_access_table
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
 
 log = logging.getLogger("smtpguard")
@@ -98,24 +98,6 @@ class Pipeline:
         self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
         self._counters: dict[tuple[str, Outcome], Any] = {}
-
-    # ------------------------------------------------------------ tables
-
-    def reload_tables(self) -> list[str]:
-        """Re-read every table (SIGHUP); a table that fails to load keeps its
-        old contents.  Returns the errors (already logged)."""
-        errors = []
-        for table in self.tables.values():
-            if table is None:
-                continue
-            try:
-                table.reload()
-            except TableError as exc:
-                log.error("table %s not reloaded, keeping the previous contents: %s", table.spec, exc)
-                errors.append(str(exc))
-        loaded = sum(t is not None for t in self.tables.values())
-        log.info("reload: %d table(s) read, %d error(s)", loaded - len(errors), len(errors))
-        return errors
 
     # ------------------------------------------------------------ connect
 
@@ -150,6 +132,7 @@ class Pipeline:
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
                 log.info("PASS OLD %s", peer)
+                METRICS.allowlist_cache.labels(result="pass_old").inc()
         return CONTINUE
 
     def greet_wait(self, s: Session) -> float:
@@ -282,6 +265,7 @@ class Pipeline:
         try:
             return await self.store.get_cache(ip)
         except Exception as exc:
+            METRICS.store_errors.labels(operation="cache_get").inc()
             log.warning("state store: allowlist cache lookup for %s failed, running all tests: %s", ip, exc)
             return {}
 
@@ -289,18 +273,21 @@ class Pipeline:
         try:
             await self.store.put_cache(ip, {test: expiry})
         except Exception as exc:
+            METRICS.store_errors.labels(operation="cache_put").inc()
             log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
 
     async def _hit_rate(self, key: str, window: float) -> int:
         try:
             return await self.store.hit_rate(key, window)
         except Exception as exc:
+            METRICS.store_errors.labels(operation="rate").inc()
             log.warning("state store: connection rate for %s unknown, not limited: %s", key, exc)
             return 0
 
     def _pass_new(self, s: Session) -> None:
         if not s.todo and not s.failed:
             log.info("PASS NEW %s", s.peer)
+            METRICS.allowlist_cache.labels(result="pass_new").inc()
 
     def _decide(self, s: Session, found: Result, phase: str) -> Verdict:
         """Record *found* and turn its verdict into what happens now."""
@@ -327,6 +314,7 @@ class Pipeline:
             self._warn(s, found, phase)
             return
         s.results.append(found)
+        METRICS.screening_verdicts.labels(check=found.check, action=found.verdict.action.value).inc()
         if found.check in _OWN_LINE:
             log.info("%s", found.reason)
         elif found.check in _WARNING_LINE:

@@ -1,10 +1,10 @@
 """Postfix lookup tables and access(5) semantics, so admins reuse their files.
 
 How it works.  :func:`open_table` takes a table spec as written in main.cf
-and reads the *source text* of the table once; :meth:`Table.reload` reads it
-again and swaps the contents only if the new text parses, so a bad edit
-leaves the old table in force (the :class:`TableError` is raised for the
-caller to log).  Nothing else here does I/O.
+and reads the *source text* of the table once, when the configuration is
+loaded (a bad line is a :class:`TableError` naming file and line).  SIGHUP
+loads a whole new configuration, tables included, and keeps the running one
+if anything in it is bad (:mod:`smtpguard.reload`).  Nothing else here does I/O.
 
 Table types (``type:path``):
 
@@ -417,21 +417,17 @@ def _parse_inline(spec: str, body: str, validate: Validator | None) -> _Exact:
 # ---------------------------------------------------------------- tables
 
 class Table:
-    """An opened lookup table: :meth:`lookup` and :meth:`reload`."""
+    """An opened lookup table.  Tables are read when the configuration is
+    loaded; SIGHUP builds a new configuration and so re-reads them all."""
 
     def __init__(self, spec: str, fixed: bool, load: Callable[[], _Contents]) -> None:
         self.spec = spec  # as written in the configuration
         self.fixed = fixed  # exact-key table: partial access(5) keys apply
-        self._load = load
         self._contents = load()
 
     def lookup(self, key: str) -> str | None:
         """The raw result for *key* (regexp substitutions done), or None."""
         return self._contents.lookup(key)
-
-    def reload(self) -> None:
-        """Re-read the source; on error keep the old contents and raise."""
-        self._contents = self._load()
 
     def __repr__(self) -> str:
         return f"Table({self.spec!r})"

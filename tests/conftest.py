@@ -59,6 +59,9 @@ LAB_MARKERS: dict[str, str] = {
     "postfix": "needs a private Postfix instance (postfix binaries, root)",
     "redis": "needs a private redis-server",
     "dns": "needs a private dnsmasq DNS server",
+    "prometheus": "needs prometheus and promtool (Debian package prometheus)",
+    "pflogsumm": "needs pflogsumm (Debian package pflogsumm)",
+    "fail2ban": "needs fail2ban-regex (Debian package fail2ban)",
 }
 
 #: fixture name -> marker it implies

@@ -293,6 +293,9 @@ REQUIRED_BINARIES: dict[str, tuple[str, ...]] = {
     "postfix": ("postfix", "postconf", "postsuper"),
     "redis": ("redis-server",),
     "dns": ("dnsmasq",),
+    "prometheus": ("prometheus", "promtool"),
+    "pflogsumm": ("pflogsumm",),
+    "fail2ban": ("fail2ban-regex",),
 }
 
 

@@ -10,6 +10,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v swaks >/dev/null || need+=(swaks)
 command -v pflogsumm >/dev/null || need+=(pflogsumm)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v fail2ban-regex >/dev/null || need+=(fail2ban)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "tests/sysdeps.sh: not root; tests needing ${need[*]} will be skipped" >&2
@@ -21,3 +24,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The system Postfix is not wanted: the tests start private instances.
 if command -v systemctl >/dev/null && systemctl is-active -q postfix 2>/dev/null; then systemctl stop postfix || true; fi
+# Nor the system Prometheus and fail2ban daemons: tests run their own / only fail2ban-regex.
+for unit in prometheus fail2ban; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$unit" 2>/dev/null; then systemctl stop "$unit" || true; fi
+done

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
+from ..metrics import METRICS
 from ..store import ClientNet, Store, StoreError, Triplet
 from ..verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
 
@@ -527,6 +528,7 @@ async def check_greylist(
         return Result(CHECK, Outcome.SKIP, f"no client IP address ({client_ip!r})")
     why = allowlisted(cfg, ip, client_name, recipient)
     if why:
+        METRICS.greylist.labels(outcome="allowlisted").inc()
         return Result(CHECK, Outcome.PASS, why)
     network = client_network(ip, cfg.ipv4_mask, cfg.ipv6_mask)
     key = triplet_key(network, sender, recipient)
@@ -538,6 +540,7 @@ async def check_greylist(
         if auto_allowlisted(client, cfg):
             if counted := count_client(client, now, cfg):
                 await store.put_client(network, counted)
+            METRICS.greylist.labels(outcome="allowlisted").inc()
             return Result(CHECK, Outcome.PASS, "client auto-allowlisted")
         decision = decide(entry, now, cfg)
         if decision.entry is not None:
@@ -546,11 +549,18 @@ async def check_greylist(
         if passed and (counted := count_client(client, now, cfg)):
             await store.put_client(network, counted)
     except StoreError as exc:
+        METRICS.store_errors.labels(operation="greylist").inc()
         return _store_failed(cfg, recipient, exc)
+    METRICS.greylist.labels(outcome=_METRIC_OUTCOME[decision.state]).inc()
     if decision.state.deferred:
         reply = greylist_reply(cfg, recipient, decision.wait)
         return Result(CHECK, Outcome.FAIL, decision.reason, verdict_for(cfg.action, reply))
     return Result(CHECK, Outcome.PASS, decision.reason)
+
+
+# smtpguard_greylist_total{outcome}: the four outcomes admins chart.
+_METRIC_OUTCOME = {State.NEW: "new", State.TOO_LATE: "new", State.EXPIRED: "new", State.EARLY: "early",
+                   State.PASSED: "passed", State.KNOWN: "passed"}
 
 
 def _store_failed(cfg: GreylistConfig, recipient: str, exc: StoreError) -> Result:

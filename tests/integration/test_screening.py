@@ -410,15 +410,15 @@ def test_client_sender_recipient_tables_and_sighup_reload(backend: PrivatePostfi
     g.mark()
     assert g.proc is not None
     g.proc.send_signal(signal.SIGHUP)
-    g.wait_for_log(r"reload: 3 table\(s\) read, 0 error\(s\)")
+    g.wait_for_log(r"reload: configuration \S+ loaded \(generation 2")
     c = RawClient(g.port, source="127.0.0.55")
     c.reply()
     assert deliver(c)[-1] == "554 5.7.1 <unknown[127.0.0.55]>: Client host rejected: changed my mind\r\n"
-    # ... and a broken edit is refused, naming file and line, the old contents stay.
+    # ... and a broken edit refuses the reload, naming file and line; the old tables stay.
     clients.write_text("127.0.0.56 REJECT\nnot-a-network REJECT\n")
     g.proc.send_signal(signal.SIGHUP)
-    g.wait_for_log(rf"error: table cidr:{clients} not reloaded, keeping the previous contents: "
-                   rf"{clients}, line 2: ")
+    g.wait_for_log(rf"error: reload: configuration \S+ refused, the running configuration stays: "
+                   rf".*{clients}, line 2: ")
     c = RawClient(g.port, source="127.0.0.56")
     c.reply()
     assert deliver(c)[-1].startswith("250 2.0.0")

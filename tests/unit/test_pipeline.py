@@ -226,24 +226,6 @@ async def test_helo_ignore_logs_reject_warning(caplog: pytest.LogCaptureFixture)
 
 # ---------------------------------------------------------------- tables, store
 
-async def test_reload_keeps_old_table_on_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    table = tmp_path / "clients"
-    table.write_text("192.0.2.7 REJECT\n")
-    p, _, _ = make({"access": {"client_table": f"cidr:{table}"}})
-    table.write_text("192.0.2.7 REJECT\nbogus line\n")
-    errors = p.reload_tables()
-    assert len(errors) == 1 and errors[0].startswith(f"{table}, line 2: ")
-    assert f"table cidr:{table} not reloaded, keeping the previous contents" in caplog.text
-    s = session()
-    await p.on_connect(s, 1, 1)
-    assert "connect" in s.delayed  # the old contents still reject
-    table.write_text("192.0.2.7 OK\n")
-    assert p.reload_tables() == []
-    s = session()
-    await p.on_connect(s, 1, 1)
-    assert s.allowlisted
-
-
 def test_default_config_builds_a_pipeline() -> None:
     p = Pipeline(Config())
     assert all(t is None for t in p.tables.values())

@@ -1,4 +1,4 @@
-"""Postfix lookup tables: formats, access(5) lookup order, actions, replies, errors, reload."""
+"""Postfix lookup tables: formats, access(5) lookup order, actions, replies, errors."""
 
 from __future__ import annotations
 
@@ -271,41 +271,6 @@ def test_check_access_spec(tmp_path: Path) -> None:
     path = write(tmp_path, "friend HOLD\n", "bad")
     with pytest.raises(ConfigError, match=re.escape(f'access_table: {path}, line 1: unsupported access action')):
         check_access_spec("access_table", f"hash:{path}")
-
-
-# ---------------------------------------------------------------- reload
-
-@pytest.mark.parametrize(
-    ("kind", "good", "bad", "newer"),
-    [
-        ("hash", "friend REJECT\n", "friend\n", "friend OK\n"),
-        ("regexp", "/^friend$/ REJECT\n", "/^friend( REJECT\n", "/^friend$/ OK\n"),
-        ("cidr", "0.0.0.0/0 REJECT\n", "0.0.0.1/0 REJECT\n", "0.0.0.0/0 OK\n"),
-    ],
-)
-def test_reload_keeps_old_contents_on_error(tmp_path: Path, kind: str, good: str, bad: str, newer: str) -> None:
-    path = tmp_path / "table"
-    path.write_text(good)
-    table = open_table(f"{kind}:{path}")
-    key = "0.0.0.1" if kind == "cidr" else "friend"
-    assert table.lookup(key) == "REJECT"
-    path.write_text(bad)
-    with pytest.raises(TableError, match=re.escape(f"{path}, line 1:")):
-        table.reload()
-    assert table.lookup(key) == "REJECT"
-    path.unlink()
-    with pytest.raises(TableError, match="No such file"):
-        table.reload()
-    assert table.lookup(key) == "REJECT"
-    path.write_text(newer)
-    table.reload()
-    assert table.lookup(key) == "OK"
-
-
-def test_reload_inline_is_a_no_op() -> None:
-    table = open_table("inline:{a=b}")
-    table.reload()
-    assert table.lookup("a") == "b"
 
 
 # ---------------------------------------------------------------- access(5) lookup order

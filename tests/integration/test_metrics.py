@@ -1,0 +1,214 @@
+"""Operations endpoint: exact metric counts after scripted sessions, promtool,
+a real Prometheus scraping a test instance, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.guard import Guard, RawClient
+from tests.integration.ops import PrivatePrometheus, Samples, http_get, scrape, value
+from tests.lab import PrivatePostfix, free_port, wait_until, which
+
+pytestmark = pytest.mark.postfix
+
+
+def send_message(c: RawClient, body: bytes, rcpt: str = "bob@example.test") -> str:
+    assert c.cmd("MAIL FROM:<alice@sender.test>").startswith("250")
+    assert c.cmd(f"RCPT TO:<{rcpt}>").startswith("250")
+    assert c.cmd("DATA").startswith("354")
+    c.send(body + b".\r\n")
+    return c.reply()
+
+
+def session(port: int, source: str) -> RawClient:
+    c = RawClient(port, source=source)
+    banner = c.reply()  # "220 ..." or, with the pregreet test, "220-...\r\n220 ..."
+    assert banner.splitlines()[-1].startswith("220 "), banner
+    assert c.cmd("EHLO client.example").startswith("250-")
+    return c
+
+
+def wait_metric(port: int, name: str, expected: float, **labels: str) -> Samples:
+    def ok() -> Samples | None:
+        s = scrape(port)
+        return s if value(s, name, **labels) == expected else None
+
+    try:
+        return wait_until(ok, timeout=10, what=f"{name}{labels} == {expected}")
+    except Exception:
+        raise AssertionError(f"{name}{labels} = {value(scrape(port), name, **labels)}, expected {expected}") from None
+
+
+BODY1 = b"Subject: m1\r\n\r\nhello\r\n"
+BODY2 = b"Subject: m2\r\n\r\nsecond message\r\n..dot stuffed\r\n"
+BODY3 = b"Subject: m3\r\n\r\nthird\r\n"
+
+
+def scripted_sessions(backend: PrivatePostfix, g: Guard) -> None:
+    """5 sessions + 1 refused connection; see test_metrics_exact_counts."""
+    # 1: one message relayed
+    c = session(g.port, "127.0.0.11")
+    assert send_message(c, BODY1).startswith("250 2.0.0 Ok: queued as ")
+    c.cmd("QUIT")
+    c.close()
+    # 2: two messages in one session
+    c = session(g.port, "127.0.0.12")
+    assert send_message(c, BODY2).startswith("250 ")
+    assert send_message(c, BODY3).startswith("250 ")
+    c.cmd("QUIT")
+    c.close()
+    # 3: Postfix refuses the recipient (relayed verbatim; not smtpguard's reject)
+    c = session(g.port, "127.0.0.13")
+    c.cmd("MAIL FROM:<a@sender.test>")
+    assert c.cmd("RCPT TO:<x@elsewhere.invalid>").startswith("454 4.7.1")
+    c.cmd("QUIT")
+    c.close()
+    # 4: bare LF in the body: smtpguard's own END-OF-MESSAGE reject
+    c = session(g.port, "127.0.0.14")
+    reply = send_message(c, b"Subject: bare\r\n\r\nbad\nline\r\n")
+    assert reply.startswith("550 5.5.2"), reply
+    c.cmd("QUIT")
+    c.close()
+    # 5: held open while a 6th connection is refused (max_connections = 1)
+    c = session(g.port, "127.0.0.15")
+    wait_metric(g.metrics_port, "smtpguard_sessions_active", 1)
+    busy = RawClient(g.port, source="127.0.0.16")
+    assert busy.reply().startswith("421 4.3.2 All server ports are busy")
+    assert busy.closed()
+    busy.close()
+    c.cmd("QUIT")
+    c.close()
+    backend.wait_for_messages(3)
+
+
+def test_metrics_exact_counts(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, "[server]\nmax_connections = 1\n")
+    before = scrape(g.metrics_port)
+    assert value(before, "smtpguard_connections_total") == 0
+    # Known label sets are exported at 0 from the start.
+    for outcome in ("new", "early", "passed", "allowlisted"):
+        assert ("smtpguard_greylist_total", frozenset({("outcome", outcome)})) in before
+    scripted_sessions(backend, g)
+    s = wait_metric(g.metrics_port, "smtpguard_sessions_active", 0)
+    assert value(s, "smtpguard_connections_total") == 6
+    assert value(s, "smtpguard_connections_rejected_total", reason="busy") == 1
+    assert value(s, "smtpguard_rejects_total", stage="CONNECT", code="421") == 1
+    assert value(s, "smtpguard_rejects_total", stage="END-OF-MESSAGE", code="550") == 1
+    assert sum(v for (n, _), v in s.items() if n == "smtpguard_rejects_total") == 2
+    assert value(s, "smtpguard_relayed_messages_total") == 3
+    assert value(s, "smtpguard_relayed_bytes_total") == len(BODY1) + len(BODY2) + len(BODY3)
+    # sessions 1-4 opened an upstream connection; session 5 sent no RCPT
+    assert value(s, "smtpguard_upstream_connect_seconds_count") == 4
+    assert value(s, "smtpguard_upstream_data_seconds_count") == 3
+    assert value(s, "smtpguard_upstream_connect_seconds_sum") > 0
+    assert not [k for k in s if k[0] == "smtpguard_upstream_errors_total"]
+    # No label anywhere carries a client address.
+    assert not any("127.0.0." in v for (_, labels) in s for _, v in labels)
+
+
+def test_upstream_down_counts_errors_and_is_not_ready(make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(free_port())  # nothing listens there
+    status, body = http_get(g.metrics_port, "/readyz")
+    assert status == 503
+    assert "upstream failed:" in body and "Connection refused" in body, body
+    assert "store ok" in body
+    assert http_get(g.metrics_port, "/healthz") == (200, "ok\n")
+    c = session(g.port, "127.0.0.21")
+    c.cmd("MAIL FROM:<a@sender.test>")
+    assert c.cmd("RCPT TO:<bob@example.test>").startswith("451 4.4.1")
+    c.cmd("QUIT")
+    s = scrape(g.metrics_port)
+    assert value(s, "smtpguard_upstream_errors_total", stage="RCPT") == 1
+    assert value(s, "smtpguard_relayed_messages_total") == 0
+
+
+def test_readyz_follows_postfix(backend: PrivatePostfix, guard: Guard) -> None:
+    assert http_get(guard.metrics_port, "/healthz") == (200, "ok\n")
+    status, body = http_get(guard.metrics_port, "/readyz")
+    assert (status, body) == (200, "upstream ok\nstore ok\n")
+    backend.stop()
+
+    def not_ready() -> bool:
+        return http_get(guard.metrics_port, "/readyz")[0] == 503
+
+    wait_until(not_ready, timeout=10, what="/readyz to turn 503")
+    status, body = http_get(guard.metrics_port, "/readyz")
+    assert "upstream failed:" in body, body
+    assert http_get(guard.metrics_port, "/healthz")[0] == 200  # alive, just not ready
+    guard.wait_for_log(r"warning: readiness: NOT ready -- upstream failed")
+    backend.start()
+    wait_until(lambda: http_get(guard.metrics_port, "/readyz")[0] == 200, timeout=10, what="/readyz 200 again")
+    guard.wait_for_log(r"readiness: ready -- upstream ok; store ok")
+
+
+def test_http_endpoint_edges(guard: Guard) -> None:
+    assert http_get(guard.metrics_port, "/nope")[0] == 404
+    status, body = http_get(guard.metrics_port, "/metrics?x=1")
+    assert status == 200 and "smtpguard_sessions_active" in body
+
+
+@pytest.mark.prometheus
+def test_promtool_check_metrics(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, "[server]\nmax_connections = 1\n")
+    scripted_sessions(backend, g)
+    status, exposition = http_get(g.metrics_port, "/metrics")
+    assert status == 200
+    promtool = which("promtool")
+    assert promtool is not None
+    r = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (r.stdout, r.stderr)
+
+
+@pytest.mark.prometheus
+def test_prometheus_scrapes_smtpguard(backend: PrivatePostfix, guard: Guard, tmp_path: Path) -> None:
+    prom = PrivatePrometheus(tmp_path, [f"127.0.0.1:{guard.metrics_port}"]).start()
+    try:
+        c = session(guard.port, "127.0.0.31")
+        assert send_message(c, BODY1).startswith("250 ")
+        c.cmd("QUIT")
+        c.close()
+
+        def scraped(expr: str, expected: str) -> bool:
+            result = prom.query(expr)
+            return bool(result) and result[0]["value"][1] == expected
+
+        wait_until(lambda: scraped('up{job="smtpguard"}', "1"), timeout=60, what="prometheus to scrape smtpguard",
+                   interval=0.5, on_timeout=prom.log)
+        wait_until(lambda: scraped("smtpguard_relayed_messages_total", "1"), timeout=30, interval=0.5,
+                   what="smtpguard_relayed_messages_total == 1 in prometheus")
+        wait_until(lambda: scraped("smtpguard_connections_total", "1"), timeout=30, interval=0.5,
+                   what="smtpguard_connections_total == 1 in prometheus")
+        assert scraped(f'smtpguard_relayed_bytes_total{{instance="127.0.0.1:{guard.metrics_port}"}}',
+                       str(len(BODY1)))
+    finally:
+        prom.stop()
+
+
+def test_readyz_not_ready_while_shutting_down(backend: PrivatePostfix, guard: Guard) -> None:
+    """SIGTERM with a transaction in progress: the process drains the
+    session and meanwhile tells load balancers it is not ready."""
+    c = session(guard.port, "127.0.0.61")
+    assert c.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+    assert c.cmd("RCPT TO:<bob@example.test>").startswith("250")
+    assert http_get(guard.metrics_port, "/readyz")[0] == 200
+    assert guard.proc is not None
+    guard.proc.send_signal(signal.SIGTERM)
+    guard.wait_for_log(r"shutting down: no new connections, 1 session\(s\) to finish")
+
+    def draining() -> bool:
+        status, body = http_get(guard.metrics_port, "/readyz")
+        return status == 503 and "listener failed: not accepting connections" in body
+
+    wait_until(draining, timeout=10, what="/readyz 503 while draining")
+    assert http_get(guard.metrics_port, "/healthz")[0] == 200
+    assert c.cmd("DATA").startswith("354")
+    c.send(b"Subject: during shutdown\r\n\r\nbody\r\n.\r\n")
+    assert c.reply().startswith("250 2.0.0 Ok: queued as ")
+    assert guard.proc.wait(30) == 0
+    backend.wait_for_messages(1)

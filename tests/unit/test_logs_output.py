@@ -1,0 +1,62 @@
+"""``[log] output``: Postfix's maillog_file format on stderr, or syslog
+datagrams (facility mail) with ``syslog_name/service_name[pid]`` as ident."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smtpguard import logs
+from smtpguard.config import LogConfig
+
+
+@pytest.fixture
+def restore_logger() -> Iterator[None]:
+    saved = logs.log.handlers[:], logs.log.level, logs.log.propagate
+    yield
+    for h in logs.log.handlers:
+        if h not in saved[0]:
+            h.close()
+    logs.log.handlers[:] = saved[0]
+    logs.log.setLevel(saved[1])
+    logs.log.propagate = saved[2]
+
+
+def test_stderr_format(restore_logger: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup(LogConfig(syslog_name="postfix-smtpguard"))
+    logs.log.handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+    logs.log.info("CONNECT from [192.0.2.7]:40123 to [192.0.2.1]:25")
+    logs.log.warning("something odd")
+    err = capsys.readouterr().err.splitlines()
+    pid = os.getpid()
+    assert re.fullmatch(rf"\w{{3}} [ \d]\d \d\d:\d\d:\d\d \S+ postfix-smtpguard/smtpd\[{pid}\]: "
+                        r"CONNECT from \[192\.0\.2\.7\]:40123 to \[192\.0\.2\.1\]:25", err[0]), err
+    assert err[1].endswith(f"postfix-smtpguard/smtpd[{pid}]: warning: something odd")
+
+
+def test_program_without_service_name() -> None:
+    assert logs.program(LogConfig(syslog_name="postfix/smtpguard", service_name="")) == "postfix/smtpguard"
+    assert logs.program(LogConfig()) == "postfix/smtpd"
+
+
+def test_syslog_output(restore_logger: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", path)
+    try:
+        logs.setup(LogConfig(output="syslog"))
+        logs.log.info("NOQUEUE: reject: RCPT from unknown[192.0.2.7]:1: 554 5.7.1 x; proto=ESMTP")
+        datagram = server.recv(4096).decode()
+    finally:
+        server.close()
+    # <22> = facility mail (2) * 8 + severity info (6)
+    assert datagram.rstrip("\x00") == (f"<22>postfix/smtpd[{os.getpid()}]: "
+                                       "NOQUEUE: reject: RCPT from unknown[192.0.2.7]:1: 554 5.7.1 x; proto=ESMTP")

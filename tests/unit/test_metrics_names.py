@@ -1,0 +1,51 @@
+"""Metric naming conventions and bounded labels, checked on the registry."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpguard.metrics import METRICS, Metrics, reject_reason
+from smtpguard.verdict import REPLIES, Reply
+
+FORBIDDEN_LABELS = {"ip", "client", "client_ip", "address", "addr", "sender", "recipient", "rcpt", "helo", "host"}
+
+
+def test_names_follow_prometheus_conventions() -> None:
+    m = Metrics.create()
+    for family in m.registry.collect():
+        assert family.name.startswith("smtpguard_"), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        assert family.documentation, family.name
+    text = m.exposition().decode()
+    counters = [f for f in text_string_to_metric_families(text) if f.type == "counter"]
+    assert counters and all(s.name.endswith(("_total", "_created")) for f in counters for s in f.samples)
+
+
+def test_labels_are_bounded() -> None:
+    for name in Metrics.__dataclass_fields__:
+        obj = getattr(METRICS, name)
+        labels = set(getattr(obj, "_labelnames", ()))
+        assert not labels & FORBIDDEN_LABELS, (name, labels)
+
+
+def test_known_label_values_start_at_zero() -> None:
+    m = Metrics.create()
+    text = m.exposition().decode()
+    for line in ('smtpguard_greylist_total{outcome="new"} 0.0',
+                 'smtpguard_allowlist_cache_total{result="pass_old"} 0.0',
+                 'smtpguard_config_reloads_total{result="failure"} 0.0',
+                 "smtpguard_config_last_reload_successful 1.0"):
+        assert line in text
+    m.init_checks(["pregreet"])
+    m.init_dnsbl_lists(["zen.test"])
+    text = m.exposition().decode()
+    assert 'smtpguard_screening_verdicts_total{action="drop",check="pregreet"} 0.0' in text
+    assert 'smtpguard_dnsbl_hits_total{list="zen.test"} 0.0' in text
+
+
+def test_reject_reason() -> None:
+    assert reject_reason(REPLIES["busy"]) == "busy"
+    assert reject_reason(Reply(421, "4.3.2", "All server ports are busy")) == "busy"
+    assert reject_reason(Reply(550, "5.7.1", "Service unavailable; client [192.0.2.1] blocked")) == "550"
+    assert reject_reason(None) == "unknown"

@@ -33,8 +33,9 @@ lint: venv
 
 ## Performance figures (printed, never asserted).
 bench: venv sysdeps
-	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/screen.py
+	$(BIN)/python bench/greylist.py --backend sqlite --backend redis
 
 ## The project and its dependencies as wheels in build/wheels, for the container image
 ## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import random
 import statistics
@@ -109,12 +110,20 @@ def main() -> None:
     parser.add_argument("--triplets", type=int, default=1_000_000)
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=8, help="decisions in flight at once (default 8)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-url", help="default: a private redis-server on a free loopback port, "
+                                            "started and stopped by this script")
     parser.add_argument("--db", help="SQLite file (default: in a new temporary directory)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="smtpguard-bench-") as tmp:
-        urls = {"sqlite": f"sqlite:///{Path(args.db or Path(tmp) / 'bench.db').resolve()}", "redis": args.redis_url}
-        for backend in args.backend or ["sqlite"]:
+    backends = args.backend or ["sqlite"]
+    with tempfile.TemporaryDirectory(prefix="smtpguard-bench-") as tmp, contextlib.ExitStack() as stack:
+        redis_url = args.redis_url
+        if "redis" in backends and not redis_url:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.lab import RedisServer
+
+            redis_url = stack.enter_context(RedisServer()).url
+        urls = {"sqlite": f"sqlite:///{Path(args.db or Path(tmp) / 'bench.db').resolve()}", "redis": redis_url}
+        for backend in backends:
             print(asyncio.run(bench(backend, urls[backend], args)), flush=True)
 
 

@@ -1,9 +1,9 @@
 """Command line: ``smtpguard serve|check-config -c FILE``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`); SIGHUP reloads the access tables.  ``check-config`` validates a file and
-prints a one-line summary, or the error naming the key, with exit status 1.
-Without ``-c`` the embedded defaults are used.
+:class:`smtpguard.listener.Server`); SIGHUP reloads the access tables and the
+TLS certificate.  ``check-config`` validates a file and prints a one-line
+summary, or the error naming the key, with exit status 1.  Without ``-c`` the embedded defaults are used.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def _load(path: str | None) -> Config:
 def summary(cfg: Config) -> str:
     listen = ", ".join(str(hp) for hp in cfg.server.listen)
     metrics_at = str(cfg.metrics.listen) if cfg.metrics.listen else "off"
+    starttls = f"STARTTLS {cfg.tls.security_level}" if cfg.tls.enabled else "STARTTLS off"
+    proxy = "; PROXY protocol" if cfg.server.proxy_protocol else ""
     return (f"listen {listen}; upstream {cfg.upstream.address}; state {cfg.state.url}; "
-            f"metrics {metrics_at}; hostname {cfg.server.hostname}")
+            f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
 
 
 async def serve(cfg: Config) -> None:
@@ -42,9 +44,11 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # SIGHUP: re-read the access tables; a table with an error keeps its
-    # previous contents and the error (file, line) is logged.
-    loop.add_signal_handler(signal.SIGHUP, pipeline.reload_tables)
+    # SIGHUP: re-read the access tables and the TLS certificate; a table or
+    # certificate with an error keeps its previous contents and the error is
+    # logged.  MERGE POINT (ops branch, smtpguard/reload.py): the config reload
+    # that builds a new Pipeline also sets server.cfg and calls server.reload_tls().
+    loop.add_signal_handler(signal.SIGHUP, lambda: (pipeline.reload_tables(), server.reload_tls()))
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))

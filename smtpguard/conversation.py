@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Protocol
 
-from . import logs
+from . import logs, tls
 from .checks.errors import error_delay
 from .config import Config
 from .data import DataScanner
@@ -48,6 +48,14 @@ class ClientIO(Protocol):
     def unread(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+    @property
+    def tls_available(self) -> bool:
+        """STARTTLS can be offered now (a certificate, not yet encrypted)."""
+
+    async def start_tls(self) -> str | None:
+        """Discard pipelined input, do the handshake; the TLS description
+        for the log, or None when the handshake failed."""
 
 
 class Hangup(Exception):
@@ -172,6 +180,8 @@ class Conversation:
         lines = [server.hostname, "PIPELINING", f"SIZE {server.message_size_limit}"]
         if not server.disable_vrfy_command:
             lines.append("VRFY")
+        if self.io.tls_available:
+            lines.append("STARTTLS")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         self._send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
         self.session.advertised = True  # from now on the client may pipeline
@@ -183,8 +193,34 @@ class Conversation:
         self.session.esmtp = esmtp
         self.session.advertised = False
 
+    async def starttls(self, arg: str | None) -> None:
+        s = self.session
+        if arg is not None:
+            self.reply(tls.STARTTLS_SYNTAX)
+            return
+        if s.tls is not None:
+            self.reply(tls.ALREADY_ACTIVE)
+            return
+        if not self.io.tls_available:
+            self.reply(tls.NOT_AVAILABLE)
+            return
+        if s.in_transaction:
+            self.reply(tls.IN_TRANSACTION)
+            return
+        self.reply(tls.READY)
+        description = await self.io.start_tls()
+        if description is None:
+            raise Hangup
+        # RFC 3207 4.2: forget what the client said before; it must EHLO again.
+        self.upstream.quit()  # its XCLIENT HELO= is stale; the next RCPT reconnects
+        s.helo, s.esmtp, s.advertised, s.tls = None, False, False, description
+        log.info("Anonymous TLS connection established from %s: %s", s.who, description)
+
     async def mail(self, arg: str | None) -> None:
         s = self.session
+        if self.cfg.tls.security_level == "encrypt" and s.tls is None:
+            self.reply(tls.STARTTLS_FIRST)
+            return
         if s.in_transaction:
             self.reply(REPLIES["nested_mail"])
             return
@@ -350,7 +386,8 @@ class Conversation:
 
 
 # Command verb -> method; a class-level table, so no per-session dict of bound methods.
-_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY")}
+_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
+                                                   "STARTTLS")}
 
 
 def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:

@@ -23,14 +23,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
+from aiosmtpd.proxy_protocol import AF, get_proxy
 from aiosmtpd.smtp import SMTP
 
-from . import logs
-from .config import Config
+from . import logs, tls
+from .checks.limits import client_key
+from .config import Config, ConfigError
 from .conversation import Conversation, Hangup
+from .dns import client_ip
 from .metrics import METRICS
 from .pipeline import Pipeline
 from .session import Session
@@ -72,9 +76,10 @@ class GuardProtocol(SMTP):
         self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
         self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
-        self._ip: str | None = None  # counted in server.per_ip
+        self._ip: str | None = None  # the client's key in server.per_ip (limits.client_key)
         self._first_data: float | None = None  # loop time of the client's first byte
         self._greet_waiter: asyncio.Future[None] | None = None
+        self._encrypted = False  # STARTTLS done
 
     # ------------------------------------------------------------ ClientIO
 
@@ -94,6 +99,37 @@ class GuardProtocol(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    @property
+    def tls_available(self) -> bool:
+        return self.server.tls_context is not None and not self._encrypted
+
+    async def start_tls(self) -> str | None:
+        """After ``220 Ready to start TLS``: discard the input pipelined
+        behind STARTTLS (RFC 3207 section 4.2; CVE-2011-0411), then the
+        server-side handshake on the same connection.  Returns the
+        connection's description for the log, None when the handshake failed
+        (the connection is closed then)."""
+        assert self.transport is not None and self.server.tls_context is not None
+        await self._writer.drain()
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # no await until reading is paused
+        plain = cast(asyncio.Transport, self.transport)
+        try:
+            async with asyncio.timeout(self._timeout_duration):
+                transport = await self.loop.start_tls(plain, self, self.server.tls_context, server_side=True)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            who = self._session.who if self._session else "?"
+            log.info("SSL_accept error from %s: %s", who, exc or type(exc).__name__)
+            plain.abort()
+            return None
+        assert transport is not None
+        # The stream objects now read and write through the TLS layer.
+        self.transport = transport
+        self._encrypted = True
+        self._writer._transport = transport  # type: ignore[attr-defined]
+        self._reader._transport = transport  # type: ignore[attr-defined]
+        sslobj = transport.get_extra_info("ssl_object")
+        return tls.describe(sslobj)
+
     # ------------------------------------------------------------ the loop
 
     async def _handle_client(self) -> None:
@@ -101,15 +137,23 @@ class GuardProtocol(SMTP):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        s = self._session = Session(peer[0], peer[1], local[0], local[1])
-        log.info("CONNECT from %s to %s", s.peer, logs.endpoint(local[0], local[1]))
+        client, ours = (_address(peer[0]), peer[1]), (_address(local[0]), local[1])
+        if self.server.cfg.server.proxy_protocol:
+            proxied = await self._read_proxy(client, ours)
+            if proxied is None:
+                self.close()
+                return
+            client, ours = proxied
+        self._count_client(client[0])
+        s = self._session = Session(client[0], client[1], ours[0], ours[1])
+        log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
         counts: collections.Counter[str] = collections.Counter()
         pipeline = self.server.pipeline
         cfg = self.server.cfg
         conv: Conversation | None = None
         cancelled = False
         try:
-            concurrent = self.server.per_ip.get(s.client_ip, 1)
+            concurrent = self.server.per_ip.get(self._ip or "", 1)
             verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
             if verdict.action is Action.DROP:
                 await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
@@ -173,6 +217,46 @@ class GuardProtocol(SMTP):
                     conv.close()
                 self.close()  # the transport flushes what is left, then closes
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
+
+    async def _read_proxy(self, sender: tuple[str, int], ours: tuple[str, int]
+                          ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """PROXY protocol v1/v2 header from a trusted load balancer: the real
+        client's and server's endpoints; None (and a log line) when the
+        sender is not trusted or the header is missing, late or bad.  A
+        ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, as health checks send,
+        keeps the connection's own endpoints, as postscreen does."""
+        cfg = self.server.cfg.server
+        where = logs.endpoint(*sender)
+        try:
+            trusted = any(client_ip(sender[0]) in net for net in cfg.proxy_trusted)
+        except ValueError:
+            trusted = False
+        if not trusted:
+            log.warning("PROXY protocol: connection from %s, which is not in server.proxy_trusted: closed", where)
+            return None
+        try:
+            async with asyncio.timeout(cfg.proxy_timeout):
+                data = await get_proxy(self._reader)
+        except TimeoutError:
+            log.warning("PROXY protocol: read from %s: time limit exceeded", where)
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("PROXY protocol: read from %s: lost connection", where)
+            return None
+        if not data:
+            log.warning("PROXY protocol: bad header from %s: %s", where, data.error or "unsupported")
+            return None
+        if data.family == AF.UNIX:
+            log.warning("PROXY protocol: header from %s: unsupported address family UNIX", where)
+            return None
+        if data.src_addr is None or data.src_port is None or data.dst_addr is None or data.dst_port is None:
+            return sender, ours  # LOCAL / UNKNOWN: not proxied
+        return (_address(str(data.src_addr)), data.src_port), (_address(str(data.dst_addr)), data.dst_port)
+
+    def _count_client(self, ip: str) -> None:
+        """anvil's per-client count (IPv6 by /64); undone in connection_lost."""
+        self._ip = key = client_key(ip)
+        self.server.per_ip[key] = self.server.per_ip.get(key, 0) + 1
 
     async def _release(self, conv: Conversation) -> None:
         try:
@@ -258,11 +342,9 @@ class GuardProtocol(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """aiosmtpd's connection_made minus its per-connection Session and
-        Envelope objects (we keep our own; memory per idle connection counts)."""
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self._ip = ip = peer[0]
-            self.server.per_ip[ip] = self.server.per_ip.get(ip, 0) + 1
+        Envelope objects (we keep our own; memory per idle connection counts).
+        The client is counted in ``server.per_ip`` by :meth:`_handle_client`,
+        once its address is known (a PROXY header may give it)."""
         asyncio.StreamReaderProtocol.connection_made(self, transport)  # reader, writer
         self.transport = transport
         self._reset_timeout()
@@ -303,7 +385,7 @@ class GuardProtocol(SMTP):
         self._reader.feed_eof()
         if self._greet_waiter is not None and not self._greet_waiter.done():
             self._greet_waiter.set_result(None)
-        return True
+        return not self._encrypted  # keeping a TLS transport half-open is not possible
 
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""
@@ -340,6 +422,14 @@ class GuardProtocol(SMTP):
 _REJECTED: dict[int, Any] = {}
 
 
+def _address(ip: str) -> str:
+    """An address as Postfix writes it: canonical, IPv4-mapped IPv6 as IPv4."""
+    try:
+        return str(client_ip(ip))
+    except ValueError:
+        return ip
+
+
 def _command_counts(counts: collections.Counter[str]) -> str:
     """smtpd's ``ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`` summary."""
     words = [f"{k.lower()}={v}" for k, v in counts.items()]
@@ -357,6 +447,18 @@ class Server:
         self.closing = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
+        self.tls_context = tls.build_context(cfg.tls)
+
+    def reload_tls(self) -> None:
+        """Re-read the certificate and key (SIGHUP, renewed certificates);
+        on an error the previous context stays in use.  New STARTTLS
+        handshakes use the new context; established sessions keep theirs."""
+        try:
+            self.tls_context = tls.build_context(self.cfg.tls)
+        except ConfigError as exc:
+            log.error("reload: TLS certificate not reloaded, keeping the previous one: tls.%s", exc)
+            return
+        log.info("reload: TLS %s", "certificate re-read" if self.tls_context else "off")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 
 Markers
 -------
-``@pytest.mark.postfix``, ``@pytest.mark.redis``, ``@pytest.mark.dns`` declare
+``@pytest.mark.postfix``, ``@pytest.mark.redis``, ``@pytest.mark.dns``, ``@pytest.mark.haproxy`` declare
 that a test needs the real component.  A test that merely *uses* one of the
 lab fixtures gets the matching marker automatically (see ``_FIXTURE_MARKERS``).
 
@@ -59,6 +59,7 @@ LAB_MARKERS: dict[str, str] = {
     "postfix": "needs a private Postfix instance (postfix binaries, root)",
     "redis": "needs a private redis-server",
     "dns": "needs a private dnsmasq DNS server",
+    "haproxy": "needs the haproxy binary (a load balancer sending PROXY headers)",
 }
 
 #: fixture name -> marker it implies

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real (Postfix,
-# redis-server, dnsmasq, swaks, pflogsumm, Prometheus' promtool, fail2ban).
+# redis-server, dnsmasq, swaks, haproxy, pflogsumm, Prometheus' promtool, fail2ban).
 # Only as root and only what is missing; otherwise says what it would need.
 set -euo pipefail
 need=()
@@ -10,6 +10,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v swaks >/dev/null || need+=(swaks)
 command -v pflogsumm >/dev/null || need+=(pflogsumm)
+command -v haproxy >/dev/null || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "tests/sysdeps.sh: not root; tests needing ${need[*]} will be skipped" >&2
@@ -20,4 +21,7 @@ echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-se
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The system Postfix is not wanted: the tests start private instances.
-if command -v systemctl >/dev/null && systemctl is-active -q postfix 2>/dev/null; then systemctl stop postfix || true; fi
+# Nor the system HAProxy: the tests start their own on loopback.
+for svc in postfix haproxy; do
+  if command -v systemctl >/dev/null && systemctl is-active -q $svc 2>/dev/null; then systemctl stop $svc || true; fi
+done

@@ -3,7 +3,8 @@
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
 :class:`smtpguard.listener.Server`); SIGHUP reloads the access tables and the
 TLS certificate.  ``check-config`` validates a file and prints a one-line
-summary, or the error naming the key, with exit status 1.  Without ``-c`` the embedded defaults are used.
+summary, or the error naming the key, with exit status 1.  Without ``-c``
+the embedded defaults are used.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ async def serve(cfg: Config) -> None:
     # certificate with an error keeps its previous contents and the error is
     # logged.  MERGE POINT (ops branch, smtpguard/reload.py): the config reload
     # that builds a new Pipeline also sets server.cfg and calls server.reload_tls().
-    loop.add_signal_handler(signal.SIGHUP, lambda: (pipeline.reload_tables(), server.reload_tls()))
+    def reload() -> None:
+        pipeline.reload_tables()
+        server.reload_tls()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))

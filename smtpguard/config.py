@@ -234,7 +234,7 @@ def _section_type(f: dataclasses.Field[Any]) -> type:
 class ServerConfig:
     listen: tuple[HostPort, ...] = field(
         default=(HostPort("127.0.0.1", 2525),),
-        metadata=opt(list_of(parse_hostport), "inet_interfaces + master.cf smtp service"),
+        metadata=opt(list_of(parse_hostport), "inet_interfaces, inet_protocols + master.cf smtp service"),
     )
     hostname: str = field(default="localhost", metadata=opt(parse_hostname, "myhostname"))
     banner: str = field(default="$myhostname ESMTP", metadata=opt(parse_str, "smtpd_banner"))
@@ -252,10 +252,12 @@ class ServerConfig:
     disable_vrfy_command: bool = field(default=True, metadata=opt(parse_bool, "disable_vrfy_command"))
     shutdown_timeout: float = field(default=30.0, metadata=opt(parse_duration, ""))
     # PROXY protocol input (v1 and v2) from a load balancer; see docs/transport.md.
-    proxy_protocol: bool = field(default=False, metadata=opt(parse_bool, "postscreen_upstream_proxy_protocol"))
+    proxy_protocol: bool = field(
+        default=False, metadata=opt(parse_bool, "postscreen_upstream_proxy_protocol = haproxy")
+    )
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-        metadata=opt(list_of(parse_network), ""),
+        metadata=opt(list_of(parse_network), "none (Postfix trusts every sender on a proxy listener)"),
     )
     proxy_timeout: float = field(default=5.0, metadata=opt(parse_duration, "postscreen_upstream_proxy_timeout"))
 

@@ -3,8 +3,9 @@
 ``python -m smtpguard.configdoc pregreet errors ...`` prints, for each
 section, a Markdown table of its keys with their defaults (as TOML) and
 their Postfix/postscreen equivalents -- the ``opt(parser, equivalent)``
-metadata declared next to each key.  docs/screening.md embeds the output;
-a unit test keeps the two in step.
+metadata declared next to each key.  docs/screening.md embeds the
+:data:`SCREENING` sections, docs/transport.md the :data:`TRANSPORT` ones;
+unit tests keep them in step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .config import Config
 
 SCREENING = ("screen", "limits", "access", "pregreet", "pipelining", "non_smtp", "bare_newline", "errors",
              "helo", "addresses")
+TRANSPORT = ("server", "tls")
 
 
 def toml_value(value: Any) -> str:

@@ -89,6 +89,16 @@ def test_starttls_smtplib_delivers_with_real_client(backend: PrivatePostfix, tls
     tls_guard.wait_for_log(r"DISCONNECT \[127\.0\.0\.9\]:\d+ ehlo=2 starttls=1 mail=1 rcpt=1 data=1 quit=1")
 
 
+def test_large_message_over_tls_arrives_intact(backend: PrivatePostfix, tls_guard: Guard, certs: Certs) -> None:
+    line = b"".join(bytes([65 + i % 26]) * 70 + b"\r\n" for i in range(64))
+    body = line * 1200  # ~5.5 MB: many TLS records through the one-record read buffer
+    with smtplib.SMTP("127.0.0.1", tls_guard.port) as c:
+        c.starttls(context=certs.client_context())
+        c.sendmail("a@sender.test", ["bob@example.test"], b"Subject: big\r\n\r\n" + body)
+    [msg] = backend.wait_for_messages(1)
+    assert msg.split(b"\n\n", 1)[1] == body.replace(b"\r\n", b"\n")
+
+
 def test_starttls_with_openssl_s_client(backend: PrivatePostfix, tls_guard: Guard, certs: Certs) -> None:
     if which("openssl") is None:
         pytest.skip("openssl CLI not installed")
@@ -233,6 +243,20 @@ def test_proxy_header_gives_the_client_address(backend: PrivatePostfix, proxy_gu
     backend.wait_for_log(r"client=unknown\[192\.0\.2\.44\]")
     proxy_guard.wait_for_log(r"CONNECT from \[192\.0\.2\.44\]:40044 to \[127\.0\.0\.1\]:25")
     proxy_guard.wait_for_log(r"relayed from unknown\[192\.0\.2\.44\]:40044: 250 ")
+
+
+def test_starttls_behind_a_proxy_header(backend: PrivatePostfix, make_guard: Callable[..., Guard],
+                                        certs: Certs) -> None:
+    g = make_guard(backend.port, PROXY.format(timeout="10s") + tls_section(certs))
+    c = RawClient(g.port)
+    c.send(b"PROXY TCP6 2001:db8::46 2001:db8::25 40047 25\r\n")
+    c.reply()
+    c.cmd("EHLO proxied.example")
+    assert c.cmd("STARTTLS").startswith("220 ")
+    tls_wrap(c, certs)
+    assert c.cmd("EHLO proxied.example").startswith("250-")
+    c.cmd("QUIT")
+    g.wait_for_log(TLS_LINE.format(ip="2001:db8::46"))
 
 
 def test_untrusted_proxy_is_refused(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:

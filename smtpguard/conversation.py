@@ -14,6 +14,9 @@ interface, so it never touches aiosmtpd.  What it does per command:
   body streams through :class:`~smtpguard.data.DataScanner` chunk by chunk
   and the client gets Postfix's own end-of-data reply.  A client therefore
   never sees 250 for a message Postfix has not accepted.
+* STARTTLS (offered when :attr:`ClientIO.tls_available`): ``220``, then the
+  listener's handshake; the session restarts (new EHLO needed).  With
+  ``tls.security_level = "encrypt"`` MAIL before it gets ``530 5.7.0``.
 * Upstream trouble at any point gives the client a 4xx (``451 4.4.1`` /
   ``451 4.4.2``) and a log line saying why; the next transaction reconnects.
 """

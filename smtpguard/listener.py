@@ -2,12 +2,19 @@
 
 aiosmtpd's :class:`~aiosmtpd.smtp.SMTP` protocol gives us the asyncio
 plumbing (``connection_made``/``connection_lost``/``eof_received``, the idle
-timer, and later STARTTLS and PROXY handling).  Its command loop does not
+timer) and its PROXY protocol parser (``aiosmtpd.proxy_protocol.get_proxy``).
+Its command loop does not
 fit a front end (no hook before the banner, whole-message buffering, 354 sent
 before any hook, exception text sent to the client), so
 :class:`GuardProtocol` replaces ``_handle_client`` with a loop that reads
 command lines and hands them to :class:`~smtpguard.conversation.Conversation`,
 and implements the conversation's :class:`~smtpguard.conversation.ClientIO`.
+
+Transport (docs/transport.md): with ``server.proxy_protocol`` the header is
+read first and its addresses are the client's for everything after (Session,
+per-client count, pregreet timing); STARTTLS is done here on the same stream
+objects (:meth:`GuardProtocol.start_tls`, asyncio's TLS layer with a smaller
+read buffer), the conversation only decides when.
 
 ``SMTP.__init__`` is not called: it introspects the class on every
 connection (about 0.1 ms); :meth:`GuardProtocol.__init__` sets just the
@@ -155,6 +162,8 @@ class GuardProtocol(SMTP):
                 self.close()
                 return
             client, ours = proxied
+            # The pregreet test times the client's first byte, not the header's.
+            self._first_data = self.loop.time() if self._reader._buffer else None  # type: ignore[attr-defined]
         self._count_client(client[0])
         s = self._session = Session(client[0], client[1], ours[0], ours[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))

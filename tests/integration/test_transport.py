@@ -259,6 +259,18 @@ def test_starttls_behind_a_proxy_header(backend: PrivatePostfix, make_guard: Cal
     g.wait_for_log(TLS_LINE.format(ip="2001:db8::46"))
 
 
+def test_pregreet_behind_a_proxy_header(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
+    """The header is not the client talking first; a bot after it is, and
+    is judged under the header's address."""
+    g = make_guard(backend.port, PROXY.format(timeout="10s") + '[pregreet]\ngreet_wait = "5s"\naction = "drop"\n')
+    bot = RawClient(g.port)
+    bot.send(b"PROXY TCP4 192.0.2.49 127.0.0.1 40049 25\r\n")
+    assert bot.line() == "220-mx.guard.test ESMTP\r\n"  # not "220 " at once: the wait did not end at the header
+    bot.send(b"HELO bot\r\n")
+    assert bot.reply() == "521 5.7.1 Protocol error\r\n"  # at once, not after the 5s wait
+    g.wait_for_log(r"PREGREET 10 after .* from \[192\.0\.2\.49\]:40049: HELO bot\\r\\n")
+
+
 def test_untrusted_proxy_is_refused(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
     g = make_guard(backend.port, PROXY.format(timeout="10s") + 'proxy_trusted = ["192.0.2.0/24"]\n')
     c = RawClient(g.port, source="127.0.0.12")

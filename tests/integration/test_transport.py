@@ -271,6 +271,30 @@ def test_pregreet_behind_a_proxy_header(backend: PrivatePostfix, make_guard: Cal
     g.wait_for_log(r"PREGREET 10 after .* from \[192\.0\.2\.49\]:40049: HELO bot\\r\\n")
 
 
+def test_connection_limit_counts_the_header_address(backend: PrivatePostfix,
+                                                    make_guard: Callable[..., Guard]) -> None:
+    """All connections come from the load balancer (127.0.0.1); the limit
+    applies per header address, an IPv6 one by its /64, a mapped one as IPv4."""
+    g = make_guard(backend.port, PROXY.format(timeout="10s") + "[limits]\nconnection_count_limit = 1\n")
+
+    def connect(header: bytes) -> tuple[RawClient, str]:
+        c = RawClient(g.port)
+        c.send(header)
+        return c, c.line()
+
+    held = [connect(b"PROXY TCP4 192.0.2.50 127.0.0.1 40050 25\r\n"),
+            connect(b"PROXY TCP6 2001:db8:1:2::a 2001:db8::25 40051 25\r\n")]
+    assert [line for _, line in held] == ["220-mx.guard.test ESMTP\r\n"] * 2
+    _, line = connect(b"PROXY TCP6 ::ffff:192.0.2.50 ::ffff:127.0.0.1 40052 25\r\n")
+    assert line == "421 4.7.0 Error: too many connections from 192.0.2.50\r\n"
+    _, line = connect(b"PROXY TCP6 2001:db8:1:2:ffff::b 2001:db8::25 40053 25\r\n")
+    assert line == "421 4.7.0 Error: too many connections from 2001:db8:1:2:ffff::b\r\n"
+    _, line = connect(b"PROXY TCP4 192.0.2.51 127.0.0.1 40054 25\r\n")
+    assert line == "220-mx.guard.test ESMTP\r\n"  # another client is not affected
+    g.wait_for_log(r"warning: Connection concurrency limit exceeded: 2 from \[192\.0\.2\.50\]:40052 for service smtp")
+    g.wait_for_log(r"CONNECT from \[192\.0\.2\.50\]:40052 to \[127\.0\.0\.1\]:25")
+
+
 def test_untrusted_proxy_is_refused(backend: PrivatePostfix, make_guard: Callable[..., Guard]) -> None:
     g = make_guard(backend.port, PROXY.format(timeout="10s") + 'proxy_trusted = ["192.0.2.0/24"]\n')
     c = RawClient(g.port, source="127.0.0.12")

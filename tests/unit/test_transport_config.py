@@ -14,7 +14,7 @@ from smtpguard.checks.greylist import client_network
 from smtpguard.checks.limits import client_key
 from smtpguard.config import ConfigError, from_dict
 from smtpguard.configdoc import TRANSPORT, section_table
-from smtpguard.tls import TlsConfig, build_context
+from smtpguard.tls import TlsConfig, build_context, describe
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,38 @@ def test_context_defaults(pems: dict[str, Path]) -> None:
     assert build_context(TlsConfig(security_level="none", cert_file="/nonexistent")) is None
     one_file = build_context(TlsConfig(cert_file=str(pems["combined"]), min_protocol="TLSv1.3"))
     assert one_file is not None and one_file.minimum_version is ssl.TLSVersion.TLSv1_3
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """A TLS handshake over memory BIOs (no sockets); the server's side."""
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    srv = server.wrap_bio(bios[0], bios[1], server_side=True)
+    cli = client.wrap_bio(bios[2], bios[3], server_hostname="mx.guard.test")
+    done = {id(srv): False, id(cli): False}
+    while not all(done.values()):
+        for end, out, into in ((cli, bios[3], bios[0]), (srv, bios[1], bios[2])):
+            if not done[id(end)]:
+                try:
+                    end.do_handshake()
+                    done[id(end)] = True
+                except ssl.SSLWantReadError:
+                    pass
+            into.write(out.read())
+    return srv
+
+
+def test_min_protocol_is_enforced(pems: dict[str, Path]) -> None:
+    files = {"cert_file": str(pems["cert"]), "key_file": str(pems["key"]), "chain_file": str(pems["chain"])}
+    client = ssl.create_default_context(cafile=None)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls12 = build_context(TlsConfig(**files))
+    assert tls12 is not None
+    assert describe(handshake(tls12, client)).startswith("TLSv1.2 with cipher ECDHE-")
+    tls13 = build_context(TlsConfig(min_protocol="TLSv1.3", **files))
+    assert tls13 is not None
+    with pytest.raises(ssl.SSLError, match="VERSION|PROTOCOL"):
+        handshake(tls13, client)
 
 
 @pytest.mark.parametrize(("kw", "error"), [

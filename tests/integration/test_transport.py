@@ -175,6 +175,21 @@ def test_encrypt_level_requires_starttls(backend: PrivatePostfix, make_guard: Ca
     assert len(backend.wait_for_messages(1)) == 1
 
 
+def test_starttls_replies(tls_guard: Guard, guard: Guard) -> None:
+    c = RawClient(tls_guard.port)
+    c.reply()
+    c.cmd("EHLO client.example")
+    assert c.cmd("STARTTLS now") == "501 5.5.4 Syntax: STARTTLS\r\n"
+    assert c.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
+    assert c.cmd("STARTTLS") == "503 5.5.1 Error: MAIL transaction in progress\r\n"
+    c.cmd("RSET")
+    assert c.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS\r\n"
+    plain = RawClient(guard.port)  # no certificate: not offered, not done
+    plain.reply()
+    assert "STARTTLS" not in plain.cmd("EHLO client.example")
+    assert plain.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented\r\n"
+
+
 def test_failed_handshake_is_logged_and_closed(tls_guard: Guard) -> None:
     c = RawClient(tls_guard.port, source="127.0.0.11")
     c.reply()

@@ -36,6 +36,7 @@ bench: venv sysdeps
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/greylist.py --backend sqlite --backend redis
+	$(BIN)/python bench/tls.py
 
 ## The project and its dependencies as wheels in build/wheels, for the container image
 ## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on

@@ -1,11 +1,12 @@
 """Command line: ``smtpguard serve|check-config|greylist|cache -c FILE``, ``smtpguard report LOG...``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file
-and its tables (:mod:`smtpguard.reload`).  ``check-config`` validates a file and
-prints a one-line summary, or the error naming the key, with exit status 1.
-``greylist`` and ``cache`` are the operator commands on the state store
-(:mod:`smtpguard.admin`).  Without ``-c`` the embedded defaults are used.
+:class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file,
+its tables and the TLS certificate (:mod:`smtpguard.reload`).  ``check-config``
+validates a file and prints a one-line summary, or the error naming the key,
+with exit status 1.  ``greylist`` and ``cache`` are the operator commands on
+the state store (:mod:`smtpguard.admin`).  Without ``-c`` the embedded
+defaults are used.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def _load(path: str | None) -> Config:
 def summary(cfg: Config) -> str:
     listen = ", ".join(str(hp) for hp in cfg.server.listen)
     metrics_at = str(cfg.metrics.listen) if cfg.metrics.listen else "off"
+    starttls = f"STARTTLS {cfg.tls.security_level}" if cfg.tls.enabled else "STARTTLS off"
+    proxy = "; PROXY protocol" if cfg.server.proxy_protocol else ""
     return (f"listen {listen}; upstream {cfg.upstream.address}; state {cfg.state.url}; "
-            f"metrics {metrics_at}; hostname {cfg.server.hostname}")
+            f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
 
 
 def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:

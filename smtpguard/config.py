@@ -156,6 +156,16 @@ def parse_hostport(value: Any) -> HostPort:
     return HostPort(host, int(port))
 
 
+def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``192.0.2.0/24``, ``2001:db8::/32`` or a single address (a host network)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a network like 192.0.2.0/24, got {value!r}")
+    try:
+        return ipaddress.ip_network(value.strip("[]"), strict=False)
+    except ValueError:
+        raise ValueError(f'expected a network like 192.0.2.0/24, got "{value}"') from None
+
+
 def parse_optional_hostport(value: Any) -> HostPort | None:
     """Like :func:`parse_hostport`; an empty string disables the listener."""
     return None if value == "" else parse_hostport(value)
@@ -225,7 +235,7 @@ def _section_type(f: dataclasses.Field[Any]) -> type:
 class ServerConfig:
     listen: tuple[HostPort, ...] = field(
         default=(HostPort("127.0.0.1", 2525),),
-        metadata=opt(list_of(parse_hostport), "inet_interfaces + master.cf smtp service"),
+        metadata=opt(list_of(parse_hostport), "inet_interfaces, inet_protocols + master.cf smtp service"),
     )
     hostname: str = field(default="localhost", metadata=opt(parse_hostname, "myhostname"))
     banner: str = field(default="$myhostname ESMTP", metadata=opt(parse_str, "smtpd_banner"))
@@ -242,6 +252,15 @@ class ServerConfig:
     )
     disable_vrfy_command: bool = field(default=True, metadata=opt(parse_bool, "disable_vrfy_command"))
     shutdown_timeout: float = field(default=30.0, metadata=opt(parse_duration, ""))
+    # PROXY protocol input (v1 and v2) from a load balancer; see docs/transport.md.
+    proxy_protocol: bool = field(
+        default=False, metadata=opt(parse_bool, "postscreen_upstream_proxy_protocol = haproxy")
+    )
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        metadata=opt(list_of(parse_network), "none (Postfix trusts every sender on a proxy listener)"),
+    )
+    proxy_timeout: float = field(default=5.0, metadata=opt(parse_duration, "postscreen_upstream_proxy_timeout"))
 
     def validate(self) -> None:
         if not self.listen:
@@ -312,6 +331,7 @@ from .checks.limits import LimitsConfig  # noqa: E402
 from .checks.nonsmtp import NonSmtpConfig  # noqa: E402
 from .checks.pipelining import PipeliningConfig  # noqa: E402
 from .checks.pregreet import PregreetConfig  # noqa: E402
+from .tls import TlsConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -321,6 +341,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Screening, in the order the pipeline applies them.
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -14,6 +14,9 @@ interface, so it never touches aiosmtpd.  What it does per command:
   body streams through :class:`~smtpguard.data.DataScanner` chunk by chunk
   and the client gets Postfix's own end-of-data reply.  A client therefore
   never sees 250 for a message Postfix has not accepted.
+* STARTTLS (offered when :attr:`ClientIO.tls_available`): ``220``, then the
+  listener's handshake; the session restarts (new EHLO needed).  With
+  ``tls.security_level = "encrypt"`` MAIL before it gets ``530 5.7.0``.
 * Upstream trouble at any point gives the client a 4xx (``451 4.4.1`` /
   ``451 4.4.2``) and a log line saying why; the next transaction reconnects.
 """
@@ -24,7 +27,7 @@ import logging
 import time
 from typing import Protocol
 
-from . import logs
+from . import logs, tls
 from .checks.errors import error_delay
 from .config import Config
 from .data import DataScanner
@@ -48,6 +51,14 @@ class ClientIO(Protocol):
     def unread(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+    @property
+    def tls_available(self) -> bool:
+        """STARTTLS can be offered now (a certificate, not yet encrypted)."""
+
+    async def start_tls(self) -> str | None:
+        """Discard pipelined input, do the handshake; the TLS description
+        for the log, or None when the handshake failed."""
 
 
 class Hangup(Exception):
@@ -173,6 +184,8 @@ class Conversation:
         lines = [server.hostname, "PIPELINING", f"SIZE {server.message_size_limit}"]
         if not server.disable_vrfy_command:
             lines.append("VRFY")
+        if self.io.tls_available:
+            lines.append("STARTTLS")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         self._send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
         self.session.advertised = True  # from now on the client may pipeline
@@ -184,8 +197,34 @@ class Conversation:
         self.session.esmtp = esmtp
         self.session.advertised = False
 
+    async def starttls(self, arg: str | None) -> None:
+        s = self.session
+        if arg is not None:
+            self.reply(tls.STARTTLS_SYNTAX)
+            return
+        if s.tls is not None:
+            self.reply(tls.ALREADY_ACTIVE)
+            return
+        if not self.io.tls_available:
+            self.reply(tls.NOT_AVAILABLE)
+            return
+        if s.in_transaction:
+            self.reply(tls.IN_TRANSACTION)
+            return
+        self.reply(tls.READY)
+        description = await self.io.start_tls()
+        if description is None:
+            raise Hangup
+        # RFC 3207 4.2: forget what the client said before; it must EHLO again.
+        self.upstream.quit()  # its XCLIENT HELO= is stale; the next RCPT reconnects
+        s.helo, s.esmtp, s.advertised, s.tls = None, False, False, description
+        log.info("Anonymous TLS connection established from %s: %s", s.who, description)
+
     async def mail(self, arg: str | None) -> None:
         s = self.session
+        if self.cfg.tls.security_level == "encrypt" and s.tls is None:
+            self.reply(tls.STARTTLS_FIRST)
+            return
         if s.in_transaction:
             self.reply(REPLIES["nested_mail"])
             return
@@ -352,7 +391,8 @@ class Conversation:
 
 
 # Command verb -> method; a class-level table, so no per-session dict of bound methods.
-_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY")}
+_HANDLERS = {verb: verb.lower() for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
+                                                   "STARTTLS")}
 
 
 def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:

@@ -2,12 +2,19 @@
 
 aiosmtpd's :class:`~aiosmtpd.smtp.SMTP` protocol gives us the asyncio
 plumbing (``connection_made``/``connection_lost``/``eof_received``, the idle
-timer, and later STARTTLS and PROXY handling).  Its command loop does not
+timer) and its PROXY protocol parser (``aiosmtpd.proxy_protocol.get_proxy``).
+Its command loop does not
 fit a front end (no hook before the banner, whole-message buffering, 354 sent
 before any hook, exception text sent to the client), so
 :class:`GuardProtocol` replaces ``_handle_client`` with a loop that reads
 command lines and hands them to :class:`~smtpguard.conversation.Conversation`,
 and implements the conversation's :class:`~smtpguard.conversation.ClientIO`.
+
+Transport (docs/transport.md): with ``server.proxy_protocol`` the header is
+read first and its addresses are the client's for everything after (Session,
+per-client count, pregreet timing); STARTTLS is done here on the same stream
+objects (:meth:`GuardProtocol.start_tls`, asyncio's TLS layer with a smaller
+read buffer), the conversation only decides when.
 
 ``SMTP.__init__`` is not called: it introspects the class on every
 connection (about 0.1 ms); :meth:`GuardProtocol.__init__` sets just the
@@ -21,22 +28,30 @@ graceful shutdown (stop accepting, let transactions finish within a bound,
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import collections
 import logging
+import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
+from aiosmtpd.proxy_protocol import AF, get_proxy
 from aiosmtpd.smtp import SMTP
 
-from . import logs
+from . import logs, tls
+from .checks.limits import client_key
 from .config import Config
 from .conversation import Conversation, Hangup
+from .dns import client_ip
 from .metrics import METRICS, reject_reason
 from .pipeline import Pipeline
 from .session import Session
 from .verdict import REPLIES, Action, Reply
 
 log = logging.getLogger("smtpguard")
+# aiosmtpd's PROXY parser warns on its own logger; our warning line says the
+# same in Postfix's format, so keep its lines off stderr (logging's lastResort).
+logging.getLogger("mail.debug").addHandler(logging.NullHandler())
 
 _READ_LIMIT = 64 * 1024  # StreamReader buffer limit; a command line longer than this is refused
 
@@ -72,9 +87,10 @@ class GuardProtocol(SMTP):
         self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
         self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
-        self._ip: str | None = None  # counted in server.per_ip
+        self._ip: str | None = None  # the client's key in server.per_ip (limits.client_key)
         self._first_data: float | None = None  # loop time of the client's first byte
         self._greet_waiter: asyncio.Future[None] | None = None
+        self._encrypted = False  # STARTTLS done
 
     # ------------------------------------------------------------ ClientIO
 
@@ -94,6 +110,44 @@ class GuardProtocol(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    @property
+    def tls_available(self) -> bool:
+        return self.server.tls_context is not None and not self._encrypted
+
+    async def start_tls(self) -> str | None:
+        """After ``220 Ready to start TLS``: discard the input pipelined
+        behind STARTTLS (RFC 3207 section 4.2; CVE-2011-0411), then the
+        server-side handshake on the same connection.  Returns the
+        connection's description for the log, None when the handshake failed
+        (the connection is closed then)."""
+        assert self.transport is not None and self.server.tls_context is not None
+        await self._writer.drain()
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # no await until reading is paused
+        plain = cast(asyncio.Transport, self.transport)
+        # loop.start_tls(), but with our smaller-buffer TLS protocol class.
+        waiter = self.loop.create_future()
+        layer = _TLSProtocol(self.loop, self, self.server.tls_context, waiter, server_side=True,
+                             call_connection_made=False)
+        plain.pause_reading()  # before the layer's connection_made, no data for it
+        plain.set_protocol(layer)
+        self.loop.call_soon(layer.connection_made, plain)
+        self.loop.call_soon(plain.resume_reading)
+        try:
+            async with asyncio.timeout(self._timeout_duration):
+                await waiter
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            who = self._session.who if self._session else "?"
+            log.info("SSL_accept error from %s: %s", who, exc or type(exc).__name__)
+            plain.abort()
+            return None
+        transport = layer._app_transport
+        # The stream objects now read and write through the TLS layer.
+        self.transport = transport
+        self._encrypted = True
+        self._writer._transport = transport  # type: ignore[attr-defined]
+        self._reader._transport = transport  # type: ignore[attr-defined]
+        return tls.describe(cast(ssl.SSLObject, transport.get_extra_info("ssl_object")))
+
     # ------------------------------------------------------------ the loop
 
     async def _handle_client(self) -> None:
@@ -101,15 +155,25 @@ class GuardProtocol(SMTP):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        s = self._session = Session(peer[0], peer[1], local[0], local[1])
-        log.info("CONNECT from %s to %s", s.peer, logs.endpoint(local[0], local[1]))
+        client, ours = (_address(peer[0]), peer[1]), (_address(local[0]), local[1])
+        if self.server.cfg.server.proxy_protocol:
+            proxied = await self._read_proxy(client, ours)
+            if proxied is None:
+                self.close()
+                return
+            client, ours = proxied
+            # The pregreet test times the client's first byte, not the header's.
+            self._first_data = self.loop.time() if self._reader._buffer else None  # type: ignore[attr-defined]
+        self._count_client(client[0])
+        s = self._session = Session(client[0], client[1], ours[0], ours[1])
+        log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
         counts: collections.Counter[str] = collections.Counter()
         pipeline = self.server.pipeline
         cfg = self.server.cfg
         conv: Conversation | None = None
         cancelled = False
         try:
-            concurrent = self.server.per_ip.get(s.client_ip, 1)
+            concurrent = self.server.per_ip.get(self._ip or "", 1)
             verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
             if verdict.action is Action.DROP:
                 await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
@@ -173,6 +237,46 @@ class GuardProtocol(SMTP):
                     conv.close()
                 self.close()  # the transport flushes what is left, then closes
             log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
+
+    async def _read_proxy(self, sender: tuple[str, int], ours: tuple[str, int]
+                          ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """PROXY protocol v1/v2 header from a trusted load balancer: the real
+        client's and server's endpoints; None (and a log line) when the
+        sender is not trusted or the header is missing, late or bad.  A
+        ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, as health checks send,
+        keeps the connection's own endpoints, as postscreen does."""
+        cfg = self.server.cfg.server
+        where = logs.endpoint(*sender)
+        try:
+            trusted = any(client_ip(sender[0]) in net for net in cfg.proxy_trusted)
+        except ValueError:
+            trusted = False
+        if not trusted:
+            log.warning("PROXY protocol: connection from %s, which is not in server.proxy_trusted: closed", where)
+            return None
+        try:
+            async with asyncio.timeout(cfg.proxy_timeout):
+                data = await get_proxy(self._reader)
+        except TimeoutError:
+            log.warning("PROXY protocol: read from %s: time limit exceeded", where)
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("PROXY protocol: read from %s: lost connection", where)
+            return None
+        if not data:
+            log.warning("PROXY protocol: bad header from %s: %s", where, data.error or "unsupported")
+            return None
+        if data.family == AF.UNIX:
+            log.warning("PROXY protocol: header from %s: unsupported address family UNIX", where)
+            return None
+        if data.src_addr is None or data.src_port is None or data.dst_addr is None or data.dst_port is None:
+            return sender, ours  # LOCAL / UNKNOWN: not proxied
+        return (_address(str(data.src_addr)), data.src_port), (_address(str(data.dst_addr)), data.dst_port)
+
+    def _count_client(self, ip: str) -> None:
+        """anvil's per-client count (IPv6 by /64); undone in connection_lost."""
+        self._ip = key = client_key(ip)
+        self.server.per_ip[key] = self.server.per_ip.get(key, 0) + 1
 
     async def _release(self, conv: Conversation) -> None:
         try:
@@ -262,11 +366,9 @@ class GuardProtocol(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """aiosmtpd's connection_made minus its per-connection Session and
-        Envelope objects (we keep our own; memory per idle connection counts)."""
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self._ip = ip = peer[0]
-            self.server.per_ip[ip] = self.server.per_ip.get(ip, 0) + 1
+        Envelope objects (we keep our own; memory per idle connection counts).
+        The client is counted in ``server.per_ip`` by :meth:`_handle_client`,
+        once its address is known (a PROXY header may give it)."""
         asyncio.StreamReaderProtocol.connection_made(self, transport)  # reader, writer
         self.transport = transport
         self._reset_timeout()
@@ -307,7 +409,7 @@ class GuardProtocol(SMTP):
         self._reader.feed_eof()
         if self._greet_waiter is not None and not self._greet_waiter.done():
             self._greet_waiter.set_result(None)
-        return True
+        return not self._encrypted  # keeping a TLS transport half-open is not possible
 
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""
@@ -344,6 +446,22 @@ class GuardProtocol(SMTP):
 _REJECTED: dict[Reply, tuple[Any, Any]] = {}
 
 
+class _TLSProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS layer with a socket read buffer of one TLS record
+    (16 KiB + header) instead of its 256 KiB one, which is allocated per
+    connection and was ~90% of a TLS session's memory (bench/tls.py)."""
+
+    max_size = 16 * 1024 + 256
+
+
+def _address(ip: str) -> str:
+    """An address as Postfix writes it: canonical, IPv4-mapped IPv6 as IPv4."""
+    try:
+        return str(client_ip(ip))
+    except ValueError:
+        return ip
+
+
 def _command_counts(counts: collections.Counter[str]) -> str:
     """smtpd's ``ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`` summary."""
     words = [f"{k.lower()}={v}" for k, v in counts.items()]
@@ -361,6 +479,7 @@ class Server:
         self.closing = False
         self._servers: list[asyncio.base_events.Server] = []
         self._idle = asyncio.Event()
+        self.tls_context = tls.build_context(cfg.tls)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

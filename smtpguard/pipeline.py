@@ -61,7 +61,7 @@ from .checks.barenewline import check_bare_newline
 from .checks.errors import check_command_count, check_error_limit
 from .checks.greylist import check_greylist
 from .checks.helo import check_helo, require_helo
-from .checks.limits import check_connection_count, check_connection_rate, rate_enabled
+from .checks.limits import check_connection_count, check_connection_rate, client_key, rate_enabled
 from .checks.nonsmtp import check_non_smtp
 from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
@@ -112,7 +112,7 @@ class Pipeline:
         if v.action is Action.DROP:
             return v
         if rate_enabled(cfg.limits, s.client_ip):
-            rate = await self._hit_rate(f"conn:{s.client_ip}", cfg.limits.rate_time_unit)
+            rate = await self._hit_rate(f"conn:{client_key(s.client_ip)}", cfg.limits.rate_time_unit)
             v = self._decide(s, check_connection_rate(cfg.limits, s.client_ip, rate, peer), "connect")
             if v.action is Action.DROP:
                 return v

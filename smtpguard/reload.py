@@ -37,12 +37,13 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import config as config_mod
-from . import logs
+from . import logs, tls
 from .config import Config
 from .metrics import METRICS
 
@@ -57,6 +58,7 @@ class Reloadable(Protocol):
 
     cfg: Config
     pipeline: Any
+    tls_context: ssl.SSLContext | None
 
 
 #: ``make_pipeline(new_cfg, previous_pipeline)`` -> pipeline (or an awaitable of one).
@@ -92,12 +94,16 @@ class Reloader:
             pipeline = self.make_pipeline(new, self.server.pipeline)
             if inspect.isawaitable(pipeline):
                 pipeline = await pipeline
+            # The certificate is re-read even when the file names did not
+            # change: SIGHUP is how a renewed certificate is picked up.
+            tls_context = tls.build_context(new.tls)
         except Exception as exc:  # every failure refuses the new configuration
             METRICS.reloads.labels(result="failure").inc()
             METRICS.config_last_reload_success.set(0)
             log.error("reload: configuration %s refused, the running configuration stays: %s", self.path, exc)
             return False
-        self.server.cfg, self.server.pipeline = new, pipeline  # one step: no await in between
+        # One step, no await in between; sessions in progress keep theirs.
+        self.server.cfg, self.server.pipeline, self.server.tls_context = new, pipeline, tls_context
         if new.log != old.log:
             logs.setup(new.log)
         for warning in pending:

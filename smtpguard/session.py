@@ -25,6 +25,7 @@ class Session:
     client_name: str = "unknown"  # verified reverse name (Postfix's "unknown")
     helo: str | None = None
     esmtp: bool = False
+    tls: str | None = None  # after STARTTLS: "TLSv1.3 with cipher ... (256/256 bits)"
     # The current transaction.
     sender: str | None = None
     mail_params: tuple[str, ...] = ()

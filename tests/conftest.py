@@ -2,7 +2,7 @@
 
 Markers
 -------
-``@pytest.mark.postfix``, ``@pytest.mark.redis``, ``@pytest.mark.dns`` declare
+``@pytest.mark.postfix``, ``@pytest.mark.redis``, ``@pytest.mark.dns``, ``@pytest.mark.haproxy`` declare
 that a test needs the real component.  A test that merely *uses* one of the
 lab fixtures gets the matching marker automatically (see ``_FIXTURE_MARKERS``).
 
@@ -62,6 +62,7 @@ LAB_MARKERS: dict[str, str] = {
     "prometheus": "needs prometheus and promtool (Debian package prometheus)",
     "pflogsumm": "needs pflogsumm (Debian package pflogsumm)",
     "fail2ban": "needs fail2ban-regex (Debian package fail2ban)",
+    "haproxy": "needs the haproxy binary (a load balancer sending PROXY headers)",
 }
 
 #: fixture name -> marker it implies

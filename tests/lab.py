@@ -1,4 +1,4 @@
-"""Real-component test lab: private Postfix, redis-server and dnsmasq instances.
+"""Real-component test lab: private Postfix, redis-server, dnsmasq and haproxy instances.
 
 Everything in here is plain Python (no pytest import) so it can also be used
 from an interactive shell while debugging::
@@ -53,6 +53,7 @@ __all__ = [
     "LAB_PREFIX",
     "DnsBlackhole",
     "DnsServer",
+    "HAProxy",
     "LabError",
     "PostfixFactory",
     "PrivatePostfix",
@@ -296,11 +297,12 @@ REQUIRED_BINARIES: dict[str, tuple[str, ...]] = {
     "prometheus": ("prometheus", "promtool"),
     "pflogsumm": ("pflogsumm",),
     "fail2ban": ("fail2ban-regex",),
+    "haproxy": ("haproxy",),
 }
 
 
 def missing_requirements(kind: str) -> str | None:
-    """Why the lab component ``kind`` ("postfix", "redis", "dns") cannot run here.
+    """Why the lab component ``kind`` ("postfix", "redis", "dns", "haproxy") cannot run here.
 
     Returns ``None`` if everything is available, else a human-readable reason.
     A private Postfix additionally needs root (it chowns directories and its
@@ -1254,3 +1256,58 @@ def _dns_probe(host: str, port: int, timeout: float = 0.2) -> bool:
         except OSError:  # timeout, or not bound yet
             return False
     return data[:2] == query[:2]
+
+
+# --------------------------------------------------------------------------
+# HAProxy
+# --------------------------------------------------------------------------
+
+
+class HAProxy:
+    """A private ``haproxy`` (TCP mode, foreground) on 127.0.0.1 in front of
+    ``backend_port``, sending a PROXY header of version ``proxy`` (1 or 2)."""
+
+    host = LOOPBACK
+
+    def __init__(self, backend_port: int, proxy: int = 2, port: int | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self.dir = _make_lab_dir("haproxy")
+        self.config = self.dir / "haproxy.cfg"
+        send = "send-proxy-v2" if proxy == 2 else "send-proxy"
+        self.config.write_text(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+            f"frontend smtp\n  bind {self.host}:{self.port}\n  default_backend guard\n"
+            f"backend guard\n  server guard {self.host}:{backend_port} {send}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        _register(self)
+
+    def start(self, timeout: float = 15.0) -> HAProxy:
+        binary = which("haproxy")
+        if binary is None:
+            raise LabError("haproxy not found")
+        with open(self.dir / "haproxy.out", "wb") as out:
+            self.proc = subprocess.Popen(
+                [binary, "-db", "-f", str(self.config)], cwd=self.dir, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=_preexec(),
+            )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"haproxy exited with {self.proc.returncode}\n{_read_text(self.dir / 'haproxy.out')}")
+            return _tcp_port_open(self.host, self.port)
+
+        wait_until(up, timeout, f"haproxy on {self.host}:{self.port}")
+        return self
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        _unregister(self)

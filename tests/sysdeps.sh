@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real (Postfix,
-# redis-server, dnsmasq, swaks, pflogsumm, Prometheus' promtool, fail2ban).
+# redis-server, dnsmasq, swaks, haproxy, pflogsumm, Prometheus' promtool, fail2ban).
 # Only as root and only what is missing; otherwise says what it would need.
 set -euo pipefail
 need=()
@@ -13,6 +13,7 @@ command -v pflogsumm >/dev/null || need+=(pflogsumm)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v fail2ban-regex >/dev/null || need+=(fail2ban)
+command -v haproxy >/dev/null || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "tests/sysdeps.sh: not root; tests needing ${need[*]} will be skipped" >&2
@@ -23,8 +24,8 @@ echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-se
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The system Postfix is not wanted: the tests start private instances.
-if command -v systemctl >/dev/null && systemctl is-active -q postfix 2>/dev/null; then systemctl stop postfix || true; fi
-# Nor the system Prometheus and fail2ban daemons: tests run their own / only fail2ban-regex.
-for unit in prometheus fail2ban; do
-  if command -v systemctl >/dev/null && systemctl is-active -q "$unit" 2>/dev/null; then systemctl stop "$unit" || true; fi
+# Nor the system daemons of Postfix, HAProxy, Prometheus and fail2ban: the tests
+# start their own instances on loopback (or use only fail2ban-regex).
+for svc in postfix haproxy prometheus fail2ban; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then systemctl stop "$svc" || true; fi
 done

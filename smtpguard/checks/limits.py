@@ -17,20 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..config import list_of, one_of, opt, parse_bool, parse_duration, parse_int
+from ..config import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
+from ..dns import client_ip
 from ..verdict import Action, Outcome, Reply, Result, Verdict
 from ._common import passed, skip
-
-
-def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a network like 192.0.2.0/24, got {value!r}")
-    try:
-        return ipaddress.ip_network(value.strip("[]"), strict=False)
-    except ValueError:
-        raise ValueError(f'expected a network like 192.0.2.0/24, got "{value}"') from None
+from .greylist import client_network
 
 
 @dataclass(frozen=True)
@@ -94,3 +86,17 @@ def check_connection_rate(cfg: LimitsConfig, ip: str, rate: int, who: str) -> Re
 def rate_enabled(cfg: LimitsConfig, ip: str) -> bool:
     """Whether the rate counter must be consulted at all (a store round trip)."""
     return cfg.enabled and cfg.connection_rate_limit > 0 and not exempt(cfg, ip)
+
+
+#: An IPv6 client is counted by its /64: one site's usual allocation, where
+#: a single host can use any of 2**64 addresses (as greylisting's ipv6_mask).
+IPV6_PREFIX = 64
+
+
+def client_key(ip: str) -> str:
+    """What connection count and rate are kept under: the IPv4 address, or
+    the IPv6 address's /64 network (``2001:db8:1:2::``)."""
+    try:
+        return client_network(client_ip(ip), 32, IPV6_PREFIX)
+    except ValueError:
+        return ip

@@ -25,8 +25,10 @@ PREGREET_WAIT = "0.2s"
 
 class Guard:
     def __init__(self, workdir: Path, upstream_port: int, extra: str = "", port: int | None = None,
-                 upstream_extra: str = "", state_url: str | None = None) -> None:
+                 upstream_extra: str = "", state_url: str | None = None,
+                 listen: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.port = port or free_port()
+        self.listen = listen  # addresses to listen on, all on self.port
         self.metrics_port = free_port()
         self.dir = workdir
         self.config = workdir / "smtpguard.toml"
@@ -42,7 +44,7 @@ class Guard:
         server_extra, rest = _split_server(self.extra)
         self.config.write_text(
             "[server]\n"
-            f'listen = ["127.0.0.1:{self.port}"]\n'
+            f"listen = [{', '.join(_quoted_endpoint(a, self.port) for a in self.listen)}]\n"
             'hostname = "mx.guard.test"\n'
             + server_extra +
             "[upstream]\n"
@@ -113,6 +115,10 @@ class Guard:
         except Exception as exc:
             raise AssertionError(f"{exc}\n--- smtpguard log ---\n{self.log()[-4000:]}") from None
         return found[0]
+
+
+def _quoted_endpoint(address: str, port: int) -> str:
+    return f'"[{address}]:{port}"' if ":" in address else f'"{address}:{port}"'
 
 
 def _split_server(extra: str) -> tuple[str, str]:

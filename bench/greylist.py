@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from smtpguard.checks.greylist import GreylistConfig, check_greylist, client_network, triplet_key  # noqa: E402
 from smtpguard.store import Store, Triplet, open_store  # noqa: E402
 
-CFG = GreylistConfig()
+CFG = GreylistConfig(enabled=True)  # off by default in a configuration
 PREFIX = "smtpguard-bench:"
 BASE = int(ipaddress.IPv4Address("198.18.0.0"))
 NEW_SHARE = 0.2

@@ -20,7 +20,6 @@ starts a private Postfix).
 from __future__ import annotations
 
 import argparse
-import os
 import smtplib
 import statistics
 import subprocess
@@ -31,28 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.procstat import cpu_seconds, status_kib  # noqa: E402
 from tests.integration.guard import Guard  # noqa: E402
 from tests.lab import PrivatePostfix  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 BENCH_POSTFIX = {
     "relay_domains": "bench.test",
     "transport_maps": "inline:{bench.test=discard:}",
     "message_size_limit": str(80 * 1024 * 1024),
     "default_process_limit": "200",
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def smtp_source(port: int, messages: int) -> float:
@@ -77,13 +64,13 @@ def big_message_rss(postfix: PrivatePostfix, workdir: Path, size: int) -> tuple[
         # Warm up the code paths once with a small message, then measure.
         with smtplib.SMTP("127.0.0.1", g.port) as c:
             c.sendmail("a@sender.test", ["b@bench.test"], b"Subject: warm\r\n\r\nx\r\n")
-        before = status_kb(pid, "VmRSS")
+        before = status_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         start = time.monotonic()
         with smtplib.SMTP("127.0.0.1", g.port, timeout=300) as c:
             c.sendmail("a@sender.test", ["b@bench.test"], body)
         seconds = time.monotonic() - start
-        return before, status_kb(pid, "VmHWM"), seconds
+        return before, status_kib(pid, "VmHWM"), seconds
     finally:
         g.stop()
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import resource
 import signal
 import smtplib
 import subprocess
@@ -43,27 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.procstat import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
 from tests.lab import PrivatePostfix, free_port, wait_until  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
 def source(i: int, per: int = 40) -> str:

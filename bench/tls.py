@@ -35,7 +35,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.screen import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
+from bench.procstat import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
 from tests.integration.guard import Guard  # noqa: E402
 from tests.lab import free_port  # noqa: E402
 

@@ -1,6 +1,6 @@
 """DNS screening throughput, and the latency it adds beyond the greet wait.
 
-    python bench/dns.py [--clients 5000] [--concurrency 200]
+    python bench/dns_screening.py [--clients 5000] [--concurrency 200]
                         [--greet-wait 0.2] [--rate 100] [--seconds 10]
 
 How it works: starts a private dnsmasq on a loopback port (the test lab's
@@ -37,11 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is called dns.py: keep its own directory off sys.path, or it
-# would shadow dnspython's "dns" package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtpguard.checks.dnsbl import DnsblConfig, parse_site, start_dnsbl  # noqa: E402
 from smtpguard.checks.rdns import lookup_client_names  # noqa: E402

@@ -17,6 +17,8 @@ import sys
 from . import config as config_mod
 from . import logs, metrics
 from .config import Config, ConfigError
+from .dns import DnsResolver
+from .dnsscreen import wants_resolver
 from .listener import Server
 from .pipeline import Pipeline
 
@@ -35,7 +37,9 @@ def summary(cfg: Config) -> str:
 
 
 async def serve(cfg: Config) -> None:
-    pipeline = Pipeline(cfg)
+    # One resolver (and so one DNS cache) for the whole process.
+    resolver = DnsResolver(cfg.dns) if wants_resolver(cfg) else None
+    pipeline = Pipeline(cfg, resolver=resolver)
     server = Server(cfg, pipeline)
     await server.start()
     stop = asyncio.Event()
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.metrics.listen is not None:
             metrics.serve(cfg.metrics.listen)
         asyncio.run(serve(cfg))
+    except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
+        log.critical("cannot start: %s", exc)
+        return 1
     except OSError as exc:
         log.critical("cannot start: %s", exc)
         return 1

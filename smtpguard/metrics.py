@@ -29,6 +29,7 @@ class Metrics:
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
     check_results: Counter
+    dns_failures: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -57,6 +58,10 @@ class Metrics:
             check_results=Counter(
                 "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
                 ["check", "outcome"], registry=r,
+            ),
+            dns_failures=Counter(
+                "smtpguard_dns_failures", "DNS questions that got no answer (timeout, SERVFAIL, REFUSED), by type",
+                ["type"], registry=r,
             ),
         )
 

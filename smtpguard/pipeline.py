@@ -53,13 +53,17 @@ from . import logs
 from .checks.access import check_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
+from .checks.dnsbl import DnsblScore, dnsbl_result
 from .checks.errors import check_command_count, check_error_limit
 from .checks.helo import check_helo, require_helo
 from .checks.limits import check_connection_count, check_connection_rate, rate_enabled
 from .checks.nonsmtp import check_non_smtp
 from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
+from .checks.rdns import check_client_names
 from .config import Config
+from .dns import Resolver
+from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .screenstore import MemoryScreenStore, ScreenStore
 from .session import Session
@@ -68,8 +72,11 @@ from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
 
 log = logging.getLogger("smtpguard")
 
-# Tests kept in the allowlist cache, each with its section's enabled/ttl.
-CACHEABLE = ("pregreet", "pipelining", "non_smtp", "bare_newline")
+# Tests kept in the allowlist cache, each with its section's enabled (and
+# ttl, except dnsbl, whose TTL comes from the DNS answers).
+CACHEABLE = ("pregreet", "dnsbl", "pipelining", "non_smtp", "bare_newline")
+# The ones that pass when the first recipient passes screening.
+_IN_SESSION = ("pipelining", "non_smtp", "bare_newline")
 # Checks whose reason is their own log line (postscreen/anvil style).
 _OWN_LINE = frozenset({*CACHEABLE, "errors", "command_count"})
 _WARNING_LINE = frozenset({"connection_count", "connection_rate"})
@@ -79,7 +86,8 @@ _PHASES = ("connect", "helo", "mail")
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, store: ScreenStore | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, store: ScreenStore | None = None, clock: Callable[[], float] = time.time,
+                 resolver: Resolver | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.store: ScreenStore = store if store is not None else MemoryScreenStore(clock)
@@ -88,8 +96,10 @@ class Pipeline:
             "helo": cfg.helo.access_table,
             "sender": cfg.addresses.sender_access_table,
             "recipient": cfg.addresses.recipient_access_table,
+            "rhsbl": cfg.rhsbl.override,
         }
         self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
+        self.dns = DnsScreen(cfg, resolver, self.tables["rhsbl"])
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
         self._counters: dict[tuple[str, Outcome], Any] = {}
 
@@ -133,6 +143,7 @@ class Pipeline:
             s.allowlisted = True
             log.info("ALLOWLISTED %s", peer)
             self._count(found)
+            self.dns.start(s, dnsbl=False)
             return CONTINUE
         v = self._decide(s, found, "connect")
         if v.action is Action.DROP:
@@ -144,6 +155,7 @@ class Pipeline:
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
                 log.info("PASS OLD %s", peer)
+        self.dns.start(s, dnsbl="dnsbl" in s.todo)  # runs during the greet wait
         return CONTINUE
 
     def greet_wait(self, s: Session) -> float:
@@ -152,7 +164,34 @@ class Pipeline:
 
     async def on_greet(self, s: Session, received: bytes, after: float) -> Verdict:
         """After the greet wait: what the client sent during it."""
-        return await self._protocol_test(s, check_pregreet(self.cfg.pregreet, received, after, s.peer))
+        found = check_pregreet(self.cfg.pregreet, received, after, s.peer)
+        return await self._protocol_test(s, found, self.cfg.pregreet.ttl)
+
+    async def on_banner(self, s: Session) -> Verdict:
+        """Before the final ``220`` (after the greet wait, if any): collect
+        the DNS lookups on_connect started.  The client's verified name
+        becomes ``s.client_name`` (XCLIENT NAME=, ``name[ip]`` in the log);
+        the DNSBL score is judged as postscreen does after its wait; the
+        client-name and reverse-client RHSBL verdicts are kept for RCPT
+        (smtpd_delay_reject).  Only DROP acts now."""
+        found = await self.dns.collect(s)
+        if found.names is not None:
+            s.client_name = found.names.name
+        if found.dnsbl is not None:
+            v = await self._dnsbl(s, found.dnsbl)
+            if v.action is Action.DROP:
+                return v
+        if s.allowlisted:
+            return CONTINUE
+        for result in _client_results(self.cfg, found):
+            v = self._keep(s, result)
+            if v.action is Action.DROP:
+                return v
+        return CONTINUE
+
+    def on_disconnect(self, s: Session) -> None:
+        """The session is over (also when it ends in the greet wait)."""
+        self.dns.forget(s)
 
     # ------------------------------------------------------------ commands
 
@@ -167,7 +206,7 @@ class Pipeline:
             found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
             if found.outcome is Outcome.FAIL:
                 return self._decide(s, found, "connect")
-        if s.allowlisted:
+        if s.allowlisted or s.dnswl:
             return CONTINUE
         if not s.screened:
             found = check_command_count(cfg.errors, s.commands, hostname, s.peer)
@@ -196,14 +235,20 @@ class Pipeline:
             return CONTINUE
         found = check_helo(self.cfg.helo, s.helo, s.client_ip, hostname=self.cfg.server.hostname,
                            our_addresses=(s.server_ip, *self._our_addresses), table=self.tables["helo"])
-        return self._decide(s, found, "helo")
+        v = self._decide(s, found, "helo")
+        if v.final or "helo" in s.delayed:
+            return v
+        return self._decide_all(s, await self.dns.helo_checks(s), "helo")
 
     async def on_mail(self, s: Session) -> Verdict:
         helo = self.cfg.helo
         if helo.enabled and helo.required and s.helo is None and not s.allowlisted:
             return self._decide(s, require_helo(None, helo.action), "mail")
         found = check_address(self.cfg.addresses, s.sender or "", SENDER, self.tables["sender"], _utf8(s))
-        return self._decide(s, found, "mail")
+        v = self._decide(s, found, "mail")
+        if v.final or "mail" in s.delayed or s.allowlisted:
+            return v
+        return self._decide_all(s, await self.dns.sender_checks(s), "mail")
 
     async def on_rcpt(self, s: Session, rcpt: str) -> Verdict:
         for phase in _PHASES:
@@ -225,7 +270,7 @@ class Pipeline:
         if s.screened:
             return
         s.screened = True
-        passed = [t for t in s.todo if t != "pregreet" and t not in s.failed]
+        passed = [t for t in s.todo if t in _IN_SESSION and t not in s.failed]
         if not passed:
             return
         now = self.clock()
@@ -237,28 +282,52 @@ class Pipeline:
 
     # ------------------------------------------------------------ helpers
 
-    async def _protocol_test(self, s: Session, found: Result) -> Verdict:
+    async def _protocol_test(self, s: Session, found: Result, pass_ttl: float | None = None) -> Verdict:
         """A cacheable postscreen test: log, cache, and keep an enforce
-        verdict for RCPT whatever delay_reject says."""
+        verdict for RCPT whatever delay_reject says.  *pass_ttl*: a test
+        decided once per session (pregreet, dnsbl), whose pass is cached
+        now for that long; the per-command tests pass in on_relayed."""
         test = found.check
-        if found.outcome is not Outcome.PASS or test == "pregreet":
-            # Per-command passes are not counted one by one: they are counted
-            # once, when the test passes for the session (on_relayed).
-            self._record(s, found, "connect")
-        if found.outcome is Outcome.PASS and test == "pregreet" and test in s.todo:
-            await self._put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
-            s.todo = s.todo - {test}
-            self._pass_new(s)
+        if found.outcome is not Outcome.PASS:
+            self._keep(s, found)
+        elif pass_ttl is not None:
+            self._count(found)
+            if test in s.todo:
+                await self._put_cache(s.client_ip, test, self.clock() + pass_ttl)
+                s.todo = s.todo - {test}
+                self._pass_new(s)
         if found.outcome is not Outcome.FAIL:
             return CONTINUE
         if test not in s.failed:
             s.failed.add(test)
             await self._put_cache(s.client_ip, test, 0.0)
         v = found.verdict
+        return v if v.action is Action.DROP else CONTINUE
+
+    async def _dnsbl(self, s: Session, score: DnsblScore) -> Verdict:
+        """postscreen's DNSBL verdict after the greet wait; a score at or
+        below the allowlist threshold (DNSWL) makes every other screening
+        test count as passed for this session (``s.dnswl``)."""
+        found = dnsbl_result(score, self.cfg.dnsbl, s.peer)
+        if found.outcome is Outcome.PASS and (score.hits or score.failed):
+            log.info("%s", found.reason)  # which lists answered (a failure logs its own line)
+        v = await self._protocol_test(s, found, score.ttl)
+        if found.verdict.action is Action.PASS:
+            s.dnswl = True
+            if s.todo:
+                s.todo = frozenset()
+                self._pass_new(s)
+        return v
+
+    def _keep(self, s: Session, found: Result) -> Verdict:
+        """Record *found* and keep a REJECT/DEFER for RCPT whatever
+        delay_reject says (postscreen's enforce; smtpd's client restrictions
+        answered at RCPT); DROP acts now."""
+        self._record(s, found, "connect")
+        v = found.verdict
         if v.action in (Action.REJECT, Action.DEFER):
             s.delayed.setdefault("connect", v)
-            return CONTINUE
-        return v
+        return v if v.action is Action.DROP else CONTINUE
 
     # The state store fails open: an unreachable store must not refuse mail.
     # No cache means every test runs (as for a new client); no rate means no
@@ -287,6 +356,15 @@ class Pipeline:
     def _pass_new(self, s: Session) -> None:
         if not s.todo and not s.failed:
             log.info("PASS NEW %s", s.peer)
+
+    def _decide_all(self, s: Session, results: list[Result], phase: str) -> Verdict:
+        """:meth:`_decide` each of *results* (checks run in parallel) in
+        order, up to the first that decides."""
+        for found in results:
+            v = self._decide(s, found, phase)
+            if v.final or phase in s.delayed:
+                return v
+        return CONTINUE
 
     def _decide(self, s: Session, found: Result, phase: str) -> Verdict:
         """Record *found* and turn its verdict into what happens now."""
@@ -334,6 +412,17 @@ class Pipeline:
 
 
 _WARN = re.compile(r"<([^>]*)>: WARN(?:\s+([^;]*))?", re.IGNORECASE)
+
+
+def _client_results(cfg: Config, found: ConnectFindings) -> list[Result]:
+    """The client checks on the connect-time names: reject_unknown_(reverse_)client_hostname,
+    then reject_rhsbl_reverse_client."""
+    results = []
+    if found.names is not None and cfg.client_name.enabled:
+        results.append(check_client_names(found.names, cfg.client_name))
+    if found.reverse_rhsbl is not None:
+        results.append(found.reverse_rhsbl)
+    return results
 
 
 def _stage(s: Session, phase: str) -> str:

@@ -7,8 +7,10 @@ built from it, and the relay's XCLIENT identity is derived from it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import logs
 from .relay import ClientIdentity
@@ -36,6 +38,10 @@ class Session:
     results: list[Result] = field(default_factory=list)
     # Screening state (see smtpguard.pipeline).
     allowlisted: bool = False  # the client access table said OK/PERMIT
+    # DNSBL score <= dnsbl.allowlist_threshold (DNSWL): the postscreen tests and
+    # greylisting count as passed; smtpd-style restrictions still apply.
+    dnswl: bool = False
+    lookups: asyncio.Task[Any] | None = None  # connect-time DNS lookups (smtpguard.dnsscreen)
     todo: frozenset[str] = frozenset()  # cacheable tests still to pass
     failed: set[str] = field(default_factory=set)  # tests failed in this session
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT

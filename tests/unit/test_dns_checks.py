@@ -675,7 +675,7 @@ async def test_helo_nxdomain_does_not_ask_for_mx() -> None:
 
 
 def test_domain_check_defaults_follow_postfix() -> None:
-    assert (SenderDomainConfig().enabled, SenderDomainConfig().reject_code) == (True, 450)
+    assert (SenderDomainConfig().enabled, SenderDomainConfig().reject_code) == (False, 450)
     assert (HeloHostnameConfig().enabled, HeloHostnameConfig().reject_code) == (False, 450)
 
 

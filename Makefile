@@ -35,6 +35,7 @@ lint: venv
 bench: venv sysdeps
 	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/dns.py
 
 clean:
 	rm -rf $(VENV) state build .pytest_cache .mypy_cache .ruff_cache

@@ -7,9 +7,11 @@ How it works: starts a private dnsmasq on a loopback port (the test lab's
 :class:`tests.lab.DnsServer`) serving, from a generated hosts file, one
 host name per client address (A + PTR, so FCrDNS succeeds) for two thirds
 of the clients -- the rest have no PTR -- and DNSBL listings for every
-tenth client.  Each simulated connection does what a session does at
-connect time: start the DNSBL lookups (3 sites) and the PTR + forward
-lookups in the background, then collect them.  Every client has a fresh
+tenth client.  Each simulated connection goes through the real
+:class:`~smtpguard.pipeline.Pipeline` as the listener drives it:
+``on_connect`` (which starts the DNSBL lookups, 3 sites, and the PTR +
+forward lookups in the background), the greet wait, then ``on_banner``
+(which collects them and judges the DNSBL score and the client name).  Every client has a fresh
 address (198.18.0.0/15, the benchmarking range), so no answer comes from
 smtpguard's cache.
 
@@ -43,9 +45,10 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from smtpguard.checks.dnsbl import DnsblConfig, parse_site, start_dnsbl  # noqa: E402
-from smtpguard.checks.rdns import lookup_client_names  # noqa: E402
-from smtpguard.dns import DnsConfig, DnsResolver, reversed_ip  # noqa: E402
+from smtpguard.config import from_dict  # noqa: E402
+from smtpguard.dns import DnsResolver, reversed_ip  # noqa: E402
+from smtpguard.pipeline import Pipeline  # noqa: E402
+from smtpguard.session import Session  # noqa: E402
 from tests.lab import DnsServer  # noqa: E402
 
 BASE = int(ipaddress.IPv4Address("198.18.0.0"))
@@ -68,31 +71,36 @@ def hosts_file(path: Path, clients: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-async def screen(resolver: DnsResolver, config: DnsblConfig, ip: str, greet_wait: float) -> float:
-    """One connection: start lookups, wait, collect; seconds after the wait."""
-    dnsbl = start_dnsbl(resolver, config, ip)
-    names = asyncio.create_task(lookup_client_names(resolver, ip))
+async def screen(pipeline: Pipeline, ip: str, greet_wait: float) -> float:
+    """One connection: connect, wait, banner; seconds after the wait."""
+    s = Session(ip, 40000, "127.0.0.1", 25)
+    await pipeline.on_connect(s, 1, 1)
     if greet_wait:
         await asyncio.sleep(greet_wait)
     waited = time.perf_counter()
-    await asyncio.gather(dnsbl, names)
+    await pipeline.on_banner(s)
     return time.perf_counter() - waited
 
 
-def setup(server: DnsServer) -> tuple[DnsResolver, DnsblConfig]:
-    """A fresh resolver (empty cache) on *server*, and the DNSBL sites."""
-    resolver = DnsResolver(DnsConfig(nameservers=((server.address, server.port),), timeout=2.0, lifetime=5.0))
-    return resolver, DnsblConfig(enabled=True, sites=tuple(parse_site(s) for s in SITES))
+def setup(server: DnsServer) -> Pipeline:
+    """A pipeline with a fresh resolver (empty cache) on *server*, 3 DNSBL
+    sites and reject_unknown_reverse_client_hostname."""
+    cfg = from_dict({
+        "dns": {"nameservers": [f"{server.address}:{server.port}"], "timeout": "2s", "lifetime": "5s"},
+        "dnsbl": {"enabled": True, "sites": list(SITES)},
+        "client_name": {"enabled": True},
+    })
+    return Pipeline(cfg, resolver=DnsResolver(cfg.dns))
 
 
 async def closed_loop(server: DnsServer, first: int, clients: int, concurrency: int) -> None:
     """Screen *clients* with *concurrency* at once, no greet wait."""
-    resolver, config = setup(server)
+    pipeline = setup(server)
     slots = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> float:
         async with slots:
-            return await screen(resolver, config, client(i), 0.0)
+            return await screen(pipeline, client(i), 0.0)
 
     await asyncio.gather(*(one(i) for i in range(first, first + clients)))
 
@@ -100,13 +108,13 @@ async def closed_loop(server: DnsServer, first: int, clients: int, concurrency: 
 async def open_loop(server: DnsServer, first: int, clients: int, rate: float, greet_wait: float) -> list[float]:
     """*clients* connections arriving at *rate* per second, each waiting
     *greet_wait*; returns how long after its wait each one's results came."""
-    resolver, config = setup(server)
+    pipeline = setup(server)
     loop = asyncio.get_running_loop()
     start = loop.time()
     sessions = []
     for k in range(clients):
         await asyncio.sleep(max(0.0, start + k / rate - loop.time()))
-        sessions.append(asyncio.create_task(screen(resolver, config, client(first + k), greet_wait)))
+        sessions.append(asyncio.create_task(screen(pipeline, client(first + k), greet_wait)))
     return list(await asyncio.gather(*sessions))
 
 

@@ -19,7 +19,7 @@ once, so one list may appear several times with different filters and
 weights (``zen=127.0.0.[10;11]*1, zen=127.0.0.[2..9]*4``).  A lookup that
 fails (timeout, SERVFAIL) counts as "not listed", as in postscreen, and is
 reported in :attr:`DnsblScore.failed`.  The session starts the lookups at
-connect time with :func:`start_dnsbl` and collects the task after the greet
+connect time (:mod:`smtpguard.dnsscreen`) and collects them after the greet
 wait, so with answers faster than the wait the check adds no latency.
 
 **Verdict** (:func:`dnsbl_result`): a total at or above ``threshold`` fails
@@ -296,12 +296,6 @@ async def lookup_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> Dnsb
     domains = list(dict.fromkeys(site.domain for site in config.sites))
     results = await asyncio.gather(*(resolver.a(f"{reverse}.{domain}") for domain in domains))
     return score_answers(config, ip, dict(zip(domains, results, strict=True)))
-
-
-def start_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> asyncio.Task[DnsblScore]:
-    """Start :func:`lookup_dnsbl` in the background (at connect time); await
-    the task when the score is needed.  Must be called from a running loop."""
-    return asyncio.create_task(lookup_dnsbl(resolver, config, ip), name=f"dnsbl {ip}")
 
 
 def dnsbl_result(dnsbl: DnsblScore, config: DnsblConfig, peer: str | None = None) -> Result:

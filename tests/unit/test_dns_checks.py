@@ -24,7 +24,6 @@ from smtpguard.checks.dnsbl import (
     lookup_dnsbl,
     parse_site,
     score_answers,
-    start_dnsbl,
 )
 from smtpguard.checks.domains import (
     HeloHostnameConfig,
@@ -361,17 +360,6 @@ def test_dnsbl_actions(action: str, expected: Action) -> None:
     config = config_for("zen.test", action=action)
     result = dnsbl_result(score_answers(config, "10.0.0.1", {"zen.test": ok("127.0.0.2")}), config)
     assert (result.outcome, result.verdict.action) == (Outcome.FAIL, expected)
-
-
-@pytest.mark.asyncio
-async def test_start_dnsbl_runs_in_background() -> None:
-    zone = FakeZone({("1.0.0.10.zen.test", "A"): ["127.0.0.2"]})
-    zone.gate = asyncio.Event()
-    task = start_dnsbl(resolver(zone), config_for("zen.test"), "10.0.0.1")
-    await asyncio.sleep(0.01)
-    assert not task.done() and zone.calls == [("1.0.0.10.zen.test", "A")]
-    zone.gate.set()
-    assert (await task).total == 1
 
 
 # ---------------------------------------------------------------- RHSBL

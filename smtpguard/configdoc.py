@@ -3,8 +3,9 @@
 ``python -m smtpguard.configdoc pregreet errors ...`` prints, for each
 section, a Markdown table of its keys with their defaults (as TOML) and
 their Postfix/postscreen equivalents -- the ``opt(parser, equivalent)``
-metadata declared next to each key.  docs/screening.md embeds the output;
-a unit test keeps the two in step.
+metadata declared next to each key.  Without arguments it prints the
+sections of docs/screening.md; ``--dns`` those of docs/dns.md.  The docs
+embed the output; a unit test keeps them in step (:data:`DOCS`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from .config import Config
 
 SCREENING = ("screen", "limits", "access", "pregreet", "pipelining", "non_smtp", "bare_newline", "errors",
              "helo", "addresses")
+DNS = ("dns", "dnsbl", "client_name", "rhsbl", "sender_domain", "helo_hostname")
+# Which page documents which sections.
+DOCS = {"screening.md": SCREENING, "dns.md": DNS}
 
 
 def toml_value(value: Any) -> str:
@@ -44,7 +48,8 @@ def section_table(name: str, cfg: Config | None = None) -> str:
 
 
 def main(argv: list[str]) -> None:
-    print("\n".join(section_table(name) for name in argv or SCREENING))
+    names = DNS if argv == ["--dns"] else argv or SCREENING
+    print("\n".join(section_table(name) for name in names))
 
 
 if __name__ == "__main__":

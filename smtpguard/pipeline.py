@@ -1,7 +1,8 @@
 """Where the checks run, and in which order: written once, here.
 
-The listener asks :meth:`Pipeline.on_connect` before the banner and
-:meth:`on_greet` after the pregreet wait; the conversation asks
+The listener asks :meth:`Pipeline.on_connect` before the banner,
+:meth:`on_greet` after the pregreet wait, :meth:`on_banner` before the
+final 220 and :meth:`on_disconnect` at the end; the conversation asks
 :meth:`on_command` for every command line, then :meth:`on_helo`,
 :meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as the commands
 arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
@@ -17,9 +18,17 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
-6. pregreet wait (the listener), then per command: error and command
+6. DNS lookups start (:mod:`smtpguard.dnsscreen`): the DNSBL score unless
+   its pass is cached, the client's names; they run during
+7. the pregreet wait (the listener); then, before the final 220
+   (:meth:`Pipeline.on_banner`), the DNSBL verdict (DNSWL: ``s.dnswl``, the
+   other tests count as passed, greylisting included), the verified client
+   name (``s.client_name``) and the client-name / reverse-client RHSBL
+   verdicts, kept for RCPT; then per command: error and command
    limits, non-SMTP command, bare newline, unauthorized pipelining; then
-   the HELO, sender and recipient checks at their commands.  Unauthorized
+   the HELO, sender and recipient checks at their commands (the DNS ones
+   after the others: HELO name and RHSBL at HELO, sender domain and RHSBL
+   at MAIL).  Unauthorized
    pipelining is checked for every client that is not allowlisted, also
    after it passed (Postfix's reject_unauth_pipelining: a client that sends
    the message before the 354 must not get it through); its cache entry
@@ -28,14 +37,16 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
 Verdict delivery (Postfix's smtpd_delay_reject): a REJECT/DEFER decided
 before RCPT is kept in ``session.delayed`` and answered to every RCPT (and
 DATA), so the log line holds helo, from and to.  Protocol tests
-(pregreet, pipelining, non-SMTP, bare newline) always work that way
-(postscreen's ``enforce``); HELO/sender verdicts do when ``screen.delay_reject``
+(pregreet, pipelining, non-SMTP, bare newline), the DNSBL and the client
+name checks always work that way (postscreen's ``enforce``; smtpd's client
+restrictions at RCPT); HELO/sender verdicts do when ``screen.delay_reject``
 is on (default).  Syntax errors (``501``) and ``503`` (MAIL before HELO with
 ``helo.required``) are answered at once.  DROP always acts at once.
 
 Allowlist cache (postscreen's temporary allowlist): per client IP, one expiry
-per cacheable test (pregreet, pipelining, non_smtp, bare_newline).  Pregreet
-passes when the wait ends quietly; the in-session tests pass when the first
+per cacheable test (pregreet, dnsbl, pipelining, non_smtp, bare_newline).  Pregreet
+passes when the wait ends quietly, dnsbl when the score is below the
+threshold (for the answers' clamped TTL); the in-session tests pass when the first
 recipient passes screening (and goes to Postfix) without a failure.  When the last test still to do
 passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 :class:`~smtpguard.screenstore.ScreenStore` (MERGE POINT: the real state store).
@@ -305,19 +316,21 @@ class Pipeline:
         return v if v.action is Action.DROP else CONTINUE
 
     async def _dnsbl(self, s: Session, score: DnsblScore) -> Verdict:
-        """postscreen's DNSBL verdict after the greet wait; a score at or
+        """postscreen's DNSBL verdict after the greet wait.  A score at or
         below the allowlist threshold (DNSWL) makes every other screening
-        test count as passed for this session (``s.dnswl``)."""
+        test count as passed for this session (``s.dnswl``); as in
+        postscreen that is not cached: the next connection asks again (the
+        resolver's cache answers)."""
         found = dnsbl_result(score, self.cfg.dnsbl, s.peer)
         if found.outcome is Outcome.PASS and (score.hits or score.failed):
             log.info("%s", found.reason)  # which lists answered (a failure logs its own line)
-        v = await self._protocol_test(s, found, score.ttl)
-        if found.verdict.action is Action.PASS:
-            s.dnswl = True
-            if s.todo:
-                s.todo = frozenset()
-                self._pass_new(s)
-        return v
+        if found.verdict.action is not Action.PASS:
+            return await self._protocol_test(s, found, score.ttl)
+        self._count(found)
+        s.dnswl = True
+        s.todo = frozenset()
+        self._pass_new(s)
+        return CONTINUE
 
     def _keep(self, s: Session, found: Result) -> Verdict:
         """Record *found* and keep a REJECT/DEFER for RCPT whatever

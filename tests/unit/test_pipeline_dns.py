@@ -105,6 +105,9 @@ async def test_dnswl_is_a_session_fact_and_skips_the_protocol_tests() -> None:
     assert not s.delayed
     plain = await connect(p, GOOD)
     assert not plain.dnswl
+    # Not cached (postscreen): the next connection is looked up, and DNSWL, again.
+    assert "dnsbl" not in await p.store.get_cache(DNSWL)
+    assert (await connect(p, DNSWL)).dnswl
 
 
 async def test_dnsbl_pass_is_cached_for_the_clamped_ttl_and_pass_old_skips_lookups() -> None:

@@ -249,8 +249,9 @@ def test_check_sections_load_from_toml_with_keys_named_in_errors() -> None:
 
 
 def test_docs_config_reference_is_in_step_with_the_code() -> None:
-    from smtpguard.configdoc import SCREENING, section_table
+    from smtpguard.configdoc import DOCS, section_table
 
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "screening.md").read_text()
-    for name in SCREENING:
-        assert section_table(name) in doc, f"docs/screening.md: regenerate [{name}] with python -m smtpguard.configdoc"
+    for page, sections in DOCS.items():
+        doc = (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+        for name in sections:
+            assert section_table(name) in doc, f"docs/{page}: regenerate [{name}] with python -m smtpguard.configdoc"

@@ -8,35 +8,38 @@ the session.  :class:`DnsScreen` sits between the two: it asks the one
 :class:`~smtpguard.dns.DnsResolver` of the process (injected, so tests can
 pass a fake) at the right moments.
 
-* **Connect** (:meth:`DnsScreen.start`): one background task per session
-  looks up, in parallel, the client's DNSBL/DNSWL score (unless the
+* **Connect** (:meth:`DnsScreen.start`): background tasks look up, in
+  parallel, the client's DNSBL/DNSWL score (unless the
   allowlist cache still holds a DNSBL pass or the access table allowlisted
   the client) and its reverse and verified names (smtpd's peer name lookup,
   ``[client_name] lookup``), then ``reject_rhsbl_reverse_client`` on the
   reverse name.  It runs during the greet wait.
-* **Before the final 220** (:meth:`DnsScreen.collect`): the task's
-  :class:`ConnectFindings`.  Answers that came within the greet wait cost
-  nothing; a slow list delays the banner by at most ``[dns] lifetime``.
+* **Before the final 220** (:meth:`DnsScreen.collect`): the
+  :class:`ConnectFindings`.  The DNSBL score counts the lists that answered
+  by the end of the greet wait (postscreen's partial score); the client
+  names are waited for (bounded by ``[dns] lifetime``), as smtpd would.
 * **HELO** (:meth:`DnsScreen.helo_checks`): ``reject_unknown_helo_hostname``
   and ``reject_rhsbl_helo``, in parallel.
 * **MAIL** (:meth:`DnsScreen.sender_checks`): ``reject_unknown_sender_domain``
   and ``reject_rhsbl_sender``, in parallel.
 
-A session that ends early cancels its task (:meth:`DnsScreen.forget`); the
-resolver's shared queries go on for the other sessions waiting on them.
+A session that ends early cancels its tasks (:meth:`DnsScreen.forget`); the
+resolver's shared queries go on for the other sessions waiting on them (and
+fill its cache).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from .checks.dnsbl import DnsblScore, RhsblTarget, check_rhsbl, lookup_dnsbl
+from .checks.dnsbl import DnsblScore, RhsblTarget, check_rhsbl, collect_dnsbl, start_dnsbl
 from .checks.domains import check_helo_hostname, check_sender_domain
 from .checks.rdns import ClientNames, lookup_client_names
 from .config import Config
-from .dns import Resolver
+from .dns import DnsResult, Resolver
 from .session import Session
 from .tables import Table
 from .verdict import Result
@@ -48,6 +51,18 @@ DNS_CHECKS = ("dnsbl", "rhsbl", "client_name", "sender_domain", "helo_hostname")
 def wants_resolver(cfg: Config) -> bool:
     """Does this configuration ask the DNS at all?"""
     return cfg.client_name.lookup or any(getattr(cfg, name).enabled for name in DNS_CHECKS)
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """A session's connect-time lookups in progress (``Session.lookups``)."""
+
+    dnsbl: dict[str, asyncio.Task[DnsResult[str]]]  # site domain -> its A lookup
+    client: asyncio.Task[tuple[ClientNames, Result | None]] | None  # names, reverse-client RHSBL
+
+    def cancel(self) -> None:
+        for task in (*self.dnsbl.values(), *([self.client] if self.client else [])):
+            task.cancel()
 
 
 @dataclass(frozen=True)
@@ -71,31 +86,36 @@ class DnsScreen:
     def start(self, s: Session, dnsbl: bool) -> None:
         """At connect: start the lookups (*dnsbl*: the DNSBL score too)."""
         names = self.cfg.client_name.lookup
-        if self.resolver is None or not (names or dnsbl):
+        resolver = self.resolver
+        if resolver is None or not (names or dnsbl):
             return
-        s.lookups = asyncio.create_task(self._connect(self.resolver, s.client_ip, names, dnsbl),
-                                        name=f"dns {s.client_ip}")
+        s.lookups = Lookups(
+            start_dnsbl(resolver, self.cfg.dnsbl, s.client_ip) if dnsbl else {},
+            asyncio.create_task(self._client(resolver, s.client_ip), name=f"names {s.client_ip}") if names else None,
+        )
 
-    async def collect(self, s: Session) -> ConnectFindings:
-        """Before the final 220: what the connect-time lookups found."""
-        task, s.lookups = s.lookups, None
-        return ConnectFindings() if task is None else await task
+    async def collect(self, s: Session, deadline: float) -> ConnectFindings:
+        """Before the final 220: what the connect-time lookups found; the
+        DNSBL score counts the lists that answered by *deadline*
+        (``time.monotonic()``, the end of the greet wait)."""
+        pending, s.lookups = s.lookups, None
+        if pending is None:
+            return ConnectFindings()
+        try:
+            score = None
+            if pending.dnsbl:
+                timeout = max(0.0, deadline - time.monotonic())
+                score = await collect_dnsbl(self.cfg.dnsbl, s.client_ip, pending.dnsbl, timeout)
+            names, reverse_rhsbl = await pending.client if pending.client else (None, None)
+        finally:
+            pending.cancel()
+        return ConnectFindings(names, score, reverse_rhsbl)
 
     def forget(self, s: Session) -> None:
         """The session ended: stop waiting for its lookups."""
-        task, s.lookups = s.lookups, None
-        if task is not None:
-            task.cancel()
-
-    async def _connect(self, resolver: Resolver, ip: str, names: bool, dnsbl: bool) -> ConnectFindings:
-        async def client() -> tuple[ClientNames | None, Result | None]:
-            return await self._client(resolver, ip) if names else (None, None)
-
-        async def score() -> DnsblScore | None:
-            return await lookup_dnsbl(resolver, self.cfg.dnsbl, ip) if dnsbl else None
-
-        (found, reverse_rhsbl), dnsbl_score = await asyncio.gather(client(), score())
-        return ConnectFindings(found, dnsbl_score, reverse_rhsbl)
+        pending, s.lookups = s.lookups, None
+        if pending is not None:
+            pending.cancel()
 
     async def _client(self, resolver: Resolver, ip: str) -> tuple[ClientNames, Result | None]:
         names = await lookup_client_names(resolver, ip)

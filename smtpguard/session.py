@@ -7,14 +7,16 @@ built from it, and the relay's XCLIENT identity is derived from it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import logs
 from .relay import ClientIdentity
 from .verdict import Result, Verdict
+
+if TYPE_CHECKING:
+    from .dnsscreen import Lookups
 
 
 @dataclass(slots=True)  # slots: one per connection, thousands may be idle
@@ -41,7 +43,7 @@ class Session:
     # DNSBL score <= dnsbl.allowlist_threshold (DNSWL): the postscreen tests and
     # greylisting count as passed; smtpd-style restrictions still apply.
     dnswl: bool = False
-    lookups: asyncio.Task[Any] | None = None  # connect-time DNS lookups (smtpguard.dnsscreen)
+    lookups: Lookups | None = None  # connect-time DNS lookups in progress (smtpguard.dnsscreen)
     todo: frozenset[str] = frozenset()  # cacheable tests still to pass
     failed: set[str] = field(default_factory=set)  # tests failed in this session
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT

@@ -185,11 +185,26 @@ async def test_hangup_cancels_the_lookups() -> None:
     p, _, _ = make({"dnsbl": DNSBL}, zone)
     s = session(GOOD)
     await p.on_connect(s, 1, 1)
-    task = s.lookups
-    assert task is not None
+    pending = s.lookups
+    assert pending is not None and pending.client is not None
     p.on_disconnect(s)
     await asyncio.sleep(0)
-    assert task.cancelled() and s.lookups is None
+    assert s.lookups is None
+    assert pending.client.cancelled() and all(t.cancelled() for t in pending.dnsbl.values())
+    zone.gate.set()
+
+
+async def test_a_list_slower_than_the_greet_wait_counts_as_not_listed(caplog: pytest.LogCaptureFixture) -> None:
+    zone = FakeZone(ZONE)
+    zone.gate = asyncio.Event()  # no answer until the wait is over
+    p, _, _ = make({"dnsbl": DNSBL, "pregreet": {"greet_wait": "0.05s"}, "client_name": {"lookup": False}}, zone)
+    s = session(LISTED)
+    await p.on_connect(s, 1, 1)
+    with caplog.at_level("INFO", logger="smtpguard"):
+        assert (await p.on_banner(s)).action is Action.CONTINUE  # at the end of the wait, not later
+    assert "DNSBL rank 0 for [192.0.2.2]:40123 (zen.test=lookup failed, wl.test=lookup failed)" in caplog.text
+    assert not s.delayed
+    assert (await p.store.get_cache(LISTED))["dnsbl"] > 0  # a pass, for min_ttl
     zone.gate.set()
 
 

@@ -8,6 +8,7 @@ forwarded to a port that never answers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -192,7 +193,9 @@ def test_dns_that_never_answers_tempfails_and_never_rejects(backend: PrivatePost
     g = dns_guard(make_guard, backend, dns, '[dnsbl]\nenabled = true\nsites = ["slow.test*5"]\n'
                   + SENDER_DOMAIN)
     c = RawClient(g.port, source=SLOW)
+    started = time.monotonic()
     c.reply()
+    assert time.monotonic() - started < 0.8  # the score is taken after the 0.2s wait, not after the 1s lifetime
     replies = deliver(c, sender="a@mail.slow.test")
     assert replies[2] == "450 4.1.8 <a@mail.slow.test>: Sender address rejected: Domain not found\r\n"
     assert c.cmd("RSET").startswith("250")

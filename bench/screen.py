@@ -88,7 +88,9 @@ class Guard:
             f'[server]\nlisten = ["127.0.0.1:{self.port}"]\nhostname = "mx.bench.test"\n'
             f"max_connections = 20000\n"
             f'[upstream]\naddress = "127.0.0.1:{upstream}"\n'
-            f'[metrics]\nlisten = ""\n[state]\nurl = "memory://"\n' + extra
+            f'[metrics]\nlisten = ""\n[state]\nurl = "memory://"\n'
+            f"[client_name]\nlookup = false\n"  # no DNS (bench/dns.py measures it); nothing leaves loopback
+            + extra
         )
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "-c", str(conf)],

@@ -180,13 +180,12 @@ class Pipeline:
 
     async def on_banner(self, s: Session) -> Verdict:
         """Before the final ``220`` (after the greet wait, if any): collect
-        the DNS lookups on_connect started; the DNSBL score counts the lists
-        that answered within ``greet_wait`` of the connect, whether or not
-        the client had a wait (postscreen).  The client's verified name
-        becomes ``s.client_name`` (XCLIENT NAME=, ``name[ip]`` in the log);
-        the DNSBL score is judged as postscreen does after its wait; the
-        client-name and reverse-client RHSBL verdicts are kept for RCPT
-        (smtpd_delay_reject).  Only DROP acts now."""
+        the DNS lookups on_connect started.  The DNSBL score counts the
+        lists that answered within ``greet_wait`` of the connect, whether or
+        not the client had a wait, and is judged as postscreen does.  The
+        client's verified name becomes ``s.client_name`` (XCLIENT NAME=,
+        ``name[ip]`` in the log); the client-name and reverse-client RHSBL
+        verdicts are kept for RCPT.  Only DROP acts now."""
         found = await self.dns.collect(s, s.started + self.cfg.pregreet.greet_wait)
         if found.names is not None:
             s.client_name = found.names.name

@@ -172,6 +172,18 @@ async def test_sender_and_helo_checks_are_delayed_to_rcpt() -> None:
         "554 5.7.1 Service unavailable; Helo command [spam.test] blocked using dbl.test"
 
 
+async def test_helo_hostname_check_runs_after_the_helo_syntax_checks() -> None:
+    p, zone, _ = make({"helo_hostname": {"enabled": True}})
+    s = await connect(p, GOOD)
+    s.helo = "nowhere.test"
+    assert (await p.on_helo(s)).action is Action.CONTINUE
+    assert reply(s.delayed["helo"]) == "450 4.7.1 <nowhere.test>: Helo command rejected: Host not found"
+    zone.calls.clear()
+    s.helo = "[300.1.1.1]"  # invalid: refused by the syntax check, never looked up
+    assert (await p.on_helo(s)).action is Action.CONTINUE
+    assert reply(s.delayed["helo"]).startswith("501 5.5.2") and zone.calls == []
+
+
 async def test_without_delay_reject_the_sender_domain_is_refused_at_mail() -> None:
     p, _, _ = make({"screen": {"delay_reject": False}, "sender_domain": {"enabled": True}})
     s = await connect(p, GOOD)

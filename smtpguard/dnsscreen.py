@@ -31,15 +31,16 @@ fill its cache).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .checks.dnsbl import DnsblScore, RhsblTarget, check_rhsbl, collect_dnsbl, start_dnsbl
+from .checks.dnsbl import DnsblConfig, DnsblScore, RhsblTarget, check_rhsbl, dnsbl_names, score_answers
 from .checks.domains import check_helo_hostname, check_sender_domain
 from .checks.rdns import ClientNames, lookup_client_names
 from .config import Config
-from .dns import DnsResult, Resolver
+from .dns import TEMPFAIL, DnsResult, Resolver
 from .session import Session
 from .tables import Table
 from .verdict import Result
@@ -53,15 +54,58 @@ def wants_resolver(cfg: Config) -> bool:
     return cfg.client_name.lookup or any(getattr(cfg, name).enabled for name in DNS_CHECKS)
 
 
-@dataclass(frozen=True)
-class Lookups:
-    """A session's connect-time lookups in progress (``Session.lookups``)."""
+ClientFindings = tuple[ClientNames, Result | None]  # names, reverse-client RHSBL result
 
-    dnsbl: dict[str, asyncio.Task[DnsResult[str]]]  # site domain -> its A lookup
-    client: asyncio.Task[tuple[ClientNames, Result | None]] | None  # names, reverse-client RHSBL
+
+class Lookups:
+    """A session's connect-time lookups (``Session.lookups``).  Answers are
+    kept as they arrive and each task lets go of itself when done: thousands
+    of sessions may sit in the greet wait, and a finished task would cost
+    about 0.7 KB each."""
+
+    __slots__ = ("answers", "client", "_dnsbl", "_client")
+
+    def __init__(self) -> None:
+        self.answers: dict[str, DnsResult[str]] = {}  # DNSBL site domain -> its answer, once in
+        self.client: ClientFindings | None = None
+        self._dnsbl: dict[str, asyncio.Task[None]] = {}  # lookups still running
+        self._client: asyncio.Task[None] | None = None
+
+    def ask_dnsbl(self, resolver: Resolver, config: DnsblConfig, ip: str) -> None:
+        for domain, name in dnsbl_names(config, ip).items():
+            self._dnsbl[domain] = asyncio.create_task(self._answer(resolver, domain, name), name=f"dnsbl {ip}")
+
+    def ask_client(self, fetch: Callable[[], Awaitable[ClientFindings]], ip: str) -> None:
+        self._client = asyncio.create_task(self._names(fetch), name=f"names {ip}")
+
+    async def _answer(self, resolver: Resolver, domain: str, name: str) -> None:
+        try:
+            self.answers[domain] = await resolver.a(name)
+        finally:
+            del self._dnsbl[domain]
+
+    async def _names(self, fetch: Callable[[], Awaitable[ClientFindings]]) -> None:
+        try:
+            self.client = await fetch()
+        finally:
+            self._client = None
+
+    async def score(self, config: DnsblConfig, ip: str, timeout: float) -> DnsblScore:
+        """The score once every list answered or after *timeout* seconds;
+        a list that has not answered by then counts as not listed (as a
+        failed one), like postscreen's partial score after the greet wait."""
+        if self._dnsbl:
+            await asyncio.wait(list(self._dnsbl.values()), timeout=timeout)
+        return score_answers(config, ip, {s.domain: self.answers.get(s.domain, TEMPFAIL) for s in config.sites})
+
+    async def names(self) -> ClientFindings | tuple[None, None]:
+        """The client's names and reverse-client RHSBL result (waited for)."""
+        if self._client is not None:
+            await self._client
+        return self.client or (None, None)
 
     def cancel(self) -> None:
-        for task in (*self.dnsbl.values(), *([self.client] if self.client else [])):
+        for task in (*self._dnsbl.values(), *([self._client] if self._client else [])):
             task.cancel()
 
 
@@ -83,16 +127,18 @@ class DnsScreen:
         self.resolver = resolver
         self.override = rhsbl_override
 
-    def start(self, s: Session, dnsbl: bool) -> None:
-        """At connect: start the lookups (*dnsbl*: the DNSBL score too)."""
-        names = self.cfg.client_name.lookup
+    def start(self, s: Session) -> None:
+        """At connect: start the lookups; the DNSBL score when ``dnsbl`` is
+        among the session's tests still to do (not PASS OLD, not allowlisted)."""
+        names, dnsbl = self.cfg.client_name.lookup, "dnsbl" in s.todo
         resolver = self.resolver
         if resolver is None or not (names or dnsbl):
             return
-        s.lookups = Lookups(
-            start_dnsbl(resolver, self.cfg.dnsbl, s.client_ip) if dnsbl else {},
-            asyncio.create_task(self._client(resolver, s.client_ip), name=f"names {s.client_ip}") if names else None,
-        )
+        lookups = s.lookups = Lookups()
+        if dnsbl:
+            lookups.ask_dnsbl(resolver, self.cfg.dnsbl, s.client_ip)
+        if names:
+            lookups.ask_client(functools.partial(self._client, resolver, s.client_ip), s.client_ip)
 
     async def collect(self, s: Session, deadline: float) -> ConnectFindings:
         """Before the final 220: what the connect-time lookups found; the
@@ -103,10 +149,9 @@ class DnsScreen:
             return ConnectFindings()
         try:
             score = None
-            if pending.dnsbl:
-                timeout = max(0.0, deadline - time.monotonic())
-                score = await collect_dnsbl(self.cfg.dnsbl, s.client_ip, pending.dnsbl, timeout)
-            names, reverse_rhsbl = await pending.client if pending.client else (None, None)
+            if "dnsbl" in s.todo:
+                score = await pending.score(self.cfg.dnsbl, s.client_ip, max(0.0, deadline - time.monotonic()))
+            names, reverse_rhsbl = await pending.names()
         finally:
             pending.cancel()
         return ConnectFindings(names, score, reverse_rhsbl)

@@ -154,7 +154,7 @@ class Pipeline:
             s.allowlisted = True
             log.info("ALLOWLISTED %s", peer)
             self._count(found)
-            self.dns.start(s, dnsbl=False)
+            self.dns.start(s)
             return CONTINUE
         v = self._decide(s, found, "connect")
         if v.action is Action.DROP:
@@ -166,7 +166,7 @@ class Pipeline:
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
                 log.info("PASS OLD %s", peer)
-        self.dns.start(s, dnsbl="dnsbl" in s.todo)  # runs during the greet wait
+        self.dns.start(s)  # runs during the greet wait
         return CONTINUE
 
     def greet_wait(self, s: Session) -> float:

@@ -19,9 +19,10 @@ once, so one list may appear several times with different filters and
 weights (``zen=127.0.0.[10;11]*1, zen=127.0.0.[2..9]*4``).  A lookup that
 fails (timeout, SERVFAIL) counts as "not listed", as in postscreen, and is
 reported in :attr:`DnsblScore.failed`.  The session starts the lookups at
-connect time (:func:`start_dnsbl`) and scores them at the end of the greet
-wait (:func:`collect_dnsbl`), so the check adds no latency beyond the wait;
-a list that has not answered by then counts as not listed, as in postscreen.
+connect time and scores the answers in at the end of the greet wait
+(:mod:`smtpguard.dnsscreen`, with :func:`score_answers`), so the check adds
+no latency beyond the wait; a list that has not answered by then counts as
+not listed, as in postscreen.
 
 **Verdict** (:func:`dnsbl_result`): a total at or above ``threshold`` fails
 with postscreen's ``550 5.7.1 Service unavailable; client [ip] blocked using
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
-from ..dns import TEMPFAIL, DnsResult, Resolver, client_ip, reversed_ip, valid_hostname
+from ..dns import DnsResult, Resolver, client_ip, reversed_ip, valid_hostname
 from ..tables import AccessKind, Table, check_access_spec, lookup_helo, parse_action
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
 
@@ -291,34 +292,17 @@ def score_answers(config: DnsblConfig, ip: str, answers: Mapping[str, DnsResult[
     return DnsblScore(str(client_ip(ip)), total, tuple(hits), failed, int(ttl))
 
 
-def start_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> dict[str, asyncio.Task[DnsResult[str]]]:
-    """Start the A lookup of *ip* in every distinct site domain, in the
-    background (at connect time); :func:`collect_dnsbl` scores them."""
+def dnsbl_names(config: DnsblConfig, ip: str) -> dict[str, str]:
+    """The question for each distinct site domain: ``{domain: "4.3.2.1.domain"}``."""
     reverse = reversed_ip(ip)
-    domains = dict.fromkeys(site.domain for site in config.sites)
-    return {d: asyncio.create_task(resolver.a(f"{reverse}.{d}"), name=f"dnsbl {d}") for d in domains}
-
-
-async def collect_dnsbl(
-    config: DnsblConfig, ip: str, lookups: Mapping[str, asyncio.Task[DnsResult[str]]], timeout: float | None = None
-) -> DnsblScore:
-    """Score *lookups* (from :func:`start_dnsbl`) when all have answered or
-    *timeout* seconds have passed.  A list that has not answered by then
-    counts as not listed, like a failed one (postscreen's partial score at
-    the end of the greet wait), and its lookup is cancelled."""
-    try:
-        if not all(task.done() for task in lookups.values()):  # (asyncio.wait would yield even then)
-            await asyncio.wait(lookups.values(), timeout=timeout)
-    finally:
-        for task in lookups.values():
-            task.cancel()
-    answers = {d: t.result() if t.done() and not t.cancelled() else TEMPFAIL for d, t in lookups.items()}
-    return score_answers(config, ip, answers)
+    return {site.domain: f"{reverse}.{site.domain}" for site in config.sites}
 
 
 async def lookup_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> DnsblScore:
     """Look *ip* up in every configured list, in parallel, and score it."""
-    return await collect_dnsbl(config, ip, start_dnsbl(resolver, config, ip))
+    names = dnsbl_names(config, ip)
+    results = await asyncio.gather(*(resolver.a(name) for name in names.values()))
+    return score_answers(config, ip, dict(zip(names, results, strict=True)))
 
 
 def dnsbl_result(dnsbl: DnsblScore, config: DnsblConfig, peer: str | None = None) -> Result:

@@ -191,19 +191,32 @@ async def test_without_delay_reject_the_sender_domain_is_refused_at_mail() -> No
     assert reply(await p.on_mail(s)) == "450 4.1.8 <a@nx.test>: Sender address rejected: Domain not found"
 
 
+def session_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith(("dnsbl ", "names "))]
+
+
 async def test_hangup_cancels_the_lookups() -> None:
     zone = FakeZone(ZONE)
     zone.gate = asyncio.Event()
     p, _, _ = make({"dnsbl": DNSBL}, zone)
     s = session(GOOD)
     await p.on_connect(s, 1, 1)
-    pending = s.lookups
-    assert pending is not None and pending.client is not None
+    assert len(session_tasks()) == 3  # 2 lists + the names
     p.on_disconnect(s)
     await asyncio.sleep(0)
-    assert s.lookups is None
-    assert pending.client.cancelled() and all(t.cancelled() for t in pending.dnsbl.values())
+    assert s.lookups is None and session_tasks() == []
     zone.gate.set()
+
+
+async def test_finished_lookups_keep_their_answers_not_their_tasks() -> None:
+    p, _, _ = make({"dnsbl": DNSBL})
+    s = session(LISTED)
+    await p.on_connect(s, 1, 1)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert session_tasks() == [] and s.lookups is not None  # done: only the answers are held
+    assert (await p.on_banner(s)).action is Action.CONTINUE
+    assert reply(await rcpt(p, s)).startswith("550 5.7.1")
 
 
 async def test_a_list_slower_than_the_greet_wait_counts_as_not_listed(caplog: pytest.LogCaptureFixture) -> None:

@@ -94,9 +94,16 @@ def test_dnswl_client_delivers_and_skips_the_other_tests(backend: PrivatePostfix
     g = dns_guard(make_guard, backend, dns, DNSBL)
     c = RawClient(g.port, source=DNSWL)
     c.reply()
-    assert deliver(c)[-1].startswith("250 2.0.0 Ok: queued as")
+    # Unauthorized pipelining (after HELO, no PIPELINING offered) would be a
+    # Protocol error at RCPT for any other client; the DNSWL client is exempt.
+    c.send(b"HELO client.example\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@example.test>\r\n")
+    assert [c.reply()[:3] for _ in range(3)] == ["250", "250", "250"]
+    assert c.cmd("DATA").startswith("354")
+    c.send(b"Subject: dnswl\r\n\r\nhi\r\n.\r\n")
+    assert c.reply().startswith("250 2.0.0 Ok: queued as")
     c.cmd("QUIT")
     backend.wait_for_messages(1)
+    assert "PIPELINING from" not in g.log()
     g.wait_for_log(r"DNSBL rank -1 for \[127\.0\.0\.3\]:\d+ \(bl\.test=127\.0\.0\.4\*1, wl\.test=127\.0\.5\.2\*-2\), "
                    r"allowlisted")
     g.wait_for_log(r"PASS NEW \[127\.0\.0\.3\]:\d+")

@@ -138,7 +138,7 @@ class DnsScreen:
         if dnsbl:
             lookups.ask_dnsbl(resolver, self.cfg.dnsbl, s.client_ip)
         if names:
-            lookups.ask_client(functools.partial(self._client, resolver, s.client_ip), s.client_ip)
+            lookups.ask_client(functools.partial(self._client, resolver, s.client_ip, s.allowlisted), s.client_ip)
 
     async def collect(self, s: Session, deadline: float) -> ConnectFindings:
         """Before the final 220: what the connect-time lookups found; the
@@ -162,10 +162,10 @@ class DnsScreen:
         if pending is not None:
             pending.cancel()
 
-    async def _client(self, resolver: Resolver, ip: str) -> tuple[ClientNames, Result | None]:
+    async def _client(self, resolver: Resolver, ip: str, allowlisted: bool) -> ClientFindings:
         names = await lookup_client_names(resolver, ip)
         rhsbl = self.cfg.rhsbl
-        if not (rhsbl.enabled and rhsbl.reverse_client_sites):
+        if allowlisted or not (rhsbl.enabled and rhsbl.reverse_client_sites):
             return names, None
         return names, await check_rhsbl(resolver, rhsbl, RhsblTarget.REVERSE_CLIENT, names.reverse_name, self.override)
 

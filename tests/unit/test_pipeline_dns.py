@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from smtpguard.config import from_dict
+from smtpguard.config import ConfigError, from_dict
 from smtpguard.dns import DnsConfig, DnsResolver
 from smtpguard.pipeline import Pipeline
 from smtpguard.screenstore import MemoryScreenStore
@@ -231,6 +231,11 @@ async def test_a_list_slower_than_the_greet_wait_counts_as_not_listed(caplog: py
     assert not s.delayed
     assert (await p.store.get_cache(LISTED))["dnsbl"] > 0  # a pass, for min_ttl
     zone.gate.set()
+
+
+def test_client_name_check_needs_the_lookup() -> None:
+    with pytest.raises(ConfigError, match=r"^client_name\.lookup: must be true when the check is enabled"):
+        from_dict({"client_name": {"enabled": True, "lookup": False}})
 
 
 def test_dns_checks_need_a_resolver() -> None:

@@ -9,11 +9,12 @@ the session.  :class:`DnsScreen` sits between the two: it asks the one
 pass a fake) at the right moments.
 
 * **Connect** (:meth:`DnsScreen.start`): background tasks look up, in
-  parallel, the client's DNSBL/DNSWL score (unless the
-  allowlist cache still holds a DNSBL pass or the access table allowlisted
-  the client) and its reverse and verified names (smtpd's peer name lookup,
-  ``[client_name] lookup``), then ``reject_rhsbl_reverse_client`` on the
-  reverse name.  It runs during the greet wait.
+  parallel, the client's DNSBL/DNSWL score (unless the allowlist cache
+  still holds a DNSBL pass or the access table allowlisted the client) and
+  its reverse and verified names (smtpd's peer name lookup, ``[client_name]
+  lookup``), then ``reject_rhsbl_reverse_client`` on the reverse name.
+  They run during the greet wait; :class:`Lookups` keeps the answers as
+  they arrive.
 * **Before the final 220** (:meth:`DnsScreen.collect`): the
   :class:`ConnectFindings`.  The DNSBL score counts the lists that answered
   by the end of the greet wait (postscreen's partial score); the client

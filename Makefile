@@ -37,6 +37,7 @@ bench: venv sysdeps
 	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/greylist.py --backend sqlite --backend redis
 	$(BIN)/python bench/tls.py
+	$(BIN)/python bench/dns_screening.py
 
 ## The project and its dependencies as wheels in build/wheels, for the container image
 ## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on

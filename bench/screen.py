@@ -12,7 +12,11 @@ subprocess in front of it (as an admin would run it), then:
    after, per held connection.  While they are held, a known client
    (``permit`` in the client access table, so it skips the wait) delivers a
    message through to Postfix; its delivery time is reported and the message
-   is checked in Postfix's mailbox.
+   is checked in Postfix's mailbox.  Run twice: without DNS, and with
+   ``[dns]`` pointed at a private dnsmasq (the test lab's), 3 DNSBL sites
+   and the client-name lookup, as a production setup would (the
+   connect-time lookups and their cached answers are then part of what a
+   held connection costs).
 2. **bots**: ``--bots`` pregreeting bots (``EHLO`` sent right after
    ``220-``), ``--concurrency`` at a time, against a fresh smtpguard:
    with ``[pregreet] action = "drop"`` (521 at once, hang up) and with the
@@ -42,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.procstat import cpu_seconds, raise_nofile, rss_kib  # noqa: E402
-from tests.lab import PrivatePostfix, free_port, wait_until  # noqa: E402
+from tests.lab import DnsServer, PrivatePostfix, free_port, wait_until  # noqa: E402
 
 
 def source(i: int, per: int = 40) -> str:
@@ -67,7 +71,9 @@ class Guard:
             f'[server]\nlisten = ["127.0.0.1:{self.port}"]\nhostname = "mx.bench.test"\n'
             f"max_connections = 20000\n"
             f'[upstream]\naddress = "127.0.0.1:{upstream}"\n'
-            f'[metrics]\nlisten = ""\n[state]\nurl = "memory://"\n' + extra
+            f'[metrics]\nlisten = ""\n[state]\nurl = "memory://"\n'
+            + ("" if "[client_name]" in extra else "[client_name]\nlookup = false\n")  # no DNS unless asked
+            + extra
         )
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "-c", str(conf)],
@@ -164,29 +170,12 @@ def main() -> None:
         # ------------------------------------------------ idle connections
         table = work / "clients.cidr"
         table.write_text("127.0.0.2 permit\n")
-        g = Guard(work / "idle", backend.port,
-                  f'[pregreet]\ngreet_wait = "60s"\n[access]\nclient_table = "cidr:{table}"\n')
-        try:
-            warm = asyncio.run(_warm(g.port))
-            time.sleep(0.5)
-            before = rss_kib(g.proc.pid)
-            loop = asyncio.new_event_loop()
-            start = time.monotonic()
-            writers = loop.run_until_complete(hold_idle(g.port, args.idle, args.concurrency, first=warm))
-            opened = time.monotonic() - start
-            time.sleep(1.0)
-            after = rss_kib(g.proc.pid)
-            took = deliver(g.port, backend)
-            still = rss_kib(g.proc.pid)
-            print(f"idle: {len(writers)} connections held in the greet wait (opened in {opened:.1f}s)")
-            print(f"idle: smtpguard VmRSS {before} KiB before, {after} KiB with them held: "
-                  f"{(after - before) * 1024 / len(writers) / 1000:.2f} KB per connection (target <= 10 KB)")
-            print(f"idle: a good client delivered to Postfix while they were held in {took * 1000:.0f} ms "
-                  f"(VmRSS then {still} KiB)")
-            loop.run_until_complete(close_all(writers))
-            loop.close()
-        finally:
-            g.stop()
+        idle = f'[pregreet]\ngreet_wait = "60s"\n[access]\nclient_table = "cidr:{table}"\n'
+        idle_run(work / "idle", backend, idle, args, "idle")
+        with DnsServer([], log_queries=False) as dns:  # every name NXDOMAIN: no PTR, not listed
+            with_dns = (f'[dns]\nnameservers = ["{dns.address}:{dns.port}"]\n[client_name]\nlookup = true\n'
+                        '[dnsbl]\nenabled = true\nsites = ["zen.bench", "bl.bench", "wl.bench*-1"]\n')
+            idle_run(work / "idle-dns", backend, idle + with_dns, args, "idle with DNS")
         # ------------------------------------------------ pregreet bots
         for mode, extra in (("drop", '[pregreet]\ngreet_wait = "6s"\naction = "drop"\n'),
                             ("enforce", '[pregreet]\ngreet_wait = "1s"\n')):
@@ -206,6 +195,33 @@ def main() -> None:
               f"{len(backend.messages()) - len(delivered)} from anyone else")
     finally:
         backend.cleanup()
+
+
+def idle_run(workdir: Path, backend: PrivatePostfix, extra: str, args: argparse.Namespace, label: str) -> None:
+    """Hold ``--idle`` connections in the greet wait; RSS per connection and
+    a known client's delivery meanwhile."""
+    g = Guard(workdir, backend.port, extra)
+    try:
+        warm = asyncio.run(_warm(g.port))
+        time.sleep(0.5)
+        before = rss_kib(g.proc.pid)
+        loop = asyncio.new_event_loop()
+        start = time.monotonic()
+        writers = loop.run_until_complete(hold_idle(g.port, args.idle, args.concurrency, first=warm))
+        opened = time.monotonic() - start
+        time.sleep(1.0)
+        after = rss_kib(g.proc.pid)
+        took = deliver(g.port, backend)
+        still = rss_kib(g.proc.pid)
+        print(f"{label}: {len(writers)} connections held in the greet wait (opened in {opened:.1f}s)")
+        print(f"{label}: smtpguard VmRSS {before} KiB before, {after} KiB with them held: "
+              f"{(after - before) * 1024 / len(writers) / 1000:.2f} KB per connection (target <= 10 KB)")
+        print(f"{label}: a good client delivered to Postfix while they were held in {took * 1000:.0f} ms "
+              f"(VmRSS then {still} KiB)")
+        loop.run_until_complete(close_all(writers))
+        loop.close()
+    finally:
+        g.stop()
 
 
 async def _warm(port: int) -> int:

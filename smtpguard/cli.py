@@ -20,6 +20,8 @@ import sys
 from . import admin, logs, report
 from . import config as config_mod
 from .config import Config, ConfigError
+from .dns import DnsResolver
+from .dnsscreen import wants_resolver
 from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
@@ -42,16 +44,26 @@ def summary(cfg: Config) -> str:
             f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
 
 
+def _resolver(cfg: Config, previous: Pipeline | None = None) -> DnsResolver | None:
+    """One resolver (so one DNS cache) for the process; a reload keeps it
+    unless the ``[dns]`` section changed."""
+    if not wants_resolver(cfg):
+        return None
+    if previous is not None and previous.dns.resolver is not None and previous.cfg.dns == cfg.dns:
+        return previous.dns.resolver  # type: ignore[return-value]
+    return DnsResolver(cfg.dns)
+
+
 def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
     """The pipeline for a reloaded configuration (re-reads its tables),
     on *previous*'s state store (``state.url`` changes need a restart)."""
-    return Pipeline(cfg, previous.store)
+    return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous))
 
 
 async def serve(cfg: Config, path: str | None = None) -> None:
     store = await open_store(cfg.state.url)
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
-    server = Server(cfg, Pipeline(cfg, store))
+    server = Server(cfg, Pipeline(cfg, store, resolver=_resolver(cfg)))
     try:
         await server.start()
     except BaseException:
@@ -111,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(cfg.log)
     try:
         asyncio.run(serve(cfg, args.config))
+    except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
+        log.critical("cannot start: %s", exc)
+        return 1
     except (OSError, StoreError) as exc:
         log.critical("cannot start: %s", exc)
         return 1

@@ -324,6 +324,8 @@ class ScreenConfig:
 from .checks.access import AccessConfig  # noqa: E402
 from .checks.addresses import AddressConfig  # noqa: E402
 from .checks.barenewline import BareNewlineConfig  # noqa: E402
+from .checks.dnsbl import DnsblConfig, RhsblConfig  # noqa: E402
+from .checks.domains import HeloHostnameConfig, SenderDomainConfig  # noqa: E402
 from .checks.errors import ErrorsConfig  # noqa: E402
 from .checks.greylist import GreylistConfig  # noqa: E402
 from .checks.helo import HeloConfig  # noqa: E402
@@ -331,6 +333,8 @@ from .checks.limits import LimitsConfig  # noqa: E402
 from .checks.nonsmtp import NonSmtpConfig  # noqa: E402
 from .checks.pipelining import PipeliningConfig  # noqa: E402
 from .checks.pregreet import PregreetConfig  # noqa: E402
+from .checks.rdns import ClientNameConfig  # noqa: E402
+from .dns import DnsConfig  # noqa: E402
 from .tls import TlsConfig  # noqa: E402
 
 
@@ -342,18 +346,24 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     # Screening, in the order the pipeline applies them.
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     pregreet: PregreetConfig = field(default_factory=PregreetConfig)
     pipelining: PipeliningConfig = field(default_factory=PipeliningConfig)
     non_smtp: NonSmtpConfig = field(default_factory=NonSmtpConfig)
     bare_newline: BareNewlineConfig = field(default_factory=BareNewlineConfig)
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    client_name: ClientNameConfig = field(default_factory=ClientNameConfig)
     helo: HeloConfig = field(default_factory=HeloConfig)
+    helo_hostname: HeloHostnameConfig = field(default_factory=HeloHostnameConfig)
     addresses: AddressConfig = field(default_factory=AddressConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    sender_domain: SenderDomainConfig = field(default_factory=SenderDomainConfig)
+    rhsbl: RhsblConfig = field(default_factory=RhsblConfig)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

@@ -15,8 +15,10 @@ A question goes through three layers:
    for the RFC 2308 negative TTL taken from the SOA in the reply (the smaller
    of the SOA's TTL and its MINIMUM field), capped at ``negative_ttl``, or for
    ``negative_ttl`` itself when the reply carries no SOA.  Temporary failures
-   are never cached.  Expiry uses an injected clock, so tests control time.
-   The TTL handed out is what remains of it, like a caching resolver does.
+   are never cached; each one is logged (``warning: DNS lookup error for
+   NAME/TYPE ...``) and counted (``smtpguard_dns_errors_total{type,error}``).  Expiry
+   uses an injected clock, so tests control time.  The TTL handed out is
+   what remains of it, like a caching resolver does.
 2. **In-flight de-duplication**: when two sessions ask the same question at
    the same time, the second awaits the first one's query instead of sending
    its own.  The shared query runs as its own task behind
@@ -43,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -59,6 +62,9 @@ import dns.rdatatype
 import dns.resolver
 
 from .config import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
+from .metrics import METRICS
+
+log = logging.getLogger("smtpguard")
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -322,6 +328,7 @@ class DnsResolver:
         self._cache: OrderedDict[_Key, tuple[float, DnsResult[str]]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[DnsResult[str]]] = {}
         self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._failures: dict[tuple[str, str], Any] = {}  # (rdtype, error) -> metric child
 
     async def a(self, name: str) -> DnsResult[str]:
         return await self._lookup(name, "A")
@@ -356,19 +363,33 @@ class DnsResolver:
 
     async def _fetch(self, key: _Key) -> DnsResult[str]:
         """Ask the backend in a free slot, all within ``lifetime``; cache."""
+        start = self._clock()
+        error = "servfail"  # the backend's TEMPFAIL: SERVFAIL, REFUSED, no nameserver
         try:
             async with asyncio.timeout(self._config.lifetime):
                 async with self._slots:
                     result, soa_ttl = await self._backend.query(*key)
         except TimeoutError:
-            return TEMPFAIL
+            result, soa_ttl, error = TEMPFAIL, None, "timeout"
+        METRICS.dns_query_seconds.labels(type=key[1]).observe(max(0.0, self._clock() - start))
         if not result.status.definite:
+            self._failed(key, error)
             return result
         if not result.ok:
             negative = self._config.negative_ttl
             result = DnsResult(result.status, (), int(negative if soa_ttl is None else min(soa_ttl, negative)))
         self._store(key, result)
         return result
+
+    def _failed(self, key: _Key, error: str) -> None:
+        """Log and count a question that got no answer (once per query sent,
+        not per session waiting for it), as Postfix's dnsblog does."""
+        name, rdtype = key
+        counter = self._failures.get((rdtype, error))
+        if counter is None:
+            counter = self._failures[(rdtype, error)] = METRICS.dns_errors.labels(type=rdtype, error=error)
+        counter.inc()
+        log.warning("DNS lookup error for %s/%s: no usable answer (timeout, SERVFAIL or REFUSED)", name, rdtype)
 
     def _cached(self, key: _Key) -> DnsResult[str] | None:
         entry = self._cache.get(key)

@@ -193,6 +193,10 @@ class GuardProtocol(SMTP):
                 if verdict.action is Action.DROP:
                     await self._refuse(s, verdict.reply or REPLIES["not_accepted"], "PREGREET")
                     return
+            verdict = await pipeline.on_banner(s)  # the DNS lookups started at connect
+            if verdict.action is Action.DROP:
+                await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
+                return
             conv = self.conversation = Conversation(cfg, s, self, pipeline)
             self.send(f"220 {greeting}\r\n".encode())
             self._reset_timeout(screening_timeout)  # the first command's full time, after the wait
@@ -228,6 +232,7 @@ class GuardProtocol(SMTP):
             log.exception("error: %s: internal error", s.who)
             self.send(f"{REPLIES['internal_error']}\r\n".encode())
         finally:
+            pipeline.on_disconnect(s)
             if cancelled:
                 if conv is not None:
                     conv.upstream.abort()

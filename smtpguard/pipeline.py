@@ -1,7 +1,8 @@
 """Where the checks run, and in which order: written once, here.
 
-The listener asks :meth:`Pipeline.on_connect` before the banner and
-:meth:`on_greet` after the pregreet wait; the conversation asks
+The listener asks :meth:`Pipeline.on_connect` before the banner,
+:meth:`on_greet` after the pregreet wait, :meth:`on_banner` before the
+final 220 and :meth:`on_disconnect` at the end; the conversation asks
 :meth:`on_command` for every command line, then :meth:`on_helo`,
 :meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as the commands
 arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
@@ -17,9 +18,17 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
-6. pregreet wait (the listener), then per command: error and command
+6. DNS lookups start (:mod:`smtpguard.dnsscreen`): the DNSBL score unless
+   its pass is cached, the client's names; they run during
+7. the pregreet wait (the listener); then, before the final 220
+   (:meth:`Pipeline.on_banner`), the DNSBL verdict (DNSWL: ``s.dnswl``, the
+   other tests count as passed, greylisting included), the verified client
+   name (``s.client_name``) and the client-name / reverse-client RHSBL
+   verdicts, kept for RCPT; then per command: error and command
    limits, non-SMTP command, bare newline, unauthorized pipelining; then
-   the HELO, sender and recipient checks at their commands.  Unauthorized
+   the HELO, sender and recipient checks at their commands (the DNS ones
+   after the others: HELO name and RHSBL at HELO, sender domain and RHSBL
+   at MAIL).  Unauthorized
    pipelining is checked for every client that is not allowlisted, also
    after it passed (Postfix's reject_unauth_pipelining: a client that sends
    the message before the 354 must not get it through); its cache entry
@@ -28,14 +37,16 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
 Verdict delivery (Postfix's smtpd_delay_reject): a REJECT/DEFER decided
 before RCPT is kept in ``session.delayed`` and answered to every RCPT (and
 DATA), so the log line holds helo, from and to.  Protocol tests
-(pregreet, pipelining, non-SMTP, bare newline) always work that way
-(postscreen's ``enforce``); HELO/sender verdicts do when ``screen.delay_reject``
+(pregreet, pipelining, non-SMTP, bare newline), the DNSBL and the client
+name checks always work that way (postscreen's ``enforce``; smtpd's client
+restrictions at RCPT); HELO/sender verdicts do when ``screen.delay_reject``
 is on (default).  Syntax errors (``501``) and ``503`` (MAIL before HELO with
 ``helo.required``) are answered at once.  DROP always acts at once.
 
 Allowlist cache (postscreen's temporary allowlist): per client IP, one expiry
-per cacheable test (pregreet, pipelining, non_smtp, bare_newline).  Pregreet
-passes when the wait ends quietly; the in-session tests pass when the first
+per cacheable test (pregreet, dnsbl, pipelining, non_smtp, bare_newline).  Pregreet
+passes when the wait ends quietly, dnsbl when the score is below the
+threshold (for the answers' clamped TTL); the in-session tests pass when the first
 recipient passes screening (and goes to Postfix) without a failure.  When the last test still to do
 passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 :class:`~smtpguard.store.Store` (``[state] url``): with SQLite it survives
@@ -43,7 +54,8 @@ restarts, with Redis it is shared by every node, as are the rate counters.
 
 Greylisting runs last, per recipient, after every other check passed
 (postgrey sits at the end of ``smtpd_recipient_restrictions``); a client
-the access table allowlisted is not greylisted.
+the access table allowlisted, or a DNSWL client (score at or below
+``dnsbl.allowlist_threshold``), is not greylisted.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from . import logs
 from .checks.access import check_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
+from .checks.dnsbl import DnsblScore, dnsbl_result
 from .checks.errors import check_command_count, check_error_limit
 from .checks.greylist import check_greylist
 from .checks.helo import check_helo, require_helo
@@ -65,7 +78,10 @@ from .checks.limits import check_connection_count, check_connection_rate, client
 from .checks.nonsmtp import check_non_smtp
 from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
+from .checks.rdns import check_client_names
 from .config import Config
+from .dns import Resolver
+from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
 from .store import MemoryStore, Store
@@ -74,8 +90,11 @@ from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
 
 log = logging.getLogger("smtpguard")
 
-# Tests kept in the allowlist cache, each with its section's enabled/ttl.
-CACHEABLE = ("pregreet", "pipelining", "non_smtp", "bare_newline")
+# Tests kept in the allowlist cache, each with its section's enabled (and
+# ttl, except dnsbl, whose TTL comes from the DNS answers).
+CACHEABLE = ("pregreet", "dnsbl", "pipelining", "non_smtp", "bare_newline")
+# The ones that pass when the first recipient passes screening.
+_IN_SESSION = ("pipelining", "non_smtp", "bare_newline")
 # Checks whose reason is their own log line (postscreen/anvil style).
 _OWN_LINE = frozenset({*CACHEABLE, "errors", "command_count"})
 _WARNING_LINE = frozenset({"connection_count", "connection_rate"})
@@ -85,7 +104,8 @@ _PHASES = ("connect", "helo", "mail")
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, store: Store | None = None, clock: Callable[[], float] = time.time,
+                 resolver: Resolver | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.store: Store = store if store is not None else MemoryStore(clock)
@@ -94,8 +114,10 @@ class Pipeline:
             "helo": cfg.helo.access_table,
             "sender": cfg.addresses.sender_access_table,
             "recipient": cfg.addresses.recipient_access_table,
+            "rhsbl": cfg.rhsbl.override,
         }
         self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
+        self.dns = DnsScreen(cfg, resolver, self.tables["rhsbl"])
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
         self._counters: dict[tuple[str, Outcome], Any] = {}
 
@@ -121,6 +143,7 @@ class Pipeline:
             s.allowlisted = True
             log.info("ALLOWLISTED %s", peer)
             self._count(found)
+            self.dns.start(s)
             return CONTINUE
         v = self._decide(s, found, "connect")
         if v.action is Action.DROP:
@@ -133,6 +156,7 @@ class Pipeline:
             if not s.todo:
                 log.info("PASS OLD %s", peer)
                 METRICS.allowlist_cache.labels(result="pass_old").inc()
+        self.dns.start(s)  # runs during the greet wait
         return CONTINUE
 
     def greet_wait(self, s: Session) -> float:
@@ -141,7 +165,35 @@ class Pipeline:
 
     async def on_greet(self, s: Session, received: bytes, after: float) -> Verdict:
         """After the greet wait: what the client sent during it."""
-        return await self._protocol_test(s, check_pregreet(self.cfg.pregreet, received, after, s.peer))
+        found = check_pregreet(self.cfg.pregreet, received, after, s.peer)
+        return await self._protocol_test(s, found, self.cfg.pregreet.ttl)
+
+    async def on_banner(self, s: Session) -> Verdict:
+        """Before the final ``220`` (after the greet wait, if any): collect
+        the DNS lookups on_connect started.  The DNSBL score counts the
+        lists that answered within ``greet_wait`` of the connect, whether or
+        not the client had a wait, and is judged as postscreen does.  The
+        client's verified name becomes ``s.client_name`` (XCLIENT NAME=,
+        ``name[ip]`` in the log); the client-name and reverse-client RHSBL
+        verdicts are kept for RCPT.  Only DROP acts now."""
+        found = await self.dns.collect(s, s.started + self.cfg.pregreet.greet_wait)
+        if found.names is not None:
+            s.client_name = found.names.name
+        if found.dnsbl is not None:
+            v = await self._dnsbl(s, found.dnsbl)
+            if v.action is Action.DROP:
+                return v
+        if s.allowlisted:
+            return CONTINUE
+        for result in _client_results(self.cfg, found):
+            v = self._keep(s, result)
+            if v.action is Action.DROP:
+                return v
+        return CONTINUE
+
+    def on_disconnect(self, s: Session) -> None:
+        """The session is over (also when it ends in the greet wait)."""
+        self.dns.forget(s)
 
     # ------------------------------------------------------------ commands
 
@@ -156,7 +208,7 @@ class Pipeline:
             found = check_error_limit(cfg.errors, s.errors, hostname, previous, s.who)
             if found.outcome is Outcome.FAIL:
                 return self._decide(s, found, "connect")
-        if s.allowlisted:
+        if s.allowlisted or s.dnswl:
             return CONTINUE
         if not s.screened:
             found = check_command_count(cfg.errors, s.commands, hostname, s.peer)
@@ -185,14 +237,20 @@ class Pipeline:
             return CONTINUE
         found = check_helo(self.cfg.helo, s.helo, s.client_ip, hostname=self.cfg.server.hostname,
                            our_addresses=(s.server_ip, *self._our_addresses), table=self.tables["helo"])
-        return self._decide(s, found, "helo")
+        v = self._decide(s, found, "helo")
+        if v.final or "helo" in s.delayed:
+            return v
+        return self._decide_all(s, await self.dns.helo_checks(s), "helo")
 
     async def on_mail(self, s: Session) -> Verdict:
         helo = self.cfg.helo
         if helo.enabled and helo.required and s.helo is None and not s.allowlisted:
             return self._decide(s, require_helo(None, helo.action), "mail")
         found = check_address(self.cfg.addresses, s.sender or "", SENDER, self.tables["sender"], _utf8(s))
-        return self._decide(s, found, "mail")
+        v = self._decide(s, found, "mail")
+        if v.final or "mail" in s.delayed or s.allowlisted:
+            return v
+        return self._decide_all(s, await self.dns.sender_checks(s), "mail")
 
     async def on_rcpt(self, s: Session, rcpt: str) -> Verdict:
         for phase in _PHASES:
@@ -201,7 +259,9 @@ class Pipeline:
                 return v
         found = check_address(self.cfg.addresses, rcpt, RECIPIENT, self.tables["recipient"], _utf8(s))
         v = self._decide(s, found, "rcpt")
-        if v.final or s.allowlisted or not self.cfg.greylist.enabled:
+        # DNSWL (score at or below dnsbl.allowlist_threshold): greylisting
+        # counts as passed, postscreen's answer to the big senders' pools.
+        if v.final or s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
             return v
         found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
                                      s.sender or "", rcpt, self.clock())
@@ -222,7 +282,7 @@ class Pipeline:
         if s.screened:
             return
         s.screened = True
-        passed = [t for t in s.todo if t != "pregreet" and t not in s.failed]
+        passed = [t for t in s.todo if t in _IN_SESSION and t not in s.failed]
         if not passed:
             return
         now = self.clock()
@@ -234,28 +294,54 @@ class Pipeline:
 
     # ------------------------------------------------------------ helpers
 
-    async def _protocol_test(self, s: Session, found: Result) -> Verdict:
+    async def _protocol_test(self, s: Session, found: Result, pass_ttl: float | None = None) -> Verdict:
         """A cacheable postscreen test: log, cache, and keep an enforce
-        verdict for RCPT whatever delay_reject says."""
+        verdict for RCPT whatever delay_reject says.  *pass_ttl*: a test
+        decided once per session (pregreet, dnsbl), whose pass is cached
+        now for that long; the per-command tests pass in on_relayed."""
         test = found.check
-        if found.outcome is not Outcome.PASS or test == "pregreet":
-            # Per-command passes are not counted one by one: they are counted
-            # once, when the test passes for the session (on_relayed).
-            self._record(s, found, "connect")
-        if found.outcome is Outcome.PASS and test == "pregreet" and test in s.todo:
-            await self._put_cache(s.client_ip, test, self.clock() + self.cfg.pregreet.ttl)
-            s.todo = s.todo - {test}
-            self._pass_new(s)
+        if found.outcome is not Outcome.PASS:
+            self._keep(s, found)
+        elif pass_ttl is not None:
+            self._count(found)
+            if test in s.todo:
+                await self._put_cache(s.client_ip, test, self.clock() + pass_ttl)
+                s.todo = s.todo - {test}
+                self._pass_new(s)
         if found.outcome is not Outcome.FAIL:
             return CONTINUE
         if test not in s.failed:
             s.failed.add(test)
             await self._put_cache(s.client_ip, test, 0.0)
         v = found.verdict
+        return v if v.action is Action.DROP else CONTINUE
+
+    async def _dnsbl(self, s: Session, score: DnsblScore) -> Verdict:
+        """postscreen's DNSBL verdict after the greet wait.  A score at or
+        below the allowlist threshold (DNSWL) makes every other screening
+        test count as passed for this session (``s.dnswl``); as in
+        postscreen that is not cached: the next connection asks again (the
+        resolver's cache answers)."""
+        found = dnsbl_result(score, self.cfg.dnsbl, s.peer)
+        if found.outcome is Outcome.PASS and (score.hits or score.failed):
+            log.info("%s", found.reason)  # which lists answered (a failure logs its own line)
+        if found.verdict.action is not Action.PASS:
+            return await self._protocol_test(s, found, score.ttl)
+        self._count(found)
+        s.dnswl = True
+        s.todo = frozenset()
+        self._pass_new(s)
+        return CONTINUE
+
+    def _keep(self, s: Session, found: Result) -> Verdict:
+        """Record *found* and keep a REJECT/DEFER for RCPT whatever
+        delay_reject says (postscreen's enforce; smtpd's client restrictions
+        answered at RCPT); DROP acts now."""
+        self._record(s, found, "connect")
+        v = found.verdict
         if v.action in (Action.REJECT, Action.DEFER):
             s.delayed.setdefault("connect", v)
-            return CONTINUE
-        return v
+        return v if v.action is Action.DROP else CONTINUE
 
     # The state store fails open: an unreachable store must not refuse mail.
     # No cache means every test runs (as for a new client); no rate means no
@@ -288,6 +374,15 @@ class Pipeline:
         if not s.todo and not s.failed:
             log.info("PASS NEW %s", s.peer)
             METRICS.allowlist_cache.labels(result="pass_new").inc()
+
+    def _decide_all(self, s: Session, results: list[Result], phase: str) -> Verdict:
+        """:meth:`_decide` each of *results* (checks run in parallel) in
+        order, up to the first that decides."""
+        for found in results:
+            v = self._decide(s, found, phase)
+            if v.final or phase in s.delayed:
+                return v
+        return CONTINUE
 
     def _decide(self, s: Session, found: Result, phase: str) -> Verdict:
         """Record *found* and turn its verdict into what happens now."""
@@ -336,6 +431,17 @@ class Pipeline:
 
 
 _WARN = re.compile(r"<([^>]*)>: WARN(?:\s+([^;]*))?", re.IGNORECASE)
+
+
+def _client_results(cfg: Config, found: ConnectFindings) -> list[Result]:
+    """The client checks on the connect-time names: reject_unknown_(reverse_)client_hostname,
+    then reject_rhsbl_reverse_client."""
+    results = []
+    if found.names is not None and cfg.client_name.enabled:
+        results.append(check_client_names(found.names, cfg.client_name))
+    if found.reverse_rhsbl is not None:
+        results.append(found.reverse_rhsbl)
+    return results
 
 
 def _stage(s: Session, phase: str) -> str:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import logs
 from .relay import ClientIdentity
 from .verdict import Result, Verdict
+
+if TYPE_CHECKING:
+    from .dnsscreen import Lookups
 
 
 @dataclass(slots=True)  # slots: one per connection, thousands may be idle
@@ -37,6 +41,10 @@ class Session:
     results: list[Result] = field(default_factory=list)
     # Screening state (see smtpguard.pipeline).
     allowlisted: bool = False  # the client access table said OK/PERMIT
+    # DNSBL score <= dnsbl.allowlist_threshold (DNSWL): the postscreen tests and
+    # greylisting count as passed; smtpd-style restrictions still apply.
+    dnswl: bool = False
+    lookups: Lookups | None = None  # connect-time DNS lookups in progress (smtpguard.dnsscreen)
     todo: frozenset[str] = frozenset()  # cacheable tests still to pass
     failed: set[str] = field(default_factory=set)  # tests failed in this session
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT

@@ -19,8 +19,10 @@ once, so one list may appear several times with different filters and
 weights (``zen=127.0.0.[10;11]*1, zen=127.0.0.[2..9]*4``).  A lookup that
 fails (timeout, SERVFAIL) counts as "not listed", as in postscreen, and is
 reported in :attr:`DnsblScore.failed`.  The session starts the lookups at
-connect time with :func:`start_dnsbl` and collects the task after the greet
-wait, so with answers faster than the wait the check adds no latency.
+connect time and scores the answers in at the end of the greet wait
+(:mod:`smtpguard.dnsscreen`, with :func:`score_answers`), so the check adds
+no latency beyond the wait; a list that has not answered by then counts as
+not listed, as in postscreen.
 
 **Verdict** (:func:`dnsbl_result`): a total at or above ``threshold`` fails
 with postscreen's ``550 5.7.1 Service unavailable; client [ip] blocked using
@@ -290,18 +292,17 @@ def score_answers(config: DnsblConfig, ip: str, answers: Mapping[str, DnsResult[
     return DnsblScore(str(client_ip(ip)), total, tuple(hits), failed, int(ttl))
 
 
+def dnsbl_names(config: DnsblConfig, ip: str) -> dict[str, str]:
+    """The question for each distinct site domain: ``{domain: "4.3.2.1.domain"}``."""
+    reverse = reversed_ip(ip)
+    return {site.domain: f"{reverse}.{site.domain}" for site in config.sites}
+
+
 async def lookup_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> DnsblScore:
     """Look *ip* up in every configured list, in parallel, and score it."""
-    reverse = reversed_ip(ip)
-    domains = list(dict.fromkeys(site.domain for site in config.sites))
-    results = await asyncio.gather(*(resolver.a(f"{reverse}.{domain}") for domain in domains))
-    return score_answers(config, ip, dict(zip(domains, results, strict=True)))
-
-
-def start_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> asyncio.Task[DnsblScore]:
-    """Start :func:`lookup_dnsbl` in the background (at connect time); await
-    the task when the score is needed.  Must be called from a running loop."""
-    return asyncio.create_task(lookup_dnsbl(resolver, config, ip), name=f"dnsbl {ip}")
+    names = dnsbl_names(config, ip)
+    results = await asyncio.gather(*(resolver.a(name) for name in names.values()))
+    return score_answers(config, ip, dict(zip(names, results, strict=True)))
 
 
 def dnsbl_result(dnsbl: DnsblScore, config: DnsblConfig, peer: str | None = None) -> Result:

@@ -12,6 +12,7 @@ again for addresses.  No usable record: ``<a@b>: Sender address rejected:
 Domain not found`` with ``reject_code`` (Postfix's
 ``unknown_address_reject_code``, **450** by default) and status x.1.8.  The
 null sender, address literals and addresses without a domain are skipped.
+Off by default, as in Postfix.
 
 ``reject_unknown_helo_hostname`` (:func:`check_helo_hostname`), as Postfix's
 reject_unknown_hostname: the HELO name needs an A, AAAA or MX record (null
@@ -41,7 +42,9 @@ from .rdns import DnsCheckConfig, dns_error_result, failure_verdict, parse_reply
 class SenderDomainConfig(DnsCheckConfig):
     """``[sender_domain]``: reject_unknown_sender_domain."""
 
-    enabled: bool = field(default=True, metadata=opt(parse_bool, "reject_unknown_sender_domain"))
+    # Off by default, as in Postfix (only on when listed in smtpd_sender_restrictions):
+    # the Postfix behind smtpguard may well do it itself.
+    enabled: bool = field(default=False, metadata=opt(parse_bool, "reject_unknown_sender_domain"))
     reject_code: int = field(default=450, metadata=opt(parse_reply_code, "unknown_address_reject_code"))
 
 

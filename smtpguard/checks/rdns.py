@@ -44,7 +44,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import one_of, opt, parse_bool
+from ..config import ConfigError, one_of, opt, parse_bool
 from ..dns import Resolver, Status, client_ip, valid_hostname
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
 
@@ -135,8 +135,11 @@ class DnsCheckConfig:
 
 @dataclass(frozen=True)
 class ClientNameConfig(DnsCheckConfig):
-    """``[client_name]``: reject clients without (verified) reverse DNS."""
+    """``[client_name]``: look the client's name up at connect (``lookup``,
+    smtpd_peername_lookup) and, when ``enabled``, reject clients without
+    (verified) reverse DNS."""
 
+    lookup: bool = field(default=True, metadata=opt(parse_bool, "smtpd_peername_lookup"))
     enabled: bool = field(default=False, metadata=opt(parse_bool, ""))
     require: str = field(
         default="reverse",
@@ -146,6 +149,10 @@ class ClientNameConfig(DnsCheckConfig):
         ),
     )
     reject_code: int = field(default=450, metadata=opt(parse_reply_code, "unknown_client_reject_code"))
+
+    def validate(self) -> None:
+        if self.enabled and not self.lookup:
+            raise ConfigError("lookup", "must be true when the check is enabled")
 
 
 def check_client_names(names: ClientNames, config: ClientNameConfig) -> Result:

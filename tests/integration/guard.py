@@ -21,6 +21,9 @@ from tests.lab import free_port, wait_until
 # Tests keep pregreet on (the default) with a short wait, so that every
 # end-to-end test also proves a client that waits for the banner is fine.
 PREGREET_WAIT = "0.2s"
+# Tests that set no [dns] section ask no DNS at all (no PTR lookup of the
+# client either): nothing may leave the loopback.
+NO_DNS = "[client_name]\nlookup = false\n"
 
 
 class Guard:
@@ -55,6 +58,7 @@ class Guard:
             "[state]\n"
             f'url = "{self.state_url}"\n'
             + ("" if "[pregreet]" in rest else f'[pregreet]\ngreet_wait = "{PREGREET_WAIT}"\n')
+            + ("" if "[dns]" in rest or "[client_name]" in rest else NO_DNS)
             + rest
         )
 

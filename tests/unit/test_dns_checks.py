@@ -24,7 +24,6 @@ from smtpguard.checks.dnsbl import (
     lookup_dnsbl,
     parse_site,
     score_answers,
-    start_dnsbl,
 )
 from smtpguard.checks.domains import (
     HeloHostnameConfig,
@@ -363,17 +362,6 @@ def test_dnsbl_actions(action: str, expected: Action) -> None:
     assert (result.outcome, result.verdict.action) == (Outcome.FAIL, expected)
 
 
-@pytest.mark.asyncio
-async def test_start_dnsbl_runs_in_background() -> None:
-    zone = FakeZone({("1.0.0.10.zen.test", "A"): ["127.0.0.2"]})
-    zone.gate = asyncio.Event()
-    task = start_dnsbl(resolver(zone), config_for("zen.test"), "10.0.0.1")
-    await asyncio.sleep(0.01)
-    assert not task.done() and zone.calls == [("1.0.0.10.zen.test", "A")]
-    zone.gate.set()
-    assert (await task).total == 1
-
-
 # ---------------------------------------------------------------- RHSBL
 
 
@@ -675,7 +663,7 @@ async def test_helo_nxdomain_does_not_ask_for_mx() -> None:
 
 
 def test_domain_check_defaults_follow_postfix() -> None:
-    assert (SenderDomainConfig().enabled, SenderDomainConfig().reject_code) == (True, 450)
+    assert (SenderDomainConfig().enabled, SenderDomainConfig().reject_code) == (False, 450)
     assert (HeloHostnameConfig().enabled, HeloHostnameConfig().reject_code) == (False, 450)
 
 

@@ -297,3 +297,13 @@ async def test_greylisting_runs_last_per_recipient_on_a_fake_clock(tmp_path: Pat
     await p.on_connect(ok, 1, 1)
     ok.sender = "a@b.example"
     assert code(await p.on_rcpt(ok, "x@d.example")) == CONT
+
+
+async def test_dnswl_client_is_not_greylisted() -> None:
+    p, _, store = make({"greylist": {"enabled": True, "use_default_client_allowlist": False}})
+    s = session("192.0.2.50")
+    await p.on_connect(s, 1, 1)
+    s.dnswl = True  # what the DNSBL/DNSWL score at or below allowlist_threshold sets
+    s.sender = "a@b.example"
+    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
+    assert (await store.stats()).greylist == 0

@@ -118,6 +118,9 @@ class Pipeline:
         }
         self.tables: dict[str, Table | None] = {k: open_access_table(v) if v else None for k, v in specs.items()}
         self.dns = DnsScreen(cfg, resolver, self.tables["rhsbl"])
+        # Dashboards see the postscreen tests and each configured list at 0 from the start.
+        METRICS.init_checks(CACHEABLE)
+        METRICS.init_dnsbl_lists(site.domain for site in cfg.dnsbl.sites)
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
         self._counters: dict[tuple[str, Outcome], Any] = {}
 
@@ -322,6 +325,8 @@ class Pipeline:
         test count as passed for this session (``s.dnswl``); as in
         postscreen that is not cached: the next connection asks again (the
         resolver's cache answers)."""
+        for domain in {hit.site.domain for hit in score.hits}:  # which lists matched, counted once each
+            METRICS.dnsbl_hits.labels(list=domain).inc()
         found = dnsbl_result(score, self.cfg.dnsbl, s.peer)
         if found.outcome is Outcome.PASS and (score.hits or score.failed):
             log.info("%s", found.reason)  # which lists answered (a failure logs its own line)

@@ -5,9 +5,10 @@ How it works
 ------------
 One aiosqlite connection is the only writer: every write, scan and sweep
 runs in its worker thread and the event loop only awaits it.  It is in
-autocommit mode, so each write is its own transaction and is committed
-before the awaiting caller goes on -- a triplet the greylist check has
-acknowledged is already in the database.  Bulk writes are single multi-row
+autocommit mode, and a caller goes on only once its write is committed -- a
+triplet the greylist check has acknowledged is already in the database.
+One-record writes that arrive while the writer is busy are committed
+together (group commit: one multi-row upsert per table, one thread hop).  Bulk writes are single multi-row
 ``INSERT ... ON CONFLICT DO UPDATE`` statements, so nothing ever holds a
 transaction open across an ``await`` (another coroutine's write would
 otherwise join it, and a rollback would take it away).
@@ -174,6 +175,9 @@ class SQLiteStore(Store):
             for kind in KINDS
         }
         self._rates = RateWindows()
+        self._pending: dict[str, tuple[Kind[Any], dict[str, Row]]] = {}  # group commit: table -> key -> row
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._checkpoints = asyncio.create_task(self._checkpoint_loop())
 
     @classmethod
@@ -204,6 +208,41 @@ class SQLiteStore(Store):
         return [self._reader.execute(self._select[kind.name], (key, now)).fetchone() for kind, key in requests]
 
     async def _put_rows(self, kind: Kind[Any], rows: list[tuple[str, Row]], now: float) -> None:
+        if len(rows) > 1:  # a bulk write is one statement already
+            await self._upsert(kind, rows)
+            return
+        # Group commit: one-record writes (a greylist decision each) that
+        # arrive while the writer thread is busy go in together, one
+        # statement per table and one thread hop for all of them.  Each
+        # caller still returns only once its record is committed.
+        key, row = rows[0]
+        self._pending.setdefault(kind.name, (kind, {}))[1][key] = row  # last write of a key wins
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiters:
+                batch, waiters = self._pending, self._waiters
+                self._pending, self._waiters = {}, []
+                try:
+                    for kind, rows in batch.values():
+                        await self._upsert(kind, list(rows.items()))
+                except Exception as exc:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                else:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
+        finally:
+            self._flusher = None
+
+    async def _upsert(self, kind: Kind[Any], rows: list[tuple[str, Row]]) -> None:
         sql = _upsert(kind.name, ("key", *kind.names), "key", len(rows))
         await self._rows(sql, [v for key, row in rows for v in (key, *row)])
 
@@ -269,6 +308,8 @@ class SQLiteStore(Store):
         return StoreStats(greylist=greylist, clients=clients, cache=cache)
 
     async def _close(self) -> None:
+        if self._flusher is not None:  # queued writes are committed before closing
+            await asyncio.shield(self._flusher)
         self._checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._checkpoints

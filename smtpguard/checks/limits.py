@@ -59,28 +59,28 @@ def _over(check: str, cfg: LimitsConfig, ip: str, reason: str) -> Result:
     return Result(check, Outcome.FAIL, reason, verdict)
 
 
+def _limit(check: str, cfg: LimitsConfig, ip: str, value: int, limit: int, counted: str, exceeded: str) -> Result:
+    """The shape both anvil limits share: off, exempt, within, or over."""
+    if not cfg.enabled or not limit:
+        return skip(check, "disabled")
+    if exempt(cfg, ip):
+        return skip(check, "exempt")
+    if value <= limit:
+        return passed(check, counted)
+    return _over(check, cfg, ip, exceeded)
+
+
 def check_connection_count(cfg: LimitsConfig, ip: str, count: int, who: str) -> Result:
     """*count*: this process's connections from *ip*, this one included."""
-    if not cfg.enabled or not cfg.connection_count_limit:
-        return skip("connection_count", "disabled")
-    if exempt(cfg, ip):
-        return skip("connection_count", "exempt")
-    if count <= cfg.connection_count_limit:
-        return passed("connection_count", f"{count} connections")
-    return _over("connection_count", cfg, ip,
-                 f"Connection concurrency limit exceeded: {count} from {who} for service smtp")
+    return _limit("connection_count", cfg, ip, count, cfg.connection_count_limit, f"{count} connections",
+                  f"Connection concurrency limit exceeded: {count} from {who} for service smtp")
 
 
 def check_connection_rate(cfg: LimitsConfig, ip: str, rate: int, who: str) -> Result:
     """*rate*: connections from *ip* in the last ``rate_time_unit``, this one included."""
-    if not cfg.enabled or not cfg.connection_rate_limit:
-        return skip("connection_rate", "disabled")
-    if exempt(cfg, ip):
-        return skip("connection_rate", "exempt")
-    if rate <= cfg.connection_rate_limit:
-        return passed("connection_rate", f"{rate} connections per {cfg.rate_time_unit:g}s")
-    return _over("connection_rate", cfg, ip,
-                 f"Connection rate limit exceeded: {rate} from {who} for service smtp")
+    return _limit("connection_rate", cfg, ip, rate, cfg.connection_rate_limit,
+                  f"{rate} connections per {cfg.rate_time_unit:g}s",
+                  f"Connection rate limit exceeded: {rate} from {who} for service smtp")
 
 
 def rate_enabled(cfg: LimitsConfig, ip: str) -> bool:

@@ -348,7 +348,6 @@ class Conversation:
             return
         METRICS.upstream_data_seconds.observe(time.monotonic() - start)
         if reply.code == 250:
-            s.messages += 1
             METRICS.messages_relayed.inc()
             METRICS.bytes_relayed.inc(scanner.size)
         log.info("%s: relayed from %s: %s; from=<%s> nrcpt=%d size=%d",

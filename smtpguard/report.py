@@ -92,7 +92,6 @@ def reason(text: str) -> str:
 class Triplet:
     first: float
     passed_at: float | None = None
-    deferrals: int = 0
 
 
 @dataclass
@@ -141,8 +140,7 @@ class Report:
         text = m["text"]
         if "Greylisted" in text:
             key = (client_net(m["ip"]), fields.get("from", "").lower(), fields.get("to", "").lower())
-            triplet = self.greylist.setdefault(key, Triplet(first=when))
-            triplet.deferrals += 1
+            self.greylist.setdefault(key, Triplet(first=when))
         self.rejects += 1
         self.rejects_by_class[f"{m['code'][0]}xx"] += 1
         self.reasons[(m["stage"], reason(text))] += 1

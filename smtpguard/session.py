@@ -37,7 +37,6 @@ class Session:
     # Counters and findings.
     errors: int = 0
     commands: int = 0
-    messages: int = 0
     results: list[Result] = field(default_factory=list)
     # Screening state (see smtpguard.pipeline).
     allowlisted: bool = False  # the client access table said OK/PERMIT

@@ -30,10 +30,6 @@ class Reply:
         return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
     @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
-    @property
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
 

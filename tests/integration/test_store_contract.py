@@ -82,16 +82,18 @@ async def test_triplet_round_trip(store: Store) -> None:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_writes_all_land_last_one_wins(store: Store) -> None:
-    """Many one-record writes at once (SQLite commits them as a group):
-    every caller's record is there when it returns, a key written twice
-    keeps the later record, and the clients table is written alongside."""
+async def test_concurrent_writes_all_land(store: Store) -> None:
+    """Many one-record writes at once (SQLite commits them as a group, one
+    statement per table): every caller's record is there when it returns,
+    a key written twice in one burst is stored once (no error; which of
+    two concurrent writes wins is not defined), and the clients table is
+    written alongside."""
     keys = [f"192.0.2.0/s{i}@example.org/r@example.net" for i in range(50)]
     writes = [store.put_triplet(k, Triplet(T0, T0, None, T0 + 100)) for k in keys]
     writes += [store.put_triplet(keys[0], passed(T0, T0 + 500)),
                store.put_client("192.0.2.0", ClientNet(3, T0, T0 + 100))]
     await asyncio.gather(*writes)
-    assert await store.get_triplet(keys[0]) == passed(T0, T0 + 500)
+    assert await store.get_triplet(keys[0]) in (Triplet(T0, T0, None, T0 + 100), passed(T0, T0 + 500))
     assert all([await store.get_triplet(k) is not None for k in keys])
     assert await store.get_client("192.0.2.0") == ClientNet(3, T0, T0 + 100)
 

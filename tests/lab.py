@@ -44,7 +44,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import dns.resolver
@@ -364,7 +364,40 @@ def _master_cf_template() -> Path | None:
 _ERROR_TRANSPORT = "error:5.7.1 smtpguard lab Postfix does not deliver off-box"
 
 
-class PrivatePostfix:
+class _Instance:
+    """What every lab server shares: a directory, a ``stop()``, and a
+    ``cleanup()`` (stop, delete the directory, forget it) that is safe to
+    call twice; usable as a context manager (start on enter)."""
+
+    dir: Path
+    _cleaned = False
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):  # already partly gone
+                self.stop()
+        finally:
+            self._cleaned = True
+            shutil.rmtree(self.dir, ignore_errors=True)
+            _unregister(self)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class PrivatePostfix(_Instance):
     """A throw-away Postfix instance under its own directory and SMTP port.
 
     How it works
@@ -452,7 +485,6 @@ class PrivatePostfix:
         self.log_path: Path = self.dir / "postfix.log"
         self.maildir: Path = self.mail_dir / "inbox" / "new"
         self._log_offset = 0
-        self._cleaned = False
         _register(self)
         try:
             self._configure(dict(extra or {}))
@@ -735,25 +767,6 @@ class PrivatePostfix:
             self.reload()
         return changed
 
-    def cleanup(self) -> None:
-        """Stop the instance and delete its directory.  Safe to call twice."""
-        if self._cleaned:
-            return
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                self.stop()
-        finally:
-            self._cleaned = True
-            shutil.rmtree(self.dir, ignore_errors=True)
-            _unregister(self)
-
-    def __enter__(self) -> PrivatePostfix:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
     def __repr__(self) -> str:
         return f"<PrivatePostfix {self.name} {self.host}:{self.port} dir={self.dir}>"
 
@@ -906,7 +919,7 @@ class PostfixFactory:
 # --------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(_Instance):
     """A private ``redis-server`` on a loopback TCP port and a unix socket.
 
     Runs in the foreground as our child (``--daemonize no``) with persistence
@@ -926,7 +939,6 @@ class RedisServer:
         self.socket: Path = self.dir / "redis.sock"
         self.log_path = self.dir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._cleaned = False
         _register(self)
 
     @property
@@ -1017,22 +1029,6 @@ class RedisServer:
         _terminate(self.proc, timeout)
         self.proc = None
 
-    def cleanup(self) -> None:
-        if self._cleaned:
-            return
-        try:
-            self.stop()
-        finally:
-            self._cleaned = True
-            shutil.rmtree(self.dir, ignore_errors=True)
-            _unregister(self)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 
 # --------------------------------------------------------------------------
@@ -1089,7 +1085,7 @@ class DnsBlackhole:
         self.close()
 
 
-class DnsServer:
+class DnsServer(_Instance):
     """A private dnsmasq answering fixture records on 127.0.0.1:``port`` (UDP+TCP).
 
     Command line (no config file, nothing under /etc or /run is read or
@@ -1150,7 +1146,6 @@ class DnsServer:
         self.timeout_zones = list(timeout_zones)
         self.nxdomain_by_default = nxdomain_by_default
         self.log_queries = log_queries
-        self._cleaned = False
         _register(self)
 
     def command(self) -> list[str]:
@@ -1217,23 +1212,10 @@ class DnsServer:
         self.proc = None
 
     def cleanup(self) -> None:
-        if self._cleaned:
-            return
-        try:
-            self.stop()
-        finally:
-            self._cleaned = True
-            if self.blackhole is not None:
-                self.blackhole.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
-            _unregister(self)
-
-    def __enter__(self) -> DnsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+        if self.blackhole is not None:
+            self.blackhole.close()
+            self.blackhole = None
+        super().cleanup()
 
 
 def _dns_probe(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -1259,7 +1241,7 @@ def _dns_probe(host: str, port: int, timeout: float = 0.2) -> bool:
 # --------------------------------------------------------------------------
 
 
-class HAProxy:
+class HAProxy(_Instance):
     """A private ``haproxy`` (TCP mode, foreground) on 127.0.0.1 in front of
     ``backend_port``, sending a PROXY header of version ``proxy`` (1 or 2)."""
 
@@ -1296,14 +1278,6 @@ class HAProxy:
         wait_until(up, timeout, f"haproxy on {self.host}:{self.port}")
         return self
 
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    def stop(self, timeout: float = 10.0) -> None:
+        _terminate(self.proc, timeout)
         self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-        _unregister(self)

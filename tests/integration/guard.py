@@ -166,6 +166,17 @@ class RawClient:
         self.send(line.encode() + b"\r\n")
         return self.reply()
 
+    def transaction(self, helo: str = "EHLO client.example", sender: str = "a@sender.test",
+                    rcpt: str = "bob@example.test", subject: str = "screened") -> list[str]:
+        """A polite transaction after the banner; returns the replies to HELO,
+        MAIL, RCPT and (if the RCPT was accepted) DATA and the end of data."""
+        replies = [self.cmd(helo), self.cmd(f"MAIL FROM:<{sender}>"), self.cmd(f"RCPT TO:<{rcpt}>")]
+        if replies[-1].startswith("250"):
+            replies.append(self.cmd("DATA"))
+            self.send(f"Subject: {subject}\r\n\r\nhello\r\n.\r\n".encode())
+            replies.append(self.reply())
+        return replies
+
     def closed(self, timeout: float = 10) -> bool:
         """True when the server closes the connection within *timeout*."""
         self.sock.settimeout(timeout)

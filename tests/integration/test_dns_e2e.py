@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.guard import Guard, RawClient
-from tests.integration.test_screening import deliver, nothing_reached_postfix
+from tests.integration.test_screening import nothing_reached_postfix
 from tests.lab import DnsServer, PrivatePostfix
 
 pytestmark = [pytest.mark.postfix, pytest.mark.dns]
@@ -68,7 +68,7 @@ def test_listed_client_is_rejected_at_rcpt_with_the_list_name(backend: PrivatePo
     g = dns_guard(make_guard, backend, dns, DNSBL)
     c = RawClient(g.port, source=LISTED)
     c.reply()
-    replies = deliver(c)
+    replies = c.transaction()
     assert replies[1].startswith("250")
     assert replies[2] == "550 5.7.1 Service unavailable; client [127.0.0.2] blocked using zen.test\r\n"
     assert c.cmd("RCPT TO:<carol@example.test>").startswith("550 5.7.1 Service unavailable")
@@ -114,7 +114,7 @@ def test_dnsbl_pass_is_cached_and_the_next_connection_is_pass_old(backend: Priva
     g = dns_guard(make_guard, backend, dns, DNSBL)
     c = RawClient(g.port, source=PLAIN)
     c.reply()
-    assert deliver(c)[-1].startswith("250 2.0.0 Ok: queued as")
+    assert c.transaction()[-1].startswith("250 2.0.0 Ok: queued as")
     c.cmd("QUIT")
     g.wait_for_log(r"PASS NEW \[127\.0\.0\.8\]:\d+")
     queries = dns.log().count("8.0.0.127.zen.test")
@@ -134,7 +134,7 @@ def test_client_without_ptr_is_refused_per_reject_code(backend: PrivatePostfix, 
     g = dns_guard(make_guard, backend, dns, f"[client_name]\nenabled = true\nreject_code = {code}\n")
     c = RawClient(g.port, source=NO_PTR)
     c.reply()
-    replies = deliver(c)
+    replies = c.transaction()
     assert replies[0].startswith("250") and replies[1].startswith("250")  # delayed to RCPT
     assert replies[2] == reply
     g.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.5\]:\d+: " + reply.split(",")[0])
@@ -146,13 +146,13 @@ def test_client_whose_ptr_does_not_resolve_back(backend: PrivatePostfix, make_gu
     g = dns_guard(make_guard, backend, dns, '[client_name]\nenabled = true\nrequire = "fcrdns"\n')
     c = RawClient(g.port, source=FORGED)
     c.reply()
-    assert deliver(c)[2] == "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.6]\r\n"
+    assert c.transaction()[2] == "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.6]\r\n"
     assert nothing_reached_postfix(backend)
     # The reverse name exists, so require = "reverse" lets the same client in.
     g2 = dns_guard(make_guard, backend, dns, "[client_name]\nenabled = true\n")
     c = RawClient(g2.port, source=FORGED)
     c.reply()
-    assert deliver(c)[-1].startswith("250 2.0.0 Ok: queued as")
+    assert c.transaction()[-1].startswith("250 2.0.0 Ok: queued as")
     backend.wait_for_log(r"client=unknown\[127\.0\.0\.6\]")  # not verified: no NAME
 
 
@@ -161,7 +161,7 @@ def test_verified_name_reaches_postfix_via_xclient(backend: PrivatePostfix, make
     g = dns_guard(make_guard, backend, dns, '[client_name]\nenabled = true\nrequire = "fcrdns"\n')
     c = RawClient(g.port, source=GOOD)
     c.reply()
-    assert deliver(c)[-1].startswith("250 2.0.0 Ok: queued as")
+    assert c.transaction()[-1].startswith("250 2.0.0 Ok: queued as")
     c.cmd("QUIT")
     backend.wait_for_log(r"client=mail7\.client\.test\[127\.0\.0\.7\]")
     g.wait_for_log(r"relayed from mail7\.client\.test\[127\.0\.0\.7\]:\d+: 250 2\.0\.0 Ok")
@@ -183,7 +183,7 @@ def test_sender_domain(backend: PrivatePostfix, make_guard: MakeGuard, dns: DnsS
     g = dns_guard(make_guard, backend, dns, SENDER_DOMAIN)
     c = RawClient(g.port, source=PLAIN)
     c.reply()
-    replies = deliver(c, sender=sender)
+    replies = c.transaction(sender=sender)
     if reply is None:
         assert replies[-1].startswith("250 2.0.0 Ok: queued as")
         assert len(backend.wait_for_messages(1)) == 1
@@ -203,10 +203,10 @@ def test_dns_that_never_answers_tempfails_and_never_rejects(backend: PrivatePost
     started = time.monotonic()
     c.reply()
     assert time.monotonic() - started < 0.8  # the score is taken after the 0.2s wait, not after the 1s lifetime
-    replies = deliver(c, sender="a@mail.slow.test")
+    replies = c.transaction(sender="a@mail.slow.test")
     assert replies[2] == "450 4.1.8 <a@mail.slow.test>: Sender address rejected: Domain not found\r\n"
     assert c.cmd("RSET").startswith("250")
-    assert deliver(c, helo="EHLO again.example", sender="a@mx.test")[-1].startswith("250 2.0.0 Ok: queued as")
+    assert c.transaction(helo="EHLO again.example", sender="a@mx.test")[-1].startswith("250 2.0.0 Ok: queued as")
     g.wait_for_log(r"warning: DNS lookup error for 9\.0\.0\.127\.slow\.test/A")
     g.wait_for_log(r"DNSBL rank 0 for \[127\.0\.0\.9\]:\d+ \(slow\.test=lookup failed\)")
     assert "DNSBL rank 5" not in g.log()
@@ -218,13 +218,13 @@ def test_rhsbl_helo_sender_and_reverse_client(backend: PrivatePostfix, make_guar
     g = dns_guard(make_guard, backend, dns, rhsbl)
     c = RawClient(g.port, source=PLAIN)
     c.reply()
-    assert deliver(c, helo="EHLO spam.test")[2] == \
+    assert c.transaction(helo="EHLO spam.test")[2] == \
         "554 5.7.1 Service unavailable; Helo command [spam.test] blocked using dbl.test\r\n"
     c.cmd("RSET")
-    assert deliver(c, sender="a@spam.test")[2] == \
+    assert c.transaction(sender="a@spam.test")[2] == \
         "554 5.7.1 Service unavailable; Sender address [a@spam.test] blocked using dbl.test\r\n"
     c = RawClient(g.port, source=BAD_RDNS)
     c.reply()
-    assert deliver(c)[2] == \
+    assert c.transaction()[2] == \
         "554 5.7.1 Service unavailable; Unverified Client host [bad.rdns.test] blocked using dbl.test\r\n"
     assert nothing_reached_postfix(backend)

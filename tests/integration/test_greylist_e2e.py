@@ -29,19 +29,15 @@ GREYLISTED = "450 4.2.0 <bob@example.test>: Recipient address rejected: Greylist
 
 
 def attempt(port: int, source: str, sender: str = "alice@sender.test", rcpt: str = "bob@example.test") -> str:
-    """One delivery attempt; returns the RCPT reply (and finishes the message when accepted)."""
+    """One delivery attempt; returns the RCPT reply (the message is sent when accepted)."""
     c = RawClient(port, source=source)
     c.reply()
-    c.cmd("EHLO client.example")
-    c.cmd(f"MAIL FROM:<{sender}>")
-    reply = c.cmd(f"RCPT TO:<{rcpt}>")
-    if reply.startswith("250"):
-        assert c.cmd("DATA").startswith("354")
-        c.send(b"Subject: greylist test\r\n\r\nhello\r\n.\r\n")
-        assert c.reply().startswith("250 2.0.0")
+    replies = c.transaction(sender=sender, rcpt=rcpt, subject="greylist test")
+    if len(replies) > 3:
+        assert replies[3].startswith("354") and replies[4].startswith("250 2.0.0"), replies
     c.cmd("QUIT")
     c.close()
-    return reply
+    return replies[2]
 
 
 def wait_past(start: float, seconds: float) -> None:

@@ -26,18 +26,6 @@ PROTOCOL_ERROR = "550 5.5.1 Protocol error\r\n"
 MakeGuard = Callable[..., Guard]
 
 
-def deliver(c: RawClient, helo: str = "EHLO client.example", sender: str = "a@sender.test",
-            rcpt: str = "bob@example.test", subject: str = "screened") -> list[str]:
-    """A polite transaction; returns the replies to HELO, MAIL, RCPT and (if
-    the RCPT was accepted) DATA and the end of data."""
-    replies = [c.cmd(helo), c.cmd(f"MAIL FROM:<{sender}>"), c.cmd(f"RCPT TO:<{rcpt}>")]
-    if replies[-1].startswith("250"):
-        replies.append(c.cmd("DATA"))
-        c.send(f"Subject: {subject}\r\n\r\nhello\r\n.\r\n".encode())
-        replies.append(c.reply())
-    return replies
-
-
 def nothing_reached_postfix(backend: PrivatePostfix) -> bool:
     time.sleep(0.2)
     return "connect from" not in backend.log() and not backend.messages()
@@ -91,7 +79,7 @@ def test_hangup_in_the_greet_wait_and_shutdown_during_it(backend: PrivatePostfix
 def test_good_client_delivers_then_pass_old_skips_the_wait(backend: PrivatePostfix, guard: Guard) -> None:
     c = RawClient(guard.port, source="127.0.0.23")
     assert c.reply() == BANNER
-    replies = deliver(c)
+    replies = c.transaction()
     assert replies[-1].startswith("250 2.0.0 Ok: queued as")
     c.cmd("QUIT")
     backend.wait_for_messages(1)
@@ -100,7 +88,7 @@ def test_good_client_delivers_then_pass_old_skips_the_wait(backend: PrivatePostf
     c = RawClient(guard.port, source="127.0.0.23")
     assert c.reply() == "220 mx.guard.test ESMTP\r\n"
     guard.wait_for_log(r"PASS OLD \[127\.0\.0\.23\]:\d+")
-    assert deliver(c, subject="again")[-1].startswith("250 2.0.0 Ok: queued as")
+    assert c.transaction(subject="again")[-1].startswith("250 2.0.0 Ok: queued as")
     assert len(backend.wait_for_messages(2)) == 2
 
 
@@ -196,7 +184,7 @@ def test_bare_newline_logged_by_default_enforced_when_configured(backend: Privat
     c.reply()
     c.send(b"EHLO client.example\n")
     c.reply()
-    assert deliver(c, helo="NOOP")[-1].startswith("250 2.0.0")
+    assert c.transaction(helo="NOOP")[-1].startswith("250 2.0.0")
     g.wait_for_log(r"BARE NEWLINE from \[127\.0\.0\.31\]:\d+ after EHLO")
     g2 = make_guard(backend.port, '[bare_newline]\naction = "enforce"\n')
     c = RawClient(g2.port, source="127.0.0.32")
@@ -328,14 +316,14 @@ def test_helo_rules_bare_ip_and_required(backend: PrivatePostfix, make_guard: Ma
     assert c.cmd("RCPT TO:<bob@example.test>") == (
         "504 5.5.2 <friend>: Helo command rejected: need fully-qualified hostname\r\n")
     c.cmd("HELO good.example")  # a new HELO is judged afresh
-    assert deliver(c, helo="NOOP")[-1].startswith("250 2.0.0")
+    assert c.transaction(helo="NOOP")[-1].startswith("250 2.0.0")
 
 
 def test_helo_ignore_mode_warns_and_delivers(backend: PrivatePostfix, make_guard: MakeGuard) -> None:
     g = make_guard(backend.port, '[helo]\naction = "ignore"\nreject_non_fqdn = true\n')
     c = RawClient(g.port, source="127.0.0.43")
     c.reply()
-    assert deliver(c, helo="EHLO friend")[-1].startswith("250 2.0.0")
+    assert c.transaction(helo="EHLO friend")[-1].startswith("250 2.0.0")
     g.wait_for_log(r"NOQUEUE: reject_warning: EHLO from unknown\[127\.0\.0\.43\]:\d+: 504 5\.5\.2 <friend>: "
                    r"Helo command rejected: need fully-qualified hostname; proto=ESMTP helo=<friend>")
     backend.wait_for_messages(1)
@@ -382,12 +370,12 @@ def test_client_sender_recipient_tables_and_sighup_reload(backend: PrivatePostfi
 
     c = RawClient(g.port, source="127.0.0.50")
     c.reply()
-    assert deliver(c)[-1] == "554 5.7.1 <unknown[127.0.0.50]>: Client host rejected: Access denied\r\n"
+    assert c.transaction()[-1] == "554 5.7.1 <unknown[127.0.0.50]>: Client host rejected: Access denied\r\n"
 
     c = RawClient(g.port, source="127.0.0.51")
     assert c.reply() == "220 mx.guard.test ESMTP\r\n"  # allowlisted: no pregreet test
     g.wait_for_log(r"ALLOWLISTED \[127\.0\.0\.51\]:\d+")
-    assert deliver(c)[-1].startswith("250 2.0.0")
+    assert c.transaction()[-1].startswith("250 2.0.0")
 
     c = RawClient(g.port, source="127.0.0.52")
     assert c.reply() == "521 5.7.1 <unknown[127.0.0.52]>: Client host rejected: go away\r\n"
@@ -395,14 +383,14 @@ def test_client_sender_recipient_tables_and_sighup_reload(backend: PrivatePostfi
 
     c = RawClient(g.port, source="127.0.0.53")
     c.reply()
-    assert deliver(c)[-1] == "450 4.7.1 <unknown[127.0.0.53]>: Client host rejected: try again later\r\n"
+    assert c.transaction()[-1] == "450 4.7.1 <unknown[127.0.0.53]>: Client host rejected: try again later\r\n"
 
     c = RawClient(g.port, source="127.0.0.54")
     c.reply()
-    assert deliver(c, sender="spam@sender.test")[-1] == (
+    assert c.transaction(sender="spam@sender.test")[-1] == (
         "554 5.7.1 <spam@sender.test>: Sender address rejected: no spam please\r\n")
     c.cmd("RSET")
-    assert deliver(c, helo="NOOP", rcpt="nobody@example.test")[-1] == (
+    assert c.transaction(helo="NOOP", rcpt="nobody@example.test")[-1] == (
         "550 5.1.1 <nobody@example.test>: Recipient address rejected: no such user here\r\n")
 
     # SIGHUP: the edited table is read again ...
@@ -413,7 +401,7 @@ def test_client_sender_recipient_tables_and_sighup_reload(backend: PrivatePostfi
     g.wait_for_log(r"reload: configuration \S+ loaded \(generation 2")
     c = RawClient(g.port, source="127.0.0.55")
     c.reply()
-    assert deliver(c)[-1] == "554 5.7.1 <unknown[127.0.0.55]>: Client host rejected: changed my mind\r\n"
+    assert c.transaction()[-1] == "554 5.7.1 <unknown[127.0.0.55]>: Client host rejected: changed my mind\r\n"
     # ... and a broken edit refuses the reload, naming file and line; the old tables stay.
     clients.write_text("127.0.0.56 REJECT\nnot-a-network REJECT\n")
     g.proc.send_signal(signal.SIGHUP)
@@ -421,10 +409,10 @@ def test_client_sender_recipient_tables_and_sighup_reload(backend: PrivatePostfi
                    rf".*{clients}, line 2: ")
     c = RawClient(g.port, source="127.0.0.56")
     c.reply()
-    assert deliver(c)[-1].startswith("250 2.0.0")
+    assert c.transaction()[-1].startswith("250 2.0.0")
     c = RawClient(g.port, source="127.0.0.55")
     c.reply()
-    assert deliver(c)[-1].startswith("554 5.7.1")
+    assert c.transaction()[-1].startswith("554 5.7.1")
 
 
 def test_bad_table_line_stops_startup_naming_file_and_line(tmp_path: Path) -> None:

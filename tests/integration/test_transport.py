@@ -233,12 +233,9 @@ def proxy_v2(src: str, dst: str, sport: int, dport: int) -> bytes:
 
 def deliver_raw(c: RawClient, subject: str) -> None:
     assert c.reply().startswith("220")
-    c.cmd("EHLO proxied.example")
-    assert c.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
-    assert c.cmd("RCPT TO:<bob@example.test>").startswith("250 ")
-    assert c.cmd("DATA").startswith("354 ")
-    c.send(f"Subject: {subject}\r\n\r\nx\r\n.\r\n".encode())
-    assert c.reply().startswith("250 2.0.0 Ok: queued as ")
+    replies = c.transaction(helo="EHLO proxied.example", subject=subject)
+    assert [r[:4] for r in replies[1:4]] == ["250 ", "250 ", "354 "], replies
+    assert replies[4].startswith("250 2.0.0 Ok: queued as "), replies
     c.cmd("QUIT")
 
 

@@ -117,12 +117,8 @@ def postfix() -> Iterator[PrivatePostfix]:
     """One private Postfix for the whole session (see :class:`PrivatePostfix`).
 
     Prefer ``backend``, which resets per-test state."""
-    pf = PrivatePostfix()
-    try:
-        pf.start()
+    with PrivatePostfix() as pf:
         yield pf
-    finally:
-        pf.cleanup()
 
 
 @pytest.fixture
@@ -156,12 +152,8 @@ def postfix_factory() -> Iterator[PostfixFactory]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """Private redis-server for the session: ``.url`` (TCP), ``.socket`` (unix)."""
-    server = RedisServer()
-    try:
-        server.start()
+    with RedisServer() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

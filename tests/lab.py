@@ -390,7 +390,11 @@ class _Instance:
             _unregister(self)
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a failed start leaves nothing behind either
+            self.cleanup()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

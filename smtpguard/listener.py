@@ -461,6 +461,8 @@ class _TLSProtocol(sslproto.SSLProtocol):
 
 def _address(ip: str) -> str:
     """An address as Postfix writes it: canonical, IPv4-mapped IPv6 as IPv4."""
+    if ":" not in ip:  # IPv4 from the kernel or a PROXY header is canonical already
+        return ip
     try:
         return str(client_ip(ip))
     except ValueError:

@@ -96,6 +96,8 @@ IPV6_PREFIX = 64
 def client_key(ip: str) -> str:
     """What connection count and rate are kept under: the IPv4 address, or
     the IPv6 address's /64 network (``2001:db8:1:2::``)."""
+    if ":" not in ip:  # IPv4 (or no address): itself, without parsing it per connection
+        return ip
     try:
         return client_network(client_ip(ip), 32, IPV6_PREFIX)
     except ValueError:

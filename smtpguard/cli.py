@@ -40,7 +40,8 @@ def summary(cfg: Config) -> str:
     metrics_at = str(cfg.metrics.listen) if cfg.metrics.listen else "off"
     starttls = f"STARTTLS {cfg.tls.security_level}" if cfg.tls.enabled else "STARTTLS off"
     proxy = "; PROXY protocol" if cfg.server.proxy_protocol else ""
-    return (f"listen {listen}; upstream {cfg.upstream.address}; state {cfg.state.url}; "
+    handoff = f" (handoff {cfg.handoff.socket})" if cfg.handoff.socket else ""
+    return (f"listen {listen}; upstream {cfg.upstream.address}{handoff}; state {cfg.state.url}; "
             f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
 
 

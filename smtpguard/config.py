@@ -335,6 +335,7 @@ from .checks.pipelining import PipeliningConfig  # noqa: E402
 from .checks.pregreet import PregreetConfig  # noqa: E402
 from .checks.rdns import ClientNameConfig  # noqa: E402
 from .dns import DnsConfig  # noqa: E402
+from .handoff import HandoffConfig  # noqa: E402
 from .tls import TlsConfig  # noqa: E402
 
 
@@ -342,6 +343,7 @@ from .tls import TlsConfig  # noqa: E402
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -38,7 +38,7 @@ from typing import Any, cast
 from aiosmtpd.proxy_protocol import AF, get_proxy
 from aiosmtpd.smtp import SMTP
 
-from . import logs, tls
+from . import handoff, logs, tls
 from .checks.limits import client_key
 from .config import Config
 from .conversation import Conversation, Hangup
@@ -171,12 +171,15 @@ class GuardProtocol(SMTP):
         pipeline = self.server.pipeline
         cfg = self.server.cfg
         conv: Conversation | None = None
-        cancelled = False
+        cancelled = handed_off = False
         try:
             concurrent = self.server.per_ip.get(self._ip or "", 1)
             verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
             if verdict.action is Action.DROP:
                 await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
+                return
+            if verdict.action is Action.PASS and self._hand_off(s):
+                handed_off = True  # Postfix's smtpd has the connection; ours closes below
                 return
             screening_timeout = min(cfg.server.command_timeout, cfg.errors.command_time_limit)
             greeting = cfg.server.greeting
@@ -241,7 +244,30 @@ class GuardProtocol(SMTP):
                 if conv is not None:
                     conv.close()
                 self.close()  # the transport flushes what is left, then closes
-            log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
+            if not handed_off:  # postscreen logs none for a passed connection either
+                log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
+
+    def _hand_off(self, s: Session) -> bool:
+        """Give the client's socket to Postfix's smtpd pass service
+        (:mod:`smtpguard.handoff`); True when it went.  Not when the client
+        has sent something already (early talk, or bytes behind a PROXY
+        header): what is in our buffer could not go along."""
+        if self.transport is None or self._reader._buffer or self._reader.at_eof():  # type: ignore[attr-defined]
+            return False
+        transport = cast(asyncio.Transport, self.transport)
+        path = self.server.cfg.handoff.socket
+        transport.pause_reading()  # what the client sends now stays in the kernel, for smtpd
+        try:
+            channel = handoff.send(path, transport.get_extra_info("socket").fileno(),
+                                   (s.client_ip, s.client_port), (s.server_ip, s.server_port))
+        except OSError as exc:
+            log.warning("cannot pass connection to service %s: %s", path, exc.strerror or exc)
+            transport.resume_reading()
+            self.server.pipeline.on_handoff(s, False)
+            return False
+        handoff.release(channel, path, self.server.cfg.handoff.timeout)
+        self.server.pipeline.on_handoff(s, True)
+        return True
 
     async def _read_proxy(self, sender: tuple[str, int], ours: tuple[str, int]
                           ) -> tuple[tuple[str, int], tuple[str, int]] | None:

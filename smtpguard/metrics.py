@@ -19,6 +19,7 @@ messages_relayed, bytes_relayed             conversation (core)
 upstream_errors, upstream_*_seconds         conversation (core)
 check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
+handoffs                                    pipeline (connections passed to smtpd)
 greylist                                    greylisting
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
 store_errors                                state store
@@ -43,6 +44,7 @@ _DNS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 #: and ``rate()`` see the series before the first event.
 SCREENING_ACTIONS = ("continue", "pass", "defer", "reject", "drop")
 ALLOWLIST_RESULTS = ("pass_old", "pass_new")
+HANDOFF_RESULTS = ("passed", "failed")
 GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
 RELOAD_RESULTS = ("success", "failure")
 
@@ -65,6 +67,7 @@ class Metrics:
     check_results: Counter  # labels: check, outcome (pass, fail, skip)
     screening_verdicts: Counter  # labels: check, action
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
+    handoffs: Counter  # labels: result (passed, failed)
     # ---- greylisting
     greylist: Counter  # labels: outcome (new, early, passed, allowlisted)
     # ---- DNS
@@ -128,6 +131,11 @@ class Metrics:
                 "Temporary allowlist: pass_old = cache hit (PASS OLD), pass_new = passed all tests (PASS NEW)",
                 ["result"], registry=r,
             ),
+            handoffs=Counter(
+                "smtpguard_handoffs",
+                "Client connections handed to Postfix's smtpd pass service ([handoff]): passed, or failed "
+                "(relayed instead)", ["result"], registry=r,
+            ),
             greylist=Counter(
                 "smtpguard_greylist", "Greylisting decisions, by outcome (new, early, passed, allowlisted)",
                 ["outcome"], registry=r,
@@ -161,6 +169,7 @@ class Metrics:
             ),
         )
         _init_labels(m.allowlist_cache, "result", ALLOWLIST_RESULTS)
+        _init_labels(m.handoffs, "result", HANDOFF_RESULTS)
         _init_labels(m.greylist, "outcome", GREYLIST_OUTCOMES)
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
         m.config_last_reload_success.set(1)

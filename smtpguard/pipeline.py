@@ -18,6 +18,10 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
+   with ``[handoff] socket``, an allowlisted (4) or PASS OLD client that
+   greylisting would not look at (greylisting off, or the client on its
+   client allowlist by address) is handed to Postfix's smtpd as it is
+   (:mod:`smtpguard.handoff`; ``Action.PASS``), as postscreen does;
 6. DNS lookups start (:mod:`smtpguard.dnsscreen`): the DNSBL score unless
    its pass is cached, the client's names; they run during
 7. the pregreet wait (the listener); then, before the final 220
@@ -72,7 +76,7 @@ from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
 from .checks.dnsbl import DnsblScore, dnsbl_result
 from .checks.errors import check_command_count, check_error_limit
-from .checks.greylist import check_greylist
+from .checks.greylist import check_greylist, client_exempt
 from .checks.helo import check_helo, require_helo
 from .checks.limits import check_connection_count, check_connection_rate, client_key, rate_enabled
 from .checks.nonsmtp import check_non_smtp
@@ -80,7 +84,7 @@ from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
 from .checks.rdns import check_client_names
 from .config import Config
-from .dns import Resolver
+from .dns import Resolver, client_ip
 from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
@@ -101,6 +105,8 @@ _WARNING_LINE = frozenset({"connection_count", "connection_rate"})
 # Replies that are answered at once even with delay_reject.
 _IMMEDIATE = frozenset({"helo_required", "sender_syntax", "recipient_syntax"})
 _PHASES = ("connect", "helo", "mail")
+# on_connect's "hand this client to Postfix's smtpd" (smtpguard.handoff).
+HANDOFF = Verdict(Action.PASS)
 
 
 class Pipeline:
@@ -123,6 +129,9 @@ class Pipeline:
         METRICS.init_dnsbl_lists(site.domain for site in cfg.dnsbl.sites)
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
         self._counters: dict[tuple[str, Outcome], Any] = {}
+        self._pass_old = METRICS.allowlist_cache.labels(result="pass_old")
+        self._handoffs = {True: METRICS.handoffs.labels(result="passed"),
+                          False: METRICS.handoffs.labels(result="failed")}
 
     # ------------------------------------------------------------ connect
 
@@ -146,6 +155,8 @@ class Pipeline:
             s.allowlisted = True
             log.info("ALLOWLISTED %s", peer)
             self._count(found)
+            if self._hands_off(s):
+                return HANDOFF
             self.dns.start(s)
             return CONTINUE
         v = self._decide(s, found, "connect")
@@ -158,9 +169,27 @@ class Pipeline:
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
                 log.info("PASS OLD %s", peer)
-                METRICS.allowlist_cache.labels(result="pass_old").inc()
+                self._pass_old.inc()
+                if self._hands_off(s):
+                    return HANDOFF
         self.dns.start(s)  # runs during the greet wait
         return CONTINUE
+
+    def _hands_off(self, s: Session) -> bool:
+        """Step 5 with ``[handoff] socket``: may this allowlisted or PASS OLD
+        client go to Postfix's smtpd as it is?  Not when greylisting would
+        still have to see its recipients."""
+        if not self.cfg.handoff.socket:
+            return False
+        grey = self.cfg.greylist
+        return s.allowlisted or not grey.enabled or client_exempt(grey, client_ip(s.client_ip), "")
+
+    def on_handoff(self, s: Session, passed: bool) -> None:
+        """The listener passed the connection to Postfix; or it could not,
+        and the session goes on here (with its DNS lookups, as any other)."""
+        self._handoffs[passed].inc()
+        if not passed:
+            self.dns.start(s)
 
     def greet_wait(self, s: Session) -> float:
         """How long the listener waits after ``220-`` (0: no pregreet test)."""

@@ -116,8 +116,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def postfix() -> Iterator[PrivatePostfix]:
     """One private Postfix for the whole session (see :class:`PrivatePostfix`).
 
-    Prefer ``backend``, which resets per-test state."""
-    with PrivatePostfix() as pf:
+    Prefer ``backend``, which resets per-test state.  It also has an smtpd
+    pass service (``pass_socket``) for the [handoff] tests."""
+    with PrivatePostfix(pass_service=True) as pf:
         yield pf
 
 

@@ -473,6 +473,7 @@ class PrivatePostfix(_Instance):
         *,
         name: str = "backend",
         myhostname: str | None = None,
+        pass_service: bool = False,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name):
             raise ValueError(f"name must be a simple label, got {name!r}")
@@ -488,6 +489,9 @@ class PrivatePostfix(_Instance):
         self.mail_dir = self.dir / "mail"
         self.log_path: Path = self.dir / "postfix.log"
         self.maildir: Path = self.mail_dir / "inbox" / "new"
+        # With pass_service: an smtpd "pass" service (postscreen's kind) that
+        # takes client connections handed over by smtpguard ([handoff] socket).
+        self.pass_socket: Path | None = self.queue_dir / "public" / "smtpguard" if pass_service else None
         self._log_offset = 0
         _register(self)
         try:
@@ -581,6 +585,8 @@ class PrivatePostfix(_Instance):
             raise LabError(f"{template} has no 'postlog unix-dgram postlogd' service; maillog_file needs it")
         listener = f"{self.host}:{self.port}"
         self._run(self._postconf_cmd("-M", f"{listener}/inet={listener} inet n - n - - smtpd"))
+        if self.pass_socket is not None:  # private=n: the socket is public/smtpguard
+            self._run(self._postconf_cmd("-M", "smtpguard/pass=smtpguard pass n - n - - smtpd"))
         self._run(self._postconf_cmd("-F", "*/*/chroot=n"))
         self._backdate_config()
 

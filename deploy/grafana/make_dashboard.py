@@ -38,8 +38,9 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ("sum by (check, action) (rate(smtpguard_screening_verdicts_total{action!=\"continue\"}"
              "[$__rate_interval]))", "{{check}} {{action}}"),
         ], 12),
-        ("Allowlist cache (PASS OLD / PASS NEW) / s", "ops", [
+        ("Allowlist cache (PASS OLD / PASS NEW) and hand-offs to smtpd / s", "ops", [
             ("sum by (result) (rate(smtpguard_allowlist_cache_total[$__rate_interval]))", "{{result}}"),
+            ("sum by (result) (rate(smtpguard_handoffs_total[$__rate_interval]))", "handoff {{result}}"),
         ], 12),
         ("Greylist outcomes / s", "ops", [
             ("sum by (outcome) (rate(smtpguard_greylist_total[$__rate_interval]))", "{{outcome}}"),

@@ -485,11 +485,17 @@ def auto_allowlisted(entry: ClientNet | None, cfg: GreylistConfig) -> bool:
     return cfg.auto_allowlist_clients > 0 and entry is not None and entry.count >= cfg.auto_allowlist_clients
 
 
+def client_exempt(cfg: GreylistConfig, ip: IPAddress, client_name: str) -> bool:
+    """The client is on a client allowlist (with ``client_name`` "" or
+    "unknown": by its address alone)."""
+    return cfg.client_allowlist.match(ip, client_name) or (
+        cfg.use_default_client_allowlist and default_client_allowlist().match(ip, client_name)
+    )
+
+
 def allowlisted(cfg: GreylistConfig, ip: IPAddress, client_name: str, recipient: str) -> str | None:
     """Why this client or recipient is not greylisted, or None."""
-    if cfg.client_allowlist.match(ip, client_name) or (
-        cfg.use_default_client_allowlist and default_client_allowlist().match(ip, client_name)
-    ):
+    if client_exempt(cfg, ip, client_name):
         return "client allowlist"
     if cfg.recipient_allowlist.match(recipient):
         return "recipient allowlist"

@@ -106,6 +106,27 @@ async def test_pass_new_then_pass_old_then_expiry(caplog: pytest.LogCaptureFixtu
     assert s3.todo == {"pregreet"} and p.greet_wait(s3) == 6.0
 
 
+async def test_handoff_for_allowlisted_and_pass_old_clients_greylisting_would_not_see(tmp_path: Path) -> None:
+    table = tmp_path / "clients"
+    table.write_text("192.0.2.9 permit\n")
+    grey_clients = tmp_path / "greylist_clients"
+    grey_clients.write_text("192.0.2.11\n")
+    handoff = {"socket": "/var/spool/postfix/public/smtpguard"}
+    greylisting = {"enabled": True, "client_allowlist": str(grey_clients)}
+    for greylist, handed_off in (({}, {"192.0.2.9", "192.0.2.10", "192.0.2.11"}),
+                                 (greylisting, {"192.0.2.9", "192.0.2.11"})):
+        p, _, store = make({"handoff": handoff, "greylist": greylist, "access": {"client_table": f"cidr:{table}"}})
+        for ip in ("192.0.2.10", "192.0.2.11", "192.0.2.12"):  # cached passes; .12's pregreet expired
+            await store.put_cache(ip, {t: 2e6 for t in ("pregreet", "pipelining", "non_smtp", "bare_newline")})
+        await store.put_cache("192.0.2.12", {"pregreet": 0.0})
+        for ip in ("192.0.2.9", "192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13"):
+            v = await p.on_connect(session(ip), 1, 1)
+            assert v.action is (Action.PASS if ip in handed_off else Action.CONTINUE), (greylist, ip)
+    # Without [handoff] socket, nobody.
+    p, _, store = make({"access": {"client_table": f"cidr:{table}"}})
+    assert code(await p.on_connect(session("192.0.2.9"), 1, 1)) == CONT
+
+
 async def test_failed_test_is_not_cached_and_rejects_at_rcpt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="smtpguard")
     p, _, store = make()

@@ -11,18 +11,20 @@ greets the client with its own ``220`` and does the whole session itself;
 postscreen's copy of the socket is closed.
 
 smtpguard does the same for the clients :mod:`smtpguard.pipeline` lets
-through at connect time (``[handoff] socket``, off by default):
-:func:`send` connects and sends in one ``sendmsg`` (smtpd reads the
-descriptor with a one-byte read, then the attributes from the same stream),
-the listener closes its copy of the client socket, and :func:`release`
-closes the channel once smtpd has let go of it (or logs postscreen's
-``timeout sending connection to service`` after ``handoff.timeout``).
-Connecting does not wait: a pass service whose backlog is full fails at
-once, like postscreen's non-blocking connect, and the listener relays that
-client itself instead.
+through at connect time (``[handoff] socket``, off by default).  :func:`send`
+connects and sends everything in one ``sendmsg`` (smtpd reads the
+descriptor with a one-byte read, then the attributes from the same stream)
+and closes the channel at once; the listener closes its copy of the client
+socket.  Not waiting for smtpd is safe on Linux: the message and the
+descriptor in flight stay queued on smtpd's end of the channel, which reads
+them and then end-of-file (postscreen waits for systems that drop what a
+closed channel wrote, and to log ``timeout sending connection to service``).
+Connecting does not wait either: a pass service whose backlog is full fails
+at once, like postscreen's non-blocking connect, and the listener relays
+that client itself instead.
 
-Such a client costs smtpguard an accept, a cache lookup and three system
-calls; Postfix serves it exactly as if it had connected to Postfix (its
+Such a client costs smtpguard an accept, a cache lookup and a handful of
+system calls; Postfix serves it exactly as if it had connected to Postfix (its
 anvil limits, restrictions, TLS and logs apply), and nothing smtpguard would
 do after the banner (HELO, sender and recipient checks, greylisting) is
 done for it: see docs/handoff.md.
@@ -31,23 +33,19 @@ done for it: see docs/handoff.md.
 from __future__ import annotations
 
 import array
-import asyncio
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, opt, parse_duration, parse_str
-
-log = logging.getLogger("smtpguard")
+from .config import ConfigError, opt, parse_str
 
 
 def parse_socket_path(value: Any) -> str:
     """An absolute path, or "" (off)."""
     text = parse_str(value)
     if text and not os.path.isabs(text):
-        raise ValueError(f'expected an absolute path like /var/spool/postfix/private/smtpguard, got "{text}"')
+        raise ValueError(f'expected an absolute path like /var/spool/postfix/public/smtpguard, got "{text}"')
     return text
 
 
@@ -63,11 +61,6 @@ class HandoffConfig:
             "UNIX socket of a Postfix smtpd `pass` service (`/var/spool/postfix/public/smtpguard`): "
             "allowlisted and PASS OLD clients are handed to it (docs/handoff.md); `\"\"`: every client is relayed.",
         ),
-    )
-    timeout: float = field(
-        default=100.0,
-        metadata=opt(parse_duration, "postscreen: 100s, fixed (PSC_SEND_SOCK_NOTIFY_TIMEOUT)",
-                     "How long smtpd may take to pick up a passed connection before a warning is logged."),
     )
 
     def validate(self) -> None:
@@ -85,38 +78,14 @@ def attributes(client: tuple[str, int], server: tuple[str, int]) -> bytes:
     return b"".join(f"{k}\0{v}\0".encode() for k, v in pairs) + b"\0"
 
 
-def send(path: str, fd: int, client: tuple[str, int], server: tuple[str, int]) -> socket.socket:
-    """Pass socket *fd* and the endpoints to the pass service at *path*;
-    return the channel (for :func:`release`).  Raises OSError when nothing
-    was passed: smtpd never got the connection, the caller still has it."""
-    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+def send(path: str, fd: int, client: tuple[str, int], server: tuple[str, int]) -> None:
+    """Pass socket *fd* and the endpoints to the pass service at *path*.
+    Raises OSError when nothing was passed: smtpd never got the connection,
+    the caller still has it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as channel:
         channel.setblocking(False)
         channel.connect(path)  # a listening UNIX socket answers at once, or EAGAIN when its backlog is full
         payload = b"\0" + attributes(client, server)
-        fds = array.array("i", [fd])
-        sent = channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        sent = channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         if sent != len(payload):  # cannot happen on a new socket; smtpd would drop a short list
             raise OSError(f"short write ({sent} of {len(payload)} bytes)")
-    except BaseException:
-        channel.close()
-        raise
-    return channel
-
-
-def release(channel: socket.socket, path: str, timeout: float) -> None:
-    """Close *channel* when smtpd closes its end (it has the connection
-    then), or after *timeout* with postscreen's warning.  No task: a reader
-    callback and a timer."""
-    loop = asyncio.get_running_loop()
-    fd = channel.fileno()
-
-    def done(timed_out: bool) -> None:
-        loop.remove_reader(fd)
-        timer.cancel()
-        channel.close()
-        if timed_out:
-            log.warning("timeout sending connection to service %s", path)
-
-    timer = loop.call_later(timeout, done, True)
-    loop.add_reader(fd, done, False)

@@ -258,14 +258,13 @@ class GuardProtocol(SMTP):
         path = self.server.cfg.handoff.socket
         transport.pause_reading()  # what the client sends now stays in the kernel, for smtpd
         try:
-            channel = handoff.send(path, transport.get_extra_info("socket").fileno(),
-                                   (s.client_ip, s.client_port), (s.server_ip, s.server_port))
+            handoff.send(path, transport.get_extra_info("socket").fileno(),
+                         (s.client_ip, s.client_port), (s.server_ip, s.server_port))
         except OSError as exc:
             log.warning("cannot pass connection to service %s: %s", path, exc.strerror or exc)
             transport.resume_reading()
             self.server.pipeline.on_handoff(s, False)
             return False
-        handoff.release(channel, path, self.server.cfg.handoff.timeout)
         self.server.pipeline.on_handoff(s, True)
         return True
 

@@ -47,6 +47,8 @@ def too_many(ip: str) -> Reply:
 
 
 def exempt(cfg: LimitsConfig, ip: str) -> bool:
+    if not cfg.exceptions:  # the usual case: no address to parse per connection
+        return False
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -3,8 +3,6 @@ pass service: what goes over the channel, and the config's errors."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import socket
 from pathlib import Path
 
@@ -26,8 +24,6 @@ def test_config_errors_name_the_key() -> None:
         from_dict({"handoff": {"socket": "private/smtpd"}})
     with pytest.raises(ConfigError, match=r"^handoff\.socket: a UNIX socket path must be shorter than 108"):
         from_dict({"handoff": {"socket": "/" + "x" * 120}})
-    with pytest.raises(ConfigError, match=r"^handoff\.timeout: expected a duration"):
-        from_dict({"handoff": {"timeout": "soon"}})
     assert from_dict({}).handoff.socket == ""
 
 
@@ -52,13 +48,15 @@ def test_send_passes_the_socket_and_the_endpoints(tmp_path: Path) -> None:
         listener.listen()
         client = socket.create_connection(listener.getsockname())
         ours, _ = listener.accept()
-        channel = handoff.send(path, ours.fileno(), ("127.0.0.1", 40000), ("127.0.0.1", 25))
+        # Sent and closed before the receiver even accepted: it all stays queued for it.
+        handoff.send(path, ours.fileno(), ("127.0.0.1", 40000), ("127.0.0.1", 25))
         passed, attrs, conn = receive(server)
+        assert conn.recv(1) == b""  # then end-of-file, as smtpd sees it
         ours.close()  # smtpguard's copy goes; the connection stays, with the receiver
         passed.sendall(b"220 from the receiver\r\n")
         assert client.recv(100) == b"220 from the receiver\r\n"
         assert attrs == handoff.attributes(("127.0.0.1", 40000), ("127.0.0.1", 25))
-        for s in (passed, conn, channel, client):
+        for s in (passed, conn, client):
             s.close()
 
 
@@ -69,29 +67,6 @@ def test_send_fails_without_passing_anything(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(full)
         server.listen(0)
-        waiting = []
         with pytest.raises(BlockingIOError):  # a full backlog: postscreen's "all server ports are busy"
             for _ in range(64):
-                waiting.append(handoff.send(full, 0, ("192.0.2.7", 1), ("192.0.2.1", 25)))
-        for s in waiting:
-            s.close()
-
-
-async def test_release_closes_when_the_receiver_does_or_warns_after_the_timeout(
-        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="smtpguard")
-    ours, theirs = socket.socketpair()
-    handoff.release(ours, "/pass", timeout=60)
-    theirs.close()  # smtpd has taken the descriptor
-    for _ in range(3):
-        await asyncio.sleep(0)  # one loop turn for the reader callback
-    assert ours.fileno() == -1 and "timeout" not in caplog.text
-
-    ours, theirs = socket.socketpair()
-    handoff.release(ours, "/pass", timeout=0)  # due at once: no waiting for time to pass
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert ours.fileno() == -1
-    assert "timeout sending connection to service /pass" in caplog.text
-    theirs.close()
-
+                handoff.send(full, 0, ("192.0.2.7", 1), ("192.0.2.1", 25))

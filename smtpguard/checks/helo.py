@@ -37,6 +37,7 @@ valid_hostname; one trailing dot is ignored, as smtpd does).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -101,6 +102,13 @@ def _ip(text: str) -> IPAddress | None:
         return client_ip(text)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _our_ips(addresses: tuple[str, ...]) -> frozenset[IPAddress]:
+    """The addresses we listen on and are reached at, parsed once (they
+    are the same few for every session); unspecified ones left out."""
+    return frozenset(a for a in map(_ip, addresses) if a is not None and not a.is_unspecified)
 
 
 def literal_address(helo: str) -> IPAddress | None:
@@ -201,8 +209,8 @@ def reject_impersonation(
     check = "helo_impersonation"
     if helo is None:
         return _skip(check, "no HELO")
-    ours = {a for a in map(_ip, our_addresses) if a is not None and not a.is_unspecified}
     peer = _ip(client)
+    ours = _our_ips(tuple(our_addresses))
     if peer is not None and (peer.is_loopback or peer in ours):
         return _skip(check, "client is local")
     claimed = literal_address(helo) or bare_address(helo)

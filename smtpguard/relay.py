@@ -47,6 +47,8 @@ class UpstreamReply:
 
 
 _QUEUED = re.compile(rb"queued as ([0-9A-Za-z]+)")
+_LINE_END = re.compile(rb"\r?\n")
+_READ_SIZE = 64 * 1024  # also the longest reply line accepted
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Upstream:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._timed_out = False
+        self._buf = bytearray()  # received, not yet returned by read_reply
 
     @property
     def connected(self) -> bool:
@@ -101,6 +104,7 @@ class Upstream:
         """Connect, XCLIENT, EHLO.  Returns the seconds it took."""
         start = time.monotonic()
         self._timed_out = False
+        self._buf.clear()
         host, port = self.cfg.address.host, self.cfg.address.port
         try:
             async with asyncio.timeout(self.cfg.connect_timeout):
@@ -151,22 +155,21 @@ class Upstream:
             self._deadline = None
 
     async def read_reply(self) -> UpstreamReply:
-        """Read one (possibly multi-line) reply."""
+        """Read one (possibly multi-line) reply.  What Postfix sent at once
+        (the 12-line EHLO reply, the MAIL and RCPT replies together) is read
+        in one call and split here; bytes past the reply wait in the buffer
+        for the next call."""
         if self._reader is None:
             raise UpstreamError("not connected")
-        lines = []
+        buf = self._buf
         self._arm()
         try:
-            while True:
-                line = await self._reader.readline()
-                if not line.endswith(b"\n"):
+            while (end := self._reply_end(buf)) < 0:
+                chunk = await self._reader.read(_READ_SIZE)
+                if not chunk:
                     raise self._failure("read from", None)
-                if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
-                    raise UpstreamError(f"{self.cfg.address} sent a malformed reply: {line[:80]!r}")
-                lines.append(line if line.endswith(b"\r\n") else line[:-1] + b"\r\n")
-                if line[3:4] != b"-":
-                    break
-        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
+                buf += chunk
+        except OSError as exc:
             self.abort()
             raise self._failure("read from", exc) from None
         except UpstreamError:
@@ -174,7 +177,26 @@ class Upstream:
             raise
         finally:
             self._deadline = None
-        return UpstreamReply(int(lines[0][:3]), b"".join(lines))
+        raw = bytes(buf[:end])
+        del buf[:end]
+        if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF line ends: relayed as CRLF
+            raw = _LINE_END.sub(b"\r\n", raw)
+        return UpstreamReply(int(raw[:3]), raw)
+
+    def _reply_end(self, buf: bytearray) -> int:
+        """Where the first complete reply in *buf* ends, or -1; every line
+        must look like ``NNN-text`` / ``NNN text``."""
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = bytes(buf[start:min(start + 4, nl + 1)])
+            if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                raise UpstreamError(f"{self.cfg.address} sent a malformed reply: {bytes(buf[start:nl + 1])[:80]!r}")
+            start = nl + 1
+            if line[3:4] != b"-":
+                return start
+        if len(buf) - start > _READ_SIZE:
+            raise UpstreamError(f"{self.cfg.address} sent a reply line longer than {_READ_SIZE} bytes")
+        return -1
 
     # One timer per connection, re-armed lazily: per-command deadlines cost
     # two attribute writes instead of a timer cancel and re-create.

@@ -38,7 +38,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, opt, parse_str
+from .config import ConfigError, opt, parse_bool, parse_str
 
 
 def parse_socket_path(value: Any) -> str:
@@ -61,6 +61,14 @@ class HandoffConfig:
             "UNIX socket of a Postfix smtpd `pass` service (`/var/spool/postfix/public/smtpguard`): "
             "allowlisted and PASS OLD clients are handed to it (docs/handoff.md); `\"\"`: every client is relayed.",
         ),
+    )
+
+    ipv6: bool = field(
+        default=False,
+        metadata=opt(parse_bool, "inet_protocols (must include ipv6)",
+                     "Hand off IPv6 clients too. Only with `inet_protocols = all` (or `ipv6`) in Postfix: "
+                     "an IPv4-only smtpd exits on an IPv6 client's connection and master throttles "
+                     "the service; off, they are relayed."),
     )
 
     def validate(self) -> None:

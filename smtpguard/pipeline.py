@@ -178,8 +178,10 @@ class Pipeline:
     def _hands_off(self, s: Session) -> bool:
         """Step 5 with ``[handoff] socket``: may this allowlisted or PASS OLD
         client go to Postfix's smtpd as it is?  Not when greylisting would
-        still have to see its recipients."""
-        if not self.cfg.handoff.socket:
+        still have to see its recipients, nor an IPv6 client unless
+        ``handoff.ipv6`` says Postfix takes them."""
+        handoff = self.cfg.handoff
+        if not handoff.socket or (":" in s.client_ip and not handoff.ipv6):
             return False
         grey = self.cfg.greylist
         return s.allowlisted or not grey.enabled or client_exempt(grey, client_ip(s.client_ip), "")

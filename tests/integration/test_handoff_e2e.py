@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import scrape, value
-from tests.lab import PrivatePostfix
+from tests.lab import PostfixFactory, PrivatePostfix
 
 pytestmark = pytest.mark.postfix
 
@@ -117,3 +117,25 @@ def test_proxied_client_is_handed_off_with_the_header_address(backend: PrivatePo
     assert c.reply() == OUR_BANNER
     assert c.reply().startswith("250-mx.guard.test")
     g.wait_for_log(r"ALLOWLISTED \[192\.0\.2\.67\]:40067")
+
+
+def test_ipv6_clients_are_handed_off_only_with_handoff_ipv6(postfix_factory: PostfixFactory,
+                                                           make_guard: MakeGuard, tmp_path: Path) -> None:
+    """An IPv4-only smtpd exits on an IPv6 client it is handed (and master
+    throttles the service): such clients are relayed unless handoff.ipv6."""
+    pf = postfix_factory(name="v6pass", extra={"inet_protocols": "all"}, pass_service=True)
+    pf.start()
+    table = tmp_path / "clients.cidr"
+    table.write_text("2001:db8::/32 permit\n")
+    header = b"PROXY TCP6 2001:db8::68 2001:db8::25 40068 25\r\n"
+    for ipv6, banner in ((False, OUR_BANNER), (True, "220 v6pass.test ESMTP Postfix\r\n")):
+        g = make_guard(pf.port, '[server]\nproxy_protocol = true\n' + handoff(pf.pass_socket)
+                       + f"ipv6 = {str(ipv6).lower()}\n" + f'[access]\nclient_table = "cidr:{table}"\n')
+        c = RawClient(g.port)
+        c.send(header)
+        assert c.reply() == banner
+        assert c.transaction()[-1].startswith("250 2.0.0 Ok: queued as")
+        c.cmd("QUIT")
+    assert len(pf.wait_for_messages(2)) == 2
+    pf.wait_for_log(r"smtpd\[\d+\]: connect from unknown\[2001:db8::68\]")  # the handed-off one
+    pf.wait_for_log(r"client=unknown\[2001:db8::68\]")

@@ -122,9 +122,15 @@ async def test_handoff_for_allowlisted_and_pass_old_clients_greylisting_would_no
         for ip in ("192.0.2.9", "192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13"):
             v = await p.on_connect(session(ip), 1, 1)
             assert v.action is (Action.PASS if ip in handed_off else Action.CONTINUE), (greylist, ip)
+    # IPv6 clients only with handoff.ipv6 (Postfix with inet_protocols = all).
+    table.write_text("2001:db8::/32 permit\n")
+    for ipv6 in (False, True):
+        p, _, _ = make({"handoff": {**handoff, "ipv6": ipv6}, "access": {"client_table": f"cidr:{table}"}})
+        v = await p.on_connect(session("2001:db8::7"), 1, 1)
+        assert v.action is (Action.PASS if ipv6 else Action.CONTINUE)
     # Without [handoff] socket, nobody.
     p, _, store = make({"access": {"client_table": f"cidr:{table}"}})
-    assert code(await p.on_connect(session("192.0.2.9"), 1, 1)) == CONT
+    assert code(await p.on_connect(session("2001:db8::7"), 1, 1)) == CONT
 
 
 async def test_failed_test_is_not_cached_and_rejects_at_rcpt(caplog: pytest.LogCaptureFixture) -> None:

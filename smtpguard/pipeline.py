@@ -106,7 +106,7 @@ _WARNING_LINE = frozenset({"connection_count", "connection_rate"})
 _IMMEDIATE = frozenset({"helo_required", "sender_syntax", "recipient_syntax"})
 _PHASES = ("connect", "helo", "mail")
 # on_connect's "hand this client to Postfix's smtpd" (smtpguard.handoff).
-HANDOFF = Verdict(Action.PASS)
+_HANDOFF = Verdict(Action.PASS)
 
 
 class Pipeline:
@@ -156,7 +156,7 @@ class Pipeline:
             log.info("ALLOWLISTED %s", peer)
             self._count(found)
             if self._hands_off(s):
-                return HANDOFF
+                return _HANDOFF
             self.dns.start(s)
             return CONTINUE
         v = self._decide(s, found, "connect")
@@ -171,7 +171,7 @@ class Pipeline:
                 log.info("PASS OLD %s", peer)
                 self._pass_old.inc()
                 if self._hands_off(s):
-                    return HANDOFF
+                    return _HANDOFF
         self.dns.start(s)  # runs during the greet wait
         return CONTINUE
 

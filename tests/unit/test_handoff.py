@@ -61,12 +61,12 @@ def test_send_passes_the_socket_and_the_endpoints(tmp_path: Path) -> None:
 
 
 def test_send_fails_without_passing_anything(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        handoff.send(str(tmp_path / "missing"), 0, ("192.0.2.7", 1), ("192.0.2.1", 25))
     full = str(tmp_path / "full")
-    with socket.socket(socket.AF_UNIX) as server:
+    with socket.socket(socket.AF_UNIX) as server, socket.socket() as some:
+        with pytest.raises(FileNotFoundError):
+            handoff.send(str(tmp_path / "missing"), some.fileno(), ("192.0.2.7", 1), ("192.0.2.1", 25))
         server.bind(full)
         server.listen(0)
         with pytest.raises(BlockingIOError):  # a full backlog: postscreen's "all server ports are busy"
             for _ in range(64):
-                handoff.send(full, 0, ("192.0.2.7", 1), ("192.0.2.1", 25))
+                handoff.send(full, some.fileno(), ("192.0.2.7", 1), ("192.0.2.1", 25))

@@ -20,8 +20,9 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
    with ``[handoff] socket``, an allowlisted (4) or PASS OLD client that
    greylisting would not look at (greylisting off, or the client on its
-   client allowlist by address) is handed to Postfix's smtpd as it is
-   (:mod:`smtpguard.handoff`; ``Action.PASS``), as postscreen does;
+   client allowlist by address), IPv6 only with ``handoff.ipv6``, is handed
+   to Postfix's smtpd as it is (:mod:`smtpguard.handoff`; ``Action.PASS``),
+   as postscreen does;
 6. DNS lookups start (:mod:`smtpguard.dnsscreen`): the DNSBL score unless
    its pass is cached, the client's names; they run during
 7. the pregreet wait (the listener); then, before the final 220

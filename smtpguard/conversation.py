@@ -29,6 +29,7 @@ from typing import Protocol
 
 from . import logs, tls
 from .checks.errors import error_delay
+from .checks.helo import unforwardable_helo
 from .config import Config
 from .data import DataScanner
 from .envelope import EnvelopeError, parse_mail, parse_rcpt
@@ -71,10 +72,11 @@ class Conversation:
         self.session = session
         self.io = io
         self.pipeline = pipeline
-        self.upstream = Upstream(cfg.upstream, cfg.server.hostname)
+        self.upstream = Upstream(cfg.upstream)
         self._upstream_mail = False  # MAIL sent upstream in this transaction
         self.in_data = False
         self.last_command = ""  # for "lost connection after CMD" and the counts
+        self.succeeded = False  # the last command's final reply was 2xx/3xx (smtpd's ok/total counts)
         # smtpd_error_sleep_time: output held back while the session is over the soft error limit.
         self._hold = 0.0
         self._held: list[bytes] = []
@@ -99,6 +101,7 @@ class Conversation:
         self._hold = max(self._hold, delay)
 
     def _send(self, data: bytes) -> None:
+        self.succeeded = data[:1] in (b"2", b"3")
         if self._hold:
             self._held.append(data)
         else:
@@ -132,6 +135,7 @@ class Conversation:
         handler = getattr(self, name) if name is not None else None
         previous = self.last_command
         self.last_command = command if handler is not None else "UNKNOWN"
+        self.succeeded = False
         verdict = await self.pipeline.on_command(s, raw, command[:32], pending, previous)
         if verdict.action is Action.DROP:
             # The check logged its own line (PREGREET, too many errors, ...).
@@ -169,15 +173,15 @@ class Conversation:
         if arg is None:
             self.reply(REPLIES["helo_syntax"])
             return
-        await self._new_helo(arg, esmtp=False)
-        if await self._screen(await self.pipeline.on_helo(self.session), "HELO"):
+        if await self._new_helo(arg, "HELO") and await self._screen(await self.pipeline.on_helo(self.session), "HELO"):
             self.reply(f"250 {self.cfg.server.hostname}")
 
     async def ehlo(self, arg: str | None) -> None:
         if arg is None:
             self.reply(REPLIES["ehlo_syntax"])
             return
-        await self._new_helo(arg, esmtp=True)
+        if not await self._new_helo(arg, "EHLO"):
+            return
         if not await self._screen(await self.pipeline.on_helo(self.session), "EHLO"):
             return
         server = self.cfg.server
@@ -190,12 +194,22 @@ class Conversation:
         self._send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
         self.session.advertised = True  # from now on the client may pipeline
 
-    async def _new_helo(self, name: str, esmtp: bool) -> None:
+    async def _new_helo(self, name: str, stage: str) -> bool:
+        """Take a new HELO name; False (and the 501 sent) for one that could
+        not go to Postfix as the client's own (:func:`unforwardable_helo`)."""
+        s = self.session
+        refused = unforwardable_helo(name)
+        if refused is not None:
+            log.info(logs.noqueue(str(refused), stage, s.who, s.sender, None, s.proto, name))
+            METRICS.rejects.labels(stage=stage, code=str(refused.code)).inc()
+            self.reply(refused)
+            return False
         # HELO/EHLO in a transaction resets it, as RSET does (RFC 5321 4.1.4).
         await self._reset()
-        self.session.helo = name
-        self.session.esmtp = esmtp
-        self.session.advertised = False
+        s.helo = name
+        s.esmtp = stage == "EHLO"
+        s.advertised = False
+        return True
 
     async def starttls(self, arg: str | None) -> None:
         s = self.session
@@ -231,6 +245,9 @@ class Conversation:
         try:
             path = parse_mail(arg, self.cfg.server.message_size_limit, smtputf8=True)
         except EnvelopeError as exc:
+            if exc.address is not None:  # a limit, not a syntax error: smtpd logs it
+                log.info(logs.noqueue(str(exc.reply), "MAIL", s.who, exc.address, None, s.proto, s.helo))
+                METRICS.rejects.labels(stage="MAIL", code=str(exc.reply.code)).inc()
             self.reply(exc.reply)
             return
         s.sender, s.mail_params = path.address, path.params
@@ -257,13 +274,17 @@ class Conversation:
             if not self.upstream.connected:
                 METRICS.upstream_connect_seconds.observe(await self.upstream.open(s.identity()))
             if not self._upstream_mail:
-                # MAIL and the first RCPT together: Postfix offers PIPELINING.
-                mail_reply = await self.upstream.command(
-                    _command("MAIL FROM", s.sender or "", s.mail_params) + rcpt_line)
+                # MAIL and the first RCPT together when Postfix got an EHLO (PIPELINING).
+                mail_line = _command("MAIL FROM", s.sender or "", s.mail_params)
+                pipelined = self.upstream.pipelining
+                mail_reply = await self.upstream.command(mail_line + rcpt_line if pipelined else mail_line)
                 if mail_reply.code != 250:
-                    await self.upstream.read_reply()  # the RCPT's (503) reply
+                    if pipelined:
+                        await self.upstream.read_reply()  # the RCPT's (503) reply
                     self.relay_reply(mail_reply)
                     return
+                if not pipelined:
+                    self.upstream.write(rcpt_line)
                 self._upstream_mail = True
                 reply = await self.upstream.read_reply()
             else:

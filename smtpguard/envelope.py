@@ -25,11 +25,17 @@ class Path:
 
 
 class EnvelopeError(ValueError):
-    """Bad envelope syntax; carries the reply to send."""
+    """Bad envelope syntax, or a limit refused it; carries the reply to send.
 
-    def __init__(self, reply: Reply) -> None:
+    *address* is set when the syntax was fine and a limit refused the
+    envelope (``552 5.3.4 Message size exceeds fixed limit``): smtpd logs
+    such a refusal as ``NOQUEUE: reject: MAIL from ...``, syntax errors not.
+    """
+
+    def __init__(self, reply: Reply, address: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.address = address
 
 
 _MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
@@ -74,7 +80,7 @@ def parse_mail(arg: str | None, size_limit: int, smtputf8: bool) -> Path:
             if not value.isdigit():
                 raise EnvelopeError(Reply(501, "5.5.4", "Bad message size syntax"))
             if size_limit and int(value) > size_limit:
-                raise EnvelopeError(REPLIES["too_big"])
+                raise EnvelopeError(REPLIES["too_big"], path.address)
         elif key == "BODY" and value.upper() not in ("7BIT", "8BITMIME"):
             raise EnvelopeError(Reply(501, "5.5.4", "Unsupported BODY parameter value"))
         elif key == "SMTPUTF8" and (value or not smtputf8):

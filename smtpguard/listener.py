@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto as sslproto
-import collections
 import logging
 import ssl
 import time
@@ -66,11 +65,15 @@ class GuardProtocol(SMTP):
             client_connected_cb=self._cb_client_connected, loop=self.loop,
         )
         self.server = server
-        cfg = server.cfg
+        # One configuration per connection, taken at accept: a SIGHUP never
+        # changes the settings (or the pipeline, or the TLS context) of a
+        # session in progress; the next connection gets the new ones.
+        self.cfg = cfg = server.cfg
+        self.pipeline = server.pipeline
+        self.tls_context = server.tls_context
         # Attributes aiosmtpd's inherited connection plumbing reads.
         self.event_handler = None
         self.hostname = cfg.server.hostname
-        self.tls_context = None
         self.require_starttls = False
         self._timeout_duration = cfg.server.command_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
@@ -98,7 +101,7 @@ class GuardProtocol(SMTP):
         self._writer.write(data)
 
     async def read_chunk(self) -> bytes:
-        self._reset_timeout(self.server.cfg.server.data_timeout)
+        self._reset_timeout(self.cfg.server.data_timeout)
         return await self._reader.read(_READ_LIMIT)
 
     def unread(self, data: bytes) -> None:
@@ -112,7 +115,7 @@ class GuardProtocol(SMTP):
 
     @property
     def tls_available(self) -> bool:
-        return self.server.tls_context is not None and not self._encrypted
+        return self.tls_context is not None and not self._encrypted
 
     async def start_tls(self) -> str | None:
         """After ``220 Ready to start TLS``: discard the input pipelined
@@ -120,13 +123,13 @@ class GuardProtocol(SMTP):
         server-side handshake on the same connection.  Returns the
         connection's description for the log, None when the handshake failed
         (the connection is closed then)."""
-        assert self.transport is not None and self.server.tls_context is not None
+        assert self.transport is not None and self.tls_context is not None
         await self._writer.drain()
         self._reader._buffer.clear()  # type: ignore[attr-defined]  # no await until reading is paused
         plain = cast(asyncio.Transport, self.transport)
         # loop.start_tls(), but with our smaller-buffer TLS protocol class.
         waiter = self.loop.create_future()
-        layer = _TLSProtocol(self.loop, self, self.server.tls_context, waiter, server_side=True,
+        layer = _TLSProtocol(self.loop, self, self.tls_context, waiter, server_side=True,
                              call_connection_made=False)
         plain.pause_reading()  # before the layer's connection_made, no data for it
         plain.set_protocol(layer)
@@ -156,7 +159,7 @@ class GuardProtocol(SMTP):
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
         client, ours = (_address(peer[0]), peer[1]), (_address(local[0]), local[1])
-        if self.server.cfg.server.proxy_protocol:
+        if self.cfg.server.proxy_protocol:
             proxied = await self._read_proxy(client, ours)
             if proxied is None:
                 self.close()
@@ -167,9 +170,9 @@ class GuardProtocol(SMTP):
         self._count_client(client[0])
         s = self._session = Session(client[0], client[1], ours[0], ours[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
-        counts: collections.Counter[str] = collections.Counter()
-        pipeline = self.server.pipeline
-        cfg = self.server.cfg
+        counts: dict[str, list[int]] = {}  # command -> [succeeded, sent], smtpd's per-command counts
+        pipeline = self.pipeline
+        cfg = self.cfg
         conv: Conversation | None = None
         cancelled = handed_off = False
         try:
@@ -221,7 +224,9 @@ class GuardProtocol(SMTP):
                 try:
                     await conv.handle(line, pending)
                 finally:
-                    counts[conv.last_command] += 1
+                    count = counts.setdefault(conv.last_command, [0, 0])
+                    count[0] += conv.succeeded
+                    count[1] += 1
                     if conv.hold:  # smtpd_error_sleep_time: the error reply waits
                         await self._release(conv)
         except Hangup:
@@ -255,7 +260,7 @@ class GuardProtocol(SMTP):
         if self.transport is None or self._reader._buffer or self._reader.at_eof():  # type: ignore[attr-defined]
             return False
         transport = cast(asyncio.Transport, self.transport)
-        path = self.server.cfg.handoff.socket
+        path = self.cfg.handoff.socket
         transport.pause_reading()  # what the client sends now stays in the kernel, for smtpd
         try:
             handoff.send(path, transport.get_extra_info("socket").fileno(),
@@ -263,9 +268,9 @@ class GuardProtocol(SMTP):
         except OSError as exc:
             log.warning("cannot pass connection to service %s: %s", path, exc.strerror or exc)
             transport.resume_reading()
-            self.server.pipeline.on_handoff(s, False)
+            self.pipeline.on_handoff(s, False)
             return False
-        self.server.pipeline.on_handoff(s, True)
+        self.pipeline.on_handoff(s, True)
         return True
 
     async def _read_proxy(self, sender: tuple[str, int], ours: tuple[str, int]
@@ -275,7 +280,7 @@ class GuardProtocol(SMTP):
         sender is not trusted or the header is missing, late or bad.  A
         ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, as health checks send,
         keeps the connection's own endpoints, as postscreen does."""
-        cfg = self.server.cfg.server
+        cfg = self.cfg.server
         where = logs.endpoint(*sender)
         try:
             trusted = any(client_ip(sender[0]) in net for net in cfg.proxy_trusted)
@@ -358,14 +363,13 @@ class GuardProtocol(SMTP):
                 return None
             except asyncio.LimitOverrunError as exc:
                 await self._discard_long_line(exc.consumed)
-                conv.reply(REPLIES["line_too_long"])
-                await self._writer.drain()
-                continue
-            if len(line) > self.server.cfg.server.line_length_limit:
-                conv.reply(REPLIES["line_too_long"])
-                await self._writer.drain()
-                continue
-            return line
+            else:
+                if len(line) <= self.cfg.server.line_length_limit:
+                    return line
+            conv.reply(REPLIES["line_too_long"])
+            if conv.hold:  # the error sleep delays this reply; it never waits for another command
+                await self._release(conv)
+            await self._writer.drain()
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -494,10 +498,15 @@ def _address(ip: str) -> str:
         return ip
 
 
-def _command_counts(counts: collections.Counter[str]) -> str:
-    """smtpd's ``ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`` summary."""
-    words = [f"{k.lower()}={v}" for k, v in counts.items()]
-    return " ".join([*words, f"commands={sum(counts.values())}"])
+def _command_counts(counts: dict[str, list[int]]) -> str:
+    """smtpd's summary, as Postfix 3.x writes it: ``name=N`` when all N
+    succeeded, ``name=ok/N`` otherwise (``rcpt=0/2 ... commands=3/6``)."""
+    def word(name: str, ok: int, total: int) -> str:
+        return f"{name}={total}" if ok == total else f"{name}={ok}/{total}"
+
+    words = [word(k.lower(), ok, total) for k, (ok, total) in counts.items()]
+    ok_all = sum(ok for ok, _ in counts.values())
+    return " ".join([*words, word("commands", ok_all, sum(total for _, total in counts.values()))])
 
 
 class Server:

@@ -80,15 +80,12 @@ def _why(exc: Exception) -> str:
     return os.strerror(errno) if errno else str(exc) or type(exc).__name__
 
 
-_HELO_SAFE = re.compile(r"[\x21-\x7e]{1,255}")
-
-
 class Upstream:
     """One connection to the backend Postfix."""
 
-    def __init__(self, cfg: UpstreamConfig, local_hostname: str) -> None:
+    def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
-        self.local_hostname = local_hostname
+        self.pipelining = False  # EHLO was sent: commands may go in one write
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -101,7 +98,11 @@ class Upstream:
         return self._writer is not None
 
     async def open(self, ident: ClientIdentity) -> float:
-        """Connect, XCLIENT, EHLO.  Returns the seconds it took."""
+        """Connect, XCLIENT, then the client's own ``EHLO`` (the session
+        only keeps a HELO name that can be forwarded: one token of printable
+        ASCII, at most 255 octets).  A client that sent no HELO gets none
+        from us either: Postfix sees the session as the client had it.
+        Returns the seconds it took."""
         start = time.monotonic()
         self._timed_out = False
         self._buf.clear()
@@ -117,10 +118,9 @@ class Upstream:
             self._expect(await self.read_reply(), 220, "greeting")
             self._writer.write(ident.xclient())
             self._expect(await self.read_reply(), 220, "XCLIENT")
-            # EHLO with the client's own name (when it is a plain token) so the
-            # name Postfix records is the client's, as XCLIENT HELO= said.
-            helo = ident.helo if ident.helo and _HELO_SAFE.fullmatch(ident.helo) else self.local_hostname
-            self._expect(await self.command(f"EHLO {helo}\r\n".encode()), 250, "EHLO")
+            self.pipelining = ident.helo is not None
+            if ident.helo is not None:
+                self._expect(await self.command(f"EHLO {ident.helo}\r\n".encode("ascii")), 250, "EHLO")
         except UpstreamError:
             self.abort()
             raise

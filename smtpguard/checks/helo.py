@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -109,6 +110,23 @@ def _our_ips(addresses: tuple[str, ...]) -> frozenset[IPAddress]:
     """The addresses we listen on and are reached at, parsed once (they
     are the same few for every session); unspecified ones left out."""
     return frozenset(a for a in map(_ip, addresses) if a is not None and not a.is_unspecified)
+
+
+# What can go to Postfix as the client's HELO (XCLIENT HELO= and our EHLO):
+# one token of printable ASCII, at most 255 octets (Postfix refuses a longer
+# XCLIENT HELO= value).
+_FORWARDABLE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def unforwardable_helo(helo: str) -> Reply | None:
+    """The ``501 5.5.2 <helo>: Helo command rejected: Invalid name`` reply
+    for a HELO name that cannot be forwarded to Postfix as it is (space,
+    TAB, NUL, control or non-ASCII characters, over 255 octets); None when
+    it can.  Not a configurable check: the session refuses such a name
+    whatever ``[helo]`` says, so Postfix always sees the client's own HELO."""
+    if _FORWARDABLE.fullmatch(helo):
+        return None
+    return _rejected(INVALID_HOSTNAME_CODE, "5.5.2", helo, "Invalid name")
 
 
 def literal_address(helo: str) -> IPAddress | None:

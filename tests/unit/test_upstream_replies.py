@@ -17,7 +17,7 @@ EHLO = b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250 SMTPUTF8
 
 
 def upstream(port: int = 10025) -> Upstream:
-    return Upstream(UpstreamConfig(address=HostPort("127.0.0.1", port), timeout=5), "mx.test")
+    return Upstream(UpstreamConfig(address=HostPort("127.0.0.1", port), timeout=5))
 
 
 def test_a_reply_ends_at_its_last_line_wherever_the_bytes_stop() -> None:

@@ -37,7 +37,7 @@ from .metrics import METRICS
 from .pipeline import Pipeline
 from .relay import Upstream, UpstreamError, UpstreamReply
 from .session import Session
-from .verdict import REPLIES, Action, Reply, Verdict
+from .verdict import REPLIES, Action, Reply, Verdict, wire_line
 
 log = logging.getLogger("smtpguard")
 
@@ -84,10 +84,10 @@ class Conversation:
     # ---------------------------------------------------------- plumbing
 
     def reply(self, reply: Reply | str) -> None:
-        text = str(reply)
-        if text[0] in "45":
+        wire = reply.wire() if isinstance(reply, Reply) else wire_line(reply)
+        if wire[:1] in (b"4", b"5"):
             self._error()
-        self._send(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        self._send(wire)
 
     def relay_reply(self, reply: UpstreamReply) -> None:
         if reply.code >= 400:
@@ -139,7 +139,7 @@ class Conversation:
         verdict = await self.pipeline.on_command(s, raw, command[:32], pending, previous)
         if verdict.action is Action.DROP:
             # The check logged its own line (PREGREET, too many errors, ...).
-            self.io.send(f"{verdict.reply or REPLIES['not_accepted']}\r\n".encode())
+            self.io.send((verdict.reply or REPLIES["not_accepted"]).wire())
             raise Hangup
         arg = rest.strip().decode("utf-8", "surrogateescape") or None
         if handler is None:

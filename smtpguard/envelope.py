@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .text import ascii_upper, is_ascii_digits
 from .verdict import REPLIES, Reply
 
 
@@ -38,15 +39,17 @@ class EnvelopeError(ValueError):
         self.address = address
 
 
-_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
-_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+# Parameters that take a value are named with their "=", as smtpd matches them
+# (strncasecmp "SIZE="): a bare "SIZE" is an unsupported option.
+_MAIL_PARAMS = {"SIZE=", "BODY=", "SMTPUTF8", "RET=", "ENVID="}
+_RCPT_PARAMS = {"NOTIFY=", "ORCPT="}
 _NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
 _XTEXT_OK = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 
 
 def _split(arg: str | None, keyword: str, syntax: Reply, bad: Reply) -> Path:
     """Split ``FROM:<addr> P1 P2`` into address and parameter words."""
-    if arg is None or not arg[: len(keyword)].upper() == keyword:
+    if arg is None or not ascii_upper(arg[: len(keyword)]) == keyword:
         raise EnvelopeError(syntax)
     rest = arg[len(keyword):].lstrip(" ")
     if rest.startswith("<"):
@@ -72,22 +75,22 @@ def parse_mail(arg: str | None, size_limit: int, smtputf8: bool) -> Path:
     """Parse ``MAIL`` arguments; raises :class:`EnvelopeError` with the reply."""
     path = _split(arg, "FROM:", REPLIES["mail_syntax"], REPLIES["bad_sender"])
     for word in path.params:
-        key, _, value = word.partition("=")
-        key = key.upper()
+        key, eq, value = word.partition("=")
+        key = ascii_upper(key) + eq
         if key not in _MAIL_PARAMS:
             raise EnvelopeError(Reply(555, "5.5.4", f"Unsupported option: {word}"))
-        if key == "SIZE":
-            if not value.isdigit():
+        if key == "SIZE=":
+            if not is_ascii_digits(value):
                 raise EnvelopeError(Reply(501, "5.5.4", "Bad message size syntax"))
             if size_limit and int(value) > size_limit:
                 raise EnvelopeError(REPLIES["too_big"], path.address)
-        elif key == "BODY" and value.upper() not in ("7BIT", "8BITMIME"):
+        elif key == "BODY=" and ascii_upper(value) not in ("7BIT", "8BITMIME"):
             raise EnvelopeError(Reply(501, "5.5.4", "Unsupported BODY parameter value"))
-        elif key == "SMTPUTF8" and (value or not smtputf8):
+        elif key == "SMTPUTF8" and not smtputf8:
             raise EnvelopeError(Reply(555, "5.5.4", f"Unsupported option: {word}"))
-        elif key == "RET" and value.upper() not in ("FULL", "HDRS"):
+        elif key == "RET=" and ascii_upper(value) not in ("FULL", "HDRS"):
             raise EnvelopeError(Reply(501, "5.5.4", "Bad RET parameter syntax"))
-        elif key == "ENVID" and not _is_xtext(value):
+        elif key == "ENVID=" and not _is_xtext(value):
             raise EnvelopeError(Reply(501, "5.5.4", "Bad ENVID parameter syntax"))
     return path
 
@@ -98,15 +101,15 @@ def parse_rcpt(arg: str | None) -> Path:
     if not path.address:
         raise EnvelopeError(REPLIES["bad_recipient"])
     for word in path.params:
-        key, _, value = word.partition("=")
-        key = key.upper()
+        key, eq, value = word.partition("=")
+        key = ascii_upper(key) + eq
         if key not in _RCPT_PARAMS:
             raise EnvelopeError(Reply(555, "5.5.4", f"Unsupported option: {word}"))
-        if key == "NOTIFY":
-            words = set(value.upper().split(","))
+        if key == "NOTIFY=":
+            words = set(ascii_upper(value).split(","))
             if not words <= _NOTIFY or ("NEVER" in words and len(words) > 1):
                 raise EnvelopeError(Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax"))
-        elif key == "ORCPT":
+        elif key == "ORCPT=":
             kind, _, addr = value.partition(";")
             if not kind or not addr or not _is_xtext(addr):
                 raise EnvelopeError(Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax"))

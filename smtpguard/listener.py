@@ -237,8 +237,8 @@ class GuardProtocol(SMTP):
         except ConnectionError:
             pass
         except Exception:
-            log.exception("error: %s: internal error", s.who)
-            self.send(f"{REPLIES['internal_error']}\r\n".encode())
+            log.exception("%s: internal error", s.who)
+            self.send(REPLIES["internal_error"].wire())
         finally:
             pipeline.on_disconnect(s)
             if cancelled:
@@ -393,7 +393,7 @@ class GuardProtocol(SMTP):
             counter.inc()
         if stage == "CONNECT":
             log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
-        self.send(f"{reply}\r\n".encode())
+        self.send(reply.wire())
 
 
     # ------------------------------------------------------------ plumbing

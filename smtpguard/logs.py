@@ -27,6 +27,11 @@ On stderr each line carries the syslog prefix Postfix writes to
 ``output = "syslog"`` the same message goes to the local syslog socket
 (facility mail) with the same program name as ident.
 
+Every line is made printable as Postfix's ``printable()`` does (client text
+may hold CR, LF, NUL and 8-bit bytes: each becomes ``?``), and
+``log.exception()`` writes its traceback on lines of its own after the
+message, each with the same prefix.
+
 The helpers here only format; :func:`setup` wires the standard ``logging``
 module once at start-up (and again on reload).
 """
@@ -41,6 +46,7 @@ import sys
 import time
 
 from .config import LogConfig
+from .text import printable
 
 log = logging.getLogger("smtpguard")
 
@@ -61,8 +67,31 @@ class _PostfixFormatter(logging.Formatter):
         if second != self._second:  # one strftime per second, not per line
             self._second, self._stamp = second, time.strftime("%b %e %H:%M:%S", time.localtime(second))
         stamp = self._stamp
-        level = "" if record.levelno == logging.INFO else f"{_LEVEL_WORD[record.levelno]}: "
-        return f"{stamp} {self._prefix}{level}{record.getMessage()}"
+        head = f"{stamp} {self._prefix}"
+        if record.levelno != logging.INFO:
+            head += f"{_LEVEL_WORD[record.levelno]}: "
+        return "\n".join(head + line for line in _lines(record))
+
+
+class _SyslogFormatter(logging.Formatter):
+    """The message alone (the handler adds ident and priority), made printable;
+    a traceback follows it on lines of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(_lines(record))
+
+
+_TRACEBACK = logging.Formatter()
+
+
+def _lines(record: logging.LogRecord) -> list[str]:
+    """The record's message and, for ``log.exception()``, its traceback, each
+    line made :func:`printable` (client text can hold CR, LF and 8-bit bytes,
+    which would otherwise split or forge log lines)."""
+    lines = [printable(record.getMessage())]
+    if record.exc_info:
+        lines += (printable(line) for line in _TRACEBACK.formatException(record.exc_info).splitlines())
+    return lines
 
 
 # Postfix's own severity words (msg_warn -> "warning:", msg_fatal -> "fatal:").
@@ -94,7 +123,7 @@ def setup(cfg: LogConfig) -> None:
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
         handler.ident = f"{program(cfg)}[{os.getpid()}]: "
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_SyslogFormatter())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PostfixFormatter(program(cfg)))

@@ -91,6 +91,7 @@ from .metrics import METRICS
 from .session import Session
 from .store import MemoryStore, Store
 from .tables import Table, open_access_table
+from .text import ascii_upper
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
 
 log = logging.getLogger("smtpguard")
@@ -488,4 +489,4 @@ def _stage(s: Session, phase: str) -> str:
 
 
 def _utf8(s: Session) -> bool:
-    return any(p.upper() == "SMTPUTF8" for p in s.mail_params)
+    return any(ascii_upper(p) == "SMTPUTF8" for p in s.mail_params)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .text import printable
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -29,9 +31,19 @@ class Reply:
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
+    def wire(self) -> bytes:
+        """The reply line as sent, CRLF included; client text echoed in it
+        (a HELO name, an option) is made :func:`printable` first."""
+        return wire_line(str(self))
+
     @property
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
+
+
+def wire_line(line: str) -> bytes:
+    """One reply line of ours, printable ASCII, with its CRLF."""
+    return printable(line).encode("ascii") + b"\r\n"
 
 
 class Action(enum.Enum):

@@ -12,6 +12,7 @@ each test reproduces one defect the first release had.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable
 
@@ -140,3 +141,34 @@ def test_no_helo_client_is_relayed_without_a_helo_of_ours(backend: PrivatePostfi
     c.close()
     [msg] = backend.wait_for_messages(1)
     assert b"mx.guard.test" not in msg.split(b"\n\n", 1)[0]  # Postfix never saw our name as the HELO
+
+
+def test_cr_in_helo_cannot_forge_a_log_line(guard: Guard) -> None:
+    forged = "Dec  2 10:00:00 mx postfix/smtpd[1]: NOQUEUE: reject: RCPT from unknown[203.0.113.99]:1: 554 5.7.1 x"
+    c = RawClient(guard.port, source="127.0.0.57")
+    c.reply()
+    c.send(f"EHLO x\r{forged}\r\n".encode())
+    assert c.reply().startswith("501 5.5.2 <x?Dec  2 10:00:00 ")  # echoed with the CR made printable
+    c.cmd("QUIT")
+    c.close()
+    guard.wait_for_log(r"NOQUEUE: reject: EHLO from unknown\[127\.0\.0\.57\]:\d+: 501 5\.5\.2 <x\?Dec  2 ")
+    raw = guard.log_path.read_bytes()
+    assert b"\r" not in raw
+    # A reader that splits lines on CR (Python's text mode does) sees no forged line either.
+    assert not re.search(r"^Dec  2 10:00:00 mx postfix", guard.full_log(), re.M)
+
+
+@pytest.mark.parametrize(("param", "reply"), [
+    ("SIZE=\u00b2", "501 5.5.4 Bad message size syntax"),     # str.isdigit() says yes, int() says no
+    ("SIZE=\u0663", "501 5.5.4 Bad message size syntax"),     # Arabic-Indic three
+    ("BODY=8bitm\u0131me", "501 5.5.4 Unsupported BODY parameter value"),  # dotless i upper-cases to I
+    ("\u017fIZE=100", "555 5.5.4 Unsupported option: ??IZE=100"),  # long s upper-cases to S; echoed per byte
+])
+def test_esmtp_parameters_are_ascii_only(guard: Guard, param: str, reply: str) -> None:
+    c = RawClient(guard.port, source="127.0.0.58")
+    c.reply()
+    c.cmd("EHLO client.example")
+    assert c.cmd(f"MAIL FROM:<a@b.example> {param}") == reply + "\r\n"
+    assert c.cmd("MAIL FROM:<a@b.example>").startswith("250")  # the session goes on
+    c.cmd("QUIT")
+    c.close()

@@ -36,6 +36,14 @@ def test_mail_ok(arg: str, address: str, params: tuple[str, ...]) -> None:
         ("FROM:<a@b> SIZE=20000000", "552 5.3.4 Message size exceeds fixed limit"),
         ("FROM:<a@b> BODY=BINARYMIME", "501 5.5.4 Unsupported BODY parameter value"),
         ("FROM:<a@b> RET=ALL", "501 5.5.4 Bad RET parameter syntax"),
+        # ASCII-only rules: str.isdigit() and str.upper() accept what SMTP does not.
+        ("FROM:<a@b> SIZE=\u00b2", "501 5.5.4 Bad message size syntax"),
+        ("FROM:<a@b> SIZE=\u0663", "501 5.5.4 Bad message size syntax"),
+        ("FROM:<a@b> BODY=8bitm\u0131me", "501 5.5.4 Unsupported BODY parameter value"),
+        ("FROM:<a@b> \u017fIZE=100", "555 5.5.4 Unsupported option: \u017fIZE=100"),
+        # A parameter that takes a value is only known with its "=" (smtpd: strncasecmp "SIZE=").
+        ("FROM:<a@b> SIZE", "555 5.5.4 Unsupported option: SIZE"),
+        ("FROM:<a@b> BODY", "555 5.5.4 Unsupported option: BODY"),
     ],
 )
 def test_mail_errors(arg: str | None, reply: str) -> None:

@@ -60,3 +60,26 @@ def test_syslog_output(restore_logger: None, tmp_path: Path, monkeypatch: pytest
     # <22> = facility mail (2) * 8 + severity info (6)
     assert datagram.rstrip("\x00") == (f"<22>postfix/smtpd[{os.getpid()}]: "
                                        "NOQUEUE: reject: RCPT from unknown[192.0.2.7]:1: 554 5.7.1 x; proto=ESMTP")
+
+
+def test_client_bytes_are_made_printable(restore_logger: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup(LogConfig())
+    logs.log.handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+    logs.log.info("helo=<%s>", "x\rforged\n\x00caf\u00e9\udce9")
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.endswith("helo=<x?forged??caf???>")  # one ? per byte: é is two in UTF-8, \udce9 one raw byte
+
+
+def test_internal_error_is_logged_with_its_traceback(restore_logger: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup(LogConfig())
+    logs.log.handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+    try:
+        int("\u00b2")
+    except ValueError:
+        logs.log.exception("%s: internal error", "unknown[192.0.2.7]")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("error: unknown[192.0.2.7]: internal error")
+    assert any("Traceback (most recent call last):" in line for line in lines[1:])
+    assert lines[-1].endswith("error: ValueError: invalid literal for int() with base 10: '??'")  # ² is two bytes
+    assert all(re.match(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/smtpd\[\d+\]: error: ", line) for line in lines)

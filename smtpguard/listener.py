@@ -170,7 +170,6 @@ class GuardProtocol(SMTP):
         self._count_client(client[0])
         s = self._session = Session(client[0], client[1], ours[0], ours[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
-        counts: dict[str, list[int]] = {}  # command -> [succeeded, sent], smtpd's per-command counts
         pipeline = self.pipeline
         cfg = self.cfg
         conv: Conversation | None = None
@@ -215,7 +214,7 @@ class GuardProtocol(SMTP):
                 line = await self._read_command(conv)
                 self._waiting = False
                 if line is None:
-                    log.info("lost connection after %s from %s", conv.last_command or "CONNECT", s.who)
+                    log.info("lost connection after %s from %s", conv.machine.last_command or "CONNECT", s.who)
                     break
                 # Input already received past this line: the pipelining test's evidence.
                 buffered = self._reader._buffer  # type: ignore[attr-defined]
@@ -224,9 +223,6 @@ class GuardProtocol(SMTP):
                 try:
                     await conv.handle(line, pending)
                 finally:
-                    count = counts.setdefault(conv.last_command, [0, 0])
-                    count[0] += conv.succeeded
-                    count[1] += 1
                     if conv.hold:  # smtpd_error_sleep_time: the error reply waits
                         await self._release(conv)
         except Hangup:
@@ -250,7 +246,7 @@ class GuardProtocol(SMTP):
                     conv.close()
                 self.close()  # the transport flushes what is left, then closes
             if not handed_off:  # postscreen logs none for a passed connection either
-                log.info("DISCONNECT %s %s", s.peer, _command_counts(counts))
+                log.info("DISCONNECT %s %s", s.peer, _command_counts(conv.machine.counts if conv else {}))
 
     def _hand_off(self, s: Session) -> bool:
         """Give the client's socket to Postfix's smtpd pass service
@@ -366,7 +362,7 @@ class GuardProtocol(SMTP):
             else:
                 if len(line) <= self.cfg.server.line_length_limit:
                     return line
-            conv.reply(REPLIES["line_too_long"])
+            conv.line_too_long()
             if conv.hold:  # the error sleep delays this reply; it never waits for another command
                 await self._release(conv)
             await self._writer.drain()
@@ -452,9 +448,9 @@ class GuardProtocol(SMTP):
             return
         conv = self.conversation
         if self._session is not None:
-            last = conv.last_command if conv is not None else ""
+            last = conv.machine.last_command if conv is not None else ""
             log.info("timeout after %s from %s", last or "CONNECT", self._session.who)
-        if conv is not None and conv.in_data:
+        if conv is not None and conv.machine.in_data:
             conv.upstream.abort()  # never finish a half-received message
         if self.transport is not None:
             self.send(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())

@@ -85,7 +85,6 @@ class Upstream:
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
-        self.pipelining = False  # EHLO was sent: commands may go in one write
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -118,7 +117,6 @@ class Upstream:
             self._expect(await self.read_reply(), 220, "greeting")
             self._writer.write(ident.xclient())
             self._expect(await self.read_reply(), 220, "XCLIENT")
-            self.pipelining = ident.helo is not None
             if ident.helo is not None:
                 self._expect(await self.command(f"EHLO {ident.helo}\r\n".encode("ascii")), 250, "EHLO")
         except UpstreamError:

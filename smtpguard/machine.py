@@ -1,0 +1,581 @@
+"""The SMTP session with one client as a sans-IO state machine.
+
+:class:`SessionMachine` owns what one session knows and decides: its stage
+(before HELO, in a transaction, in DATA), the command counts, the error
+count and the error sleep, the upstream transaction (is MAIL open at
+Postfix?), the reply order and which commands are answered here and which
+go to Postfix.  It never awaits and never touches a socket; the clock it
+times the message transfer with is given to it (a fake one in the tests).
+It is driven with events and answers with actions, in the manner of h11.
+
+Driving it::
+
+    actions = machine.command(raw_line, pending)     # a command line arrived
+    while actions:
+        *effects, last = actions
+        ...perform effects (Send, Arm, QuitUpstream, ...)...
+        if last is a request (Screen, OpenUpstream, Upstream, StartTls, ReadBody):
+            actions = machine.answer(result_of(last))
+        else:
+            perform last; actions = []
+
+Effects need no answer: :class:`Send` (bytes for the client), :class:`Arm`
+(hold the replies that follow for the error sleep, smtpd_error_sleep_time),
+:class:`AbortUpstream` / :class:`QuitUpstream`, :class:`Unread` (input read
+past the end of DATA goes back to the command reader) and :class:`Close`
+(end the session after what was sent).  Requests need one: the pipeline's
+:class:`~smtpguard.verdict.Verdict` for :class:`Screen`; for
+:class:`OpenUpstream` the seconds it took, for :class:`Upstream` the list of
+:class:`~smtpguard.relay.UpstreamReply`, either of them an
+:class:`~smtpguard.relay.UpstreamError` when Postfix could not be reached;
+for :class:`StartTls` the TLS description or None; for :class:`ReadBody` the
+next chunk of the message (``b""`` at end of input).
+
+Inside, one command is a generator that yields its requests and gets their
+answers back, so the logic of a command reads top to bottom; replies are
+queued by :meth:`_reply` and returned with the next request, in order.  The
+driver in :mod:`smtpguard.conversation` runs the requests against the
+pipeline, the upstream connection and the client; the unit tests run them
+against tables of answers, with no sockets and no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from . import logs, tls
+from .checks.errors import error_delay
+from .checks.helo import unforwardable_helo
+from .config import Config
+from .data import DataScanner
+from .envelope import EnvelopeError, parse_mail, parse_rcpt
+from .metrics import METRICS
+from .relay import UpstreamError, UpstreamReply
+from .session import Session
+from .verdict import REPLIES, Action, Reply, Verdict
+
+log = logging.getLogger("smtpguard")
+
+
+# ------------------------------------------------------------------ effects
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes for the client (one or more complete reply lines)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """Hold the replies that follow for *seconds* (the error sleep)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbortUpstream:
+    """Drop the connection to Postfix at once (a partial message is discarded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuitUpstream:
+    """End the connection to Postfix politely (QUIT), if there is one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """Input received past the end of DATA: the next command's."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the session after what was sent."""
+
+
+# ------------------------------------------------------------------ requests
+
+
+class Stage(enum.Enum):
+    """What the pipeline is asked to screen (``Pipeline.on_*``)."""
+
+    COMMAND = "command"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    RELAYED = "relayed"  # a recipient passed: the screening phase is over (no verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class Screen:
+    """Ask the pipeline for a :class:`Verdict` at *stage*.  For
+    ``Stage.COMMAND``: *line* as received, *command* its verb, *pending*
+    the input received after it and *previous* the command before; for
+    ``Stage.RCPT``: *rcpt*."""
+
+    stage: Stage
+    rcpt: str | None = None
+    line: bytes = b""
+    command: str = ""
+    pending: bytes = b""
+    previous: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """Connect to Postfix (XCLIENT, EHLO); answer the seconds it took."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Write *data* to Postfix, then read *replies* replies (after a drain
+    when *replies* is 0)."""
+
+    data: bytes
+    replies: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Discard pipelined input and do the TLS handshake; answer the TLS
+    description for the log, or None when it failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    """The next chunk of the message body; ``b""`` when the client is gone."""
+
+
+Effect = Send | Arm | AbortUpstream | QuitUpstream | Unread | Close
+Request = Screen | OpenUpstream | Upstream | StartTls | ReadBody
+Event = Verdict | float | list[UpstreamReply] | UpstreamError | str | bytes | None
+_Steps = Generator[Request, Event, None]
+
+REQUESTS = (Screen, OpenUpstream, Upstream, StartTls, ReadBody)
+
+
+class _Hangup(Exception):
+    """End the session after the reply already queued."""
+
+
+class SessionMachine:
+    """One client's SMTP session after the greeting (see the module doc)."""
+
+    def __init__(self, cfg: Config, session: Session, tls_available: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.clock = clock
+        self.tls_available = tls_available  # STARTTLS can be offered (a certificate, not yet encrypted)
+        self.upstream_connected = False
+        self._upstream_pipelining = False  # Postfix got an EHLO: MAIL and RCPT may go in one write
+        self._upstream_mail = False  # MAIL sent upstream in this transaction
+        self.in_data = False
+        self.last_command = ""  # for "lost connection after CMD" and the counts
+        #: command -> [succeeded, sent]: smtpd's per-command counts for DISCONNECT
+        self.counts: dict[str, list[int]] = {}
+        self._succeeded = False  # the last command's final reply was 2xx/3xx
+        self._out: list[Effect] = []
+        self._steps: _Steps | None = None
+
+    # ------------------------------------------------------------ events
+
+    def command(self, raw: bytes, pending: bytes = b"") -> list[Effect | Request]:
+        """A command line *raw* arrived (with its line ending, as received);
+        *pending* is the input already received after it."""
+        if self._steps is not None:
+            raise RuntimeError("command() while a request is unanswered")
+        self._steps = self._command(raw, pending)
+        return self._run(None)
+
+    def answer(self, event: Event) -> list[Effect | Request]:
+        """The answer to the request last returned."""
+        if self._steps is None:
+            raise RuntimeError("answer() with no request outstanding")
+        return self._run(event)
+
+    def line_too_long(self) -> list[Effect | Request]:
+        """The reader discarded a command line over the length limit."""
+        self._reply(REPLIES["line_too_long"])
+        return self._flush()
+
+    @property
+    def busy(self) -> bool:
+        """A request is waiting for its answer."""
+        return self._steps is not None
+
+    def _run(self, event: Event) -> list[Effect | Request]:
+        assert self._steps is not None
+        request: Request | None = None
+        try:
+            request = self._steps.send(event)
+        except StopIteration:
+            self._steps = None
+        except _Hangup:
+            self._steps = None
+            self._out.append(Close())
+        if self._steps is None and self.last_command:
+            count = self.counts.setdefault(self.last_command, [0, 0])
+            count[0] += self._succeeded
+            count[1] += 1
+        out = self._flush()
+        if request is not None:
+            out.append(request)
+        return out
+
+    def _flush(self) -> list[Effect | Request]:
+        out: list[Effect | Request] = list(self._out)
+        self._out.clear()
+        return out
+
+    # ------------------------------------------------------------ replies
+
+    def _reply(self, reply: Reply) -> None:
+        data = reply.wire()
+        if reply.code >= 400:
+            self._error()
+        self._send(data)
+
+    def _relay_reply(self, reply: UpstreamReply) -> None:
+        if reply.code >= 400:
+            self._error()
+        self._send(reply.raw)
+
+    def _error(self) -> None:
+        """Count an error reply; past the soft limit the replies that follow
+        are held back (smtpd_error_sleep_time)."""
+        delay = error_delay(self.cfg.errors, self.session.errors)
+        self.session.errors += 1
+        if delay:
+            self._out.append(Arm(delay))
+
+    def _send(self, data: bytes) -> None:
+        self._succeeded = data[:1] in (b"2", b"3")
+        self._out.append(Send(data))
+
+    # ------------------------------------------------------------ one command
+
+    def _command(self, raw: bytes, pending: bytes) -> _Steps:
+        s = self.session
+        s.commands += 1
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+        verb, _, rest = line.partition(b" ")
+        command = verb.upper().decode("ascii", "replace")
+        handler = _HANDLERS.get(command)
+        previous = self.last_command
+        self.last_command = command if handler is not None else "UNKNOWN"
+        self._succeeded = False
+        verdict = yield Screen(Stage.COMMAND, line=raw, command=command[:32], pending=pending, previous=previous)
+        assert isinstance(verdict, Verdict)
+        if verdict.action is Action.DROP:
+            # The check logged its own line (PREGREET, too many errors, ...).
+            self._send((verdict.reply or REPLIES["not_accepted"]).wire())
+            raise _Hangup
+        arg = rest.strip().decode("utf-8", "surrogateescape") or None
+        if handler is None:
+            # XCLIENT, XFORWARD, BDAT, AUTH, ETRN... are never forwarded.
+            log.info("warning: %s: unknown or unsupported command: %s", s.who, command[:32] or "<empty>")
+            self._reply(REPLIES["unknown_command"] if line.strip() else REPLIES["bad_syntax"])
+            return
+        yield from handler(self, arg)
+
+    def _screen(self, stage: Stage, where: str, rcpt: str | None = None) -> Generator[Request, Event, bool]:
+        """Ask the pipeline; True when the command may proceed, else the
+        reject is answered and logged as smtpd's ``NOQUEUE: reject:`` at
+        *where* (the command)."""
+        verdict = yield Screen(stage, rcpt)
+        assert isinstance(verdict, Verdict)
+        if verdict.action in (Action.CONTINUE, Action.PASS):
+            return True
+        reply = verdict.reply or REPLIES["not_accepted"]
+        s = self.session
+        log.info(logs.noqueue(str(reply), where, s.who, s.sender, rcpt, s.proto, s.helo))
+        METRICS.rejects.labels(stage=where, code=str(reply.code)).inc()
+        self._reply(reply)
+        if verdict.action is Action.DROP:
+            raise _Hangup
+        return False
+
+    def _upstream(self, data: bytes, replies: int = 1) -> Generator[Request, Event, list[UpstreamReply]]:
+        """Forward *data*; Postfix's replies.  Raises UpstreamError."""
+        answer = yield Upstream(data, replies)
+        if isinstance(answer, UpstreamError):
+            raise answer
+        assert isinstance(answer, list)
+        return answer
+
+    # ------------------------------------------------------------ commands
+
+    def helo(self, arg: str | None) -> _Steps:
+        if arg is None:
+            self._reply(REPLIES["helo_syntax"])
+            return
+        if (yield from self._new_helo(arg, "HELO")) and (yield from self._screen(Stage.HELO, "HELO")):
+            self._reply(Reply(250, "", self.cfg.server.hostname))
+
+    def ehlo(self, arg: str | None) -> _Steps:
+        if arg is None:
+            self._reply(REPLIES["ehlo_syntax"])
+            return
+        if not (yield from self._new_helo(arg, "EHLO")) or not (yield from self._screen(Stage.HELO, "EHLO")):
+            return
+        server = self.cfg.server
+        lines = [server.hostname, "PIPELINING", f"SIZE {server.message_size_limit}"]
+        if not server.disable_vrfy_command:
+            lines.append("VRFY")
+        if self.tls_available:
+            lines.append("STARTTLS")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        self._send("".join(f"250-{x}\r\n" for x in lines[:-1]).encode() + f"250 {lines[-1]}\r\n".encode())
+        self.session.advertised = True  # from now on the client may pipeline
+
+    def _new_helo(self, name: str, stage: str) -> Generator[Request, Event, bool]:
+        """Take a new HELO name; False (and the 501 sent) for one that could
+        not go to Postfix as the client's own (:func:`unforwardable_helo`)."""
+        s = self.session
+        refused = unforwardable_helo(name)
+        if refused is not None:
+            log.info(logs.noqueue(str(refused), stage, s.who, s.sender, None, s.proto, name))
+            METRICS.rejects.labels(stage=stage, code=str(refused.code)).inc()
+            self._reply(refused)
+            return False
+        # HELO/EHLO in a transaction resets it, as RSET does (RFC 5321 4.1.4).
+        yield from self._reset()
+        s.helo = name
+        s.esmtp = stage == "EHLO"
+        s.advertised = False
+        return True
+
+    def starttls(self, arg: str | None) -> _Steps:
+        s = self.session
+        if arg is not None:
+            self._reply(tls.STARTTLS_SYNTAX)
+        elif s.tls is not None:
+            self._reply(tls.ALREADY_ACTIVE)
+        elif not self.tls_available:
+            self._reply(tls.NOT_AVAILABLE)
+        elif s.in_transaction:
+            self._reply(tls.IN_TRANSACTION)
+        else:
+            self._reply(tls.READY)
+            description = yield StartTls()
+            if not isinstance(description, str):
+                raise _Hangup
+            # RFC 3207 4.2: forget what the client said before; it must EHLO again.
+            self._quit_upstream()  # its XCLIENT HELO= is stale; the next RCPT reconnects
+            s.helo, s.esmtp, s.advertised, s.tls = None, False, False, description
+            self.tls_available = False
+            log.info("Anonymous TLS connection established from %s: %s", s.who, description)
+
+    def mail(self, arg: str | None) -> _Steps:
+        s = self.session
+        if self.cfg.tls.security_level == "encrypt" and s.tls is None:
+            self._reply(tls.STARTTLS_FIRST)
+            return
+        if s.in_transaction:
+            self._reply(REPLIES["nested_mail"])
+            return
+        try:
+            path = parse_mail(arg, self.cfg.server.message_size_limit, smtputf8=True)
+        except EnvelopeError as exc:
+            if exc.address is not None:  # a limit, not a syntax error: smtpd logs it
+                log.info(logs.noqueue(str(exc.reply), "MAIL", s.who, exc.address, None, s.proto, s.helo))
+                METRICS.rejects.labels(stage="MAIL", code=str(exc.reply.code)).inc()
+            self._reply(exc.reply)
+            return
+        s.sender, s.mail_params = path.address, path.params
+        if (yield from self._screen(Stage.MAIL, "MAIL")):
+            self._reply(REPLIES["sender_ok"])
+        else:
+            s.reset_transaction()
+
+    def rcpt(self, arg: str | None) -> _Steps:
+        s = self.session
+        if not s.in_transaction:
+            self._reply(REPLIES["need_mail"])
+            return
+        try:
+            path = parse_rcpt(arg)
+        except EnvelopeError as exc:
+            self._reply(exc.reply)
+            return
+        if not (yield from self._screen(Stage.RCPT, "RCPT", path.address)):
+            return
+        yield Screen(Stage.RELAYED)  # a recipient passed screening: the screening phase is over
+        rcpt_line = _command("RCPT TO", path.address, path.params)
+        try:
+            if not self.upstream_connected:
+                opened = yield OpenUpstream()
+                if isinstance(opened, UpstreamError):
+                    raise opened
+                assert isinstance(opened, float)
+                METRICS.upstream_connect_seconds.observe(opened)
+                self.upstream_connected = True
+                self._upstream_pipelining = s.helo is not None  # Postfix got the client's EHLO
+            if not self._upstream_mail:
+                # MAIL and the first RCPT together when Postfix got an EHLO (PIPELINING).
+                mail_line = _command("MAIL FROM", s.sender or "", s.mail_params)
+                pipelined = self._upstream_pipelining
+                if pipelined:
+                    mail_reply, reply = yield from self._upstream(mail_line + rcpt_line, 2)
+                else:
+                    [mail_reply] = yield from self._upstream(mail_line)
+                if mail_reply.code != 250:
+                    self._relay_reply(mail_reply)
+                    return
+                if not pipelined:
+                    [reply] = yield from self._upstream(rcpt_line)
+                self._upstream_mail = True
+            else:
+                [reply] = yield from self._upstream(rcpt_line)
+        except UpstreamError as exc:
+            self._upstream_failed(exc, "RCPT")
+            self._reply(REPLIES["upstream_unavailable"])
+            return
+        if reply.code == 250:
+            s.rcpts.append(path.address)
+        else:
+            log.info("%s: RCPT from %s: upstream said: %s; from=<%s> to=<%s>",
+                     "NOQUEUE", s.who, reply.text, s.sender, path.address)
+        self._relay_reply(reply)
+
+    def data(self, arg: str | None) -> _Steps:
+        s = self.session
+        if arg is not None:
+            self._reply(REPLIES["data_syntax"])
+            return
+        if not s.in_transaction:
+            self._reply(REPLIES["need_mail"])
+            return
+        if not s.rcpts:
+            self._reply(REPLIES["no_valid_rcpt"])
+            return
+        if not (yield from self._screen(Stage.DATA, "DATA")):
+            return
+        try:
+            [reply] = yield from self._upstream(b"DATA\r\n")
+        except UpstreamError as exc:
+            self._upstream_failed(exc, "DATA")
+            self._end_transaction()  # its recipients are gone with the connection
+            self._reply(REPLIES["upstream_lost"])
+            return
+        self._relay_reply(reply)
+        if reply.code == 354:
+            yield from self._stream_body()
+
+    def _stream_body(self) -> _Steps:
+        """Stream the body to Postfix and relay its end-of-data reply."""
+        s, server = self.session, self.cfg.server
+        scanner = DataScanner(server.message_size_limit, server.line_length_limit, server.bare_newline)
+        upstream_error: UpstreamError | None = None
+        self.in_data = True
+        start = self.clock()
+        leftover = b""
+        answer: Event = None
+        while not scanner.done:
+            chunk = yield ReadBody()
+            assert isinstance(chunk, bytes)
+            if not chunk:
+                self._abort_upstream()
+                log.info("lost connection after DATA (%d bytes) from %s", scanner.size, s.who)
+                raise _Hangup
+            out, leftover = scanner.feed(chunk)
+            if upstream_error is not None:
+                continue
+            if scanner.error is not None:
+                self._abort_upstream()  # Postfix discards the partial message
+            elif scanner.done:
+                answer = yield Upstream(out + b".\r\n", 1)  # the last piece, the end marker, the reply
+                if isinstance(answer, UpstreamError):
+                    upstream_error = answer
+            elif out:
+                answer = yield Upstream(out, 0)
+                if isinstance(answer, UpstreamError):
+                    upstream_error = answer
+        self.in_data = False
+        if leftover:
+            self._out.append(Unread(leftover))
+        sender, rcpts = s.sender, s.rcpts
+        self._end_transaction()
+        if scanner.error is not None:
+            log.info(logs.noqueue(str(scanner.error), "END-OF-MESSAGE", s.who, sender, None, s.proto, s.helo))
+            METRICS.rejects.labels(stage="END-OF-MESSAGE", code=str(scanner.error.code)).inc()
+            self._reply(scanner.error)
+            return
+        if upstream_error is not None:
+            self._upstream_failed(upstream_error, "END-OF-MESSAGE")
+            self._reply(REPLIES["upstream_lost"])
+            return
+        assert isinstance(answer, list)
+        [reply] = answer
+        METRICS.upstream_data_seconds.observe(self.clock() - start)
+        if reply.code == 250:
+            METRICS.messages_relayed.inc()
+            METRICS.bytes_relayed.inc(scanner.size)
+        log.info("%s: relayed from %s: %s; from=<%s> nrcpt=%d size=%d",
+                 reply.queue_id or "NOQUEUE", s.who, reply.text, sender, len(rcpts), scanner.size)
+        self._relay_reply(reply)
+
+    def rset(self, arg: str | None) -> _Steps:
+        yield from self._reset()
+        self._reply(REPLIES["ok"])
+
+    def _reset(self) -> _Steps:
+        """Abandon the transaction here and upstream."""
+        if self._upstream_mail and self.upstream_connected:
+            try:
+                yield from self._upstream(b"RSET\r\n")
+            except UpstreamError as exc:
+                self._upstream_failed(exc, "RSET")
+        self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self.session.reset_transaction()
+        self._upstream_mail = False
+
+    def noop(self, arg: str | None) -> _Steps:
+        self._reply(REPLIES["ok"])
+        yield from ()
+
+    def quit(self, arg: str | None) -> _Steps:
+        self._reply(REPLIES["bye"])
+        yield from ()
+        raise _Hangup
+
+    def vrfy(self, arg: str | None) -> _Steps:
+        self._reply(REPLIES["vrfy_disabled"] if self.cfg.server.disable_vrfy_command else REPLIES["vrfy"])
+        yield from ()
+
+    # ------------------------------------------------------------ upstream bookkeeping
+
+    def _upstream_failed(self, exc: UpstreamError, stage: str) -> None:
+        METRICS.upstream_errors.labels(stage=stage).inc()
+        log.warning("%s: upstream %s failed: %s", self.session.who, stage, exc)
+        self._abort_upstream()
+        self.session.rcpts = []
+
+    def _abort_upstream(self) -> None:
+        self._out.append(AbortUpstream())
+        self.upstream_connected = self._upstream_mail = False
+
+    def _quit_upstream(self) -> None:
+        self._out.append(QuitUpstream())
+        self.upstream_connected = self._upstream_mail = False
+
+
+# Command verb -> handler; a class-level table, so no per-session dict of bound methods.
+_HANDLERS = {verb: getattr(SessionMachine, verb.lower()) for verb in (
+    "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "STARTTLS")}
+
+
+def _command(verb: str, address: str, params: tuple[str, ...]) -> bytes:
+    words = [f"{verb}:<{address}>", *params]
+    return (" ".join(words) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,292 @@
+"""The sans-IO session machine, without sockets or clock: each test is a
+table of (event, expected actions) rows.
+
+An event is a command line (``bytes``) or the answer to the request the
+machine returned last (a verdict, upstream replies, an UpstreamError, a TLS
+description, a body chunk).  Actions are compared by their class name and,
+for :class:`Send`, the reply's first line, which keeps the tables readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from smtpguard.checks.errors import ErrorsConfig
+from smtpguard.config import Config
+from smtpguard.machine import (
+    AbortUpstream,
+    Arm,
+    Close,
+    Effect,
+    OpenUpstream,
+    QuitUpstream,
+    ReadBody,
+    Request,
+    Screen,
+    Send,
+    SessionMachine,
+    Stage,
+    StartTls,
+    Unread,
+    Upstream,
+)
+from smtpguard.relay import UpstreamError, UpstreamReply
+from smtpguard.session import Session
+from smtpguard.verdict import CONTINUE, Action, Reply, Verdict
+
+OK = CONTINUE
+REJECT = Verdict(Action.REJECT, Reply(554, "5.7.1", "Service unavailable; Client host [192.0.2.7] blocked"))
+DROP = Verdict(Action.DROP, Reply(521, "5.5.1", "Protocol error"))
+
+
+def up(*lines: str) -> list[UpstreamReply]:
+    return [UpstreamReply(int(line[:3]), line.encode() + b"\r\n") for line in lines]
+
+
+def show(action: Effect | Request) -> str:
+    """``Send 250 2.1.0 Ok`` / ``Screen mail`` / ``Upstream MAIL FROM:<a@b>|RCPT TO:<c@d> 2``."""
+    match action:
+        case Send(data=data):
+            return "Send " + data.decode("ascii").split("\r\n", 1)[0]
+        case Screen(stage=stage):
+            return f"Screen {stage.value}"
+        case Upstream(data=data, replies=replies):
+            return f"Upstream {'|'.join(data.decode().splitlines())} {replies}"
+        case Arm(seconds=seconds):
+            return f"Arm {seconds:g}"
+        case Unread(data=data):
+            return f"Unread {data.decode().strip()}"
+    return type(action).__name__
+
+
+Row = tuple[Any, Sequence[str]]
+
+
+def run(rows: Sequence[Row], cfg: Config | None = None, tls: bool = False,
+        session: Session | None = None) -> SessionMachine:
+    machine = SessionMachine(cfg or Config(), session or Session("192.0.2.7", 40123, "192.0.2.1", 25), tls,
+                             clock=lambda: 100.0)
+    for event, expected in rows:
+        fresh = isinstance(event, bytes) and not machine.busy  # a command line, not a body chunk
+        actions = machine.command(event) if fresh else machine.answer(event)
+        assert [show(a) for a in actions] == list(expected), f"after {event!r}"
+    return machine
+
+
+HELLO: list[Row] = [
+    (b"EHLO client.example\r\n", ["Screen command"]),
+    (OK, ["Screen helo"]),
+    (OK, ["Send 250-localhost"]),
+]
+ENVELOPE: list[Row] = [
+    *HELLO,
+    (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]),
+    (OK, ["Screen mail"]),
+    (OK, ["Send 250 2.1.0 Ok"]),
+    (b"RCPT TO:<b@example.test>\r\n", ["Screen command"]),
+    (OK, ["Screen rcpt"]),
+    (OK, ["Screen relayed"]),
+    (None, ["OpenUpstream"]),
+    (0.01, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test> 2"]),
+    (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Send 250 2.1.5 Ok"]),
+]
+
+
+def test_a_relayed_message() -> None:
+    machine = run([
+        *ENVELOPE,
+        (b"RCPT TO:<c@example.test>\r\n", ["Screen command"]),
+        (OK, ["Screen rcpt"]),
+        (OK, ["Screen relayed"]),
+        (None, ["Upstream RCPT TO:<c@example.test> 1"]),  # the connection and MAIL are there
+        (up("550 5.1.1 <c@example.test>: Recipient address rejected"), ["Send 550 5.1.1 <c@example.test>: "
+                                                                        "Recipient address rejected"]),
+        (b"DATA\r\n", ["Screen command"]),
+        (OK, ["Screen data"]),
+        (OK, ["Upstream DATA 1"]),
+        (up("354 End data with <CR><LF>.<CR><LF>"), ["Send 354 End data with <CR><LF>.<CR><LF>", "ReadBody"]),
+        (b"Subject: x\r\n\r\nhello\r\n", ["Upstream Subject: x||hello 0"]),
+        ([], ["ReadBody"]),
+        (b".\r\nQUIT\r\n", ["Upstream . 1"]),
+        (up("250 2.0.0 Ok: queued as 4ABC"), ["Unread QUIT", "Send 250 2.0.0 Ok: queued as 4ABC"]),
+        (b"QUIT\r\n", ["Screen command"]),
+        (OK, ["Send 221 2.0.0 Bye", "Close"]),
+    ])
+    assert machine.counts == {"EHLO": [1, 1], "MAIL": [1, 1], "RCPT": [1, 2], "DATA": [1, 1], "QUIT": [1, 1]}
+    assert machine.session.errors == 1
+
+
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"HELO\r\n", "501 5.5.4 Syntax: HELO hostname"),
+    (b"EHLO\r\n", "501 5.5.4 Syntax: EHLO hostname"),
+    (b"EHLO two words\r\n", "501 5.5.2 <two words>: Helo command rejected: Invalid name"),
+    (b"MAIL FROM:<a@b> SIZE=\xc2\xb2\r\n", "501 5.5.4 Bad message size syntax"),
+    (b"RCPT TO:<b@example.test>\r\n", "503 5.5.1 Error: need MAIL command"),
+    (b"DATA\r\n", "503 5.5.1 Error: need MAIL command"),
+    (b"DATA x\r\n", "501 5.5.4 Syntax: DATA"),
+    (b"STARTTLS\r\n", "502 5.5.1 Error: command not implemented"),
+    (b"XCLIENT ADDR=127.0.0.1\r\n", "502 5.5.2 Error: command not recognized"),
+    (b"\r\n", "500 5.5.2 Error: bad syntax"),
+    (b"VRFY a\r\n", "502 5.5.1 VRFY command is disabled"),
+    (b"NOOP\r\n", "250 2.0.0 Ok"),
+    (b"RSET\r\n", "250 2.0.0 Ok"),
+])
+def test_answered_here_without_a_check(line: bytes, reply: str) -> None:
+    """Commands whose reply needs neither a check nor Postfix."""
+    machine = run([(line, ["Screen command"]), (OK, [f"Send {reply}"])])
+    assert machine.session.errors == (1 if reply[0] in "45" else 0)
+
+
+@pytest.mark.parametrize(("stage", "before", "line"), [
+    ("helo", [], b"HELO client.example\r\n"),
+    ("mail", HELLO, b"MAIL FROM:<a@sender.test>\r\n"),
+    ("rcpt", ENVELOPE[:-6], b"RCPT TO:<b@example.test>\r\n"),
+])
+def test_a_reject_is_answered_and_the_session_goes_on(stage: str, before: list[Row], line: bytes) -> None:
+    machine = run([*before, (line, ["Screen command"]), (OK, [f"Screen {stage}"]),
+                   (REJECT, [f"Send {REJECT.reply}"])])
+    assert not machine.busy and machine.session.errors == 1
+    if stage == "mail":
+        assert machine.session.sender is None  # the transaction did not start
+
+
+def test_a_drop_verdict_ends_the_session() -> None:
+    run([(b"EHLO client.example\r\n", ["Screen command"]), (OK, ["Screen helo"]),
+         (DROP, [f"Send {DROP.reply}", "Close"])])
+
+
+def test_a_command_check_drops_before_the_command_is_read() -> None:
+    """The pipelining and error-limit checks answer at Stage.COMMAND."""
+    run([(b"MAIL FROM:<a@b>\r\n", ["Screen command"]), (DROP, [f"Send {DROP.reply}", "Close"])])
+
+
+def test_the_command_screen_sees_the_pipelined_input() -> None:
+    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    [screen] = machine.command(b"EHLO x\r\n", b"MAIL FROM:<a@b>\r\n")
+    assert screen == Screen(Stage.COMMAND, line=b"EHLO x\r\n", command="EHLO", pending=b"MAIL FROM:<a@b>\r\n")
+    [screen] = machine.answer(OK)
+    machine.answer(OK)
+    [screen] = machine.command(b"NOOP\r\n")
+    assert screen.previous == "EHLO"
+
+
+def test_error_sleep_is_armed_past_the_soft_limit() -> None:
+    cfg = dataclasses.replace(Config(), errors=ErrorsConfig(soft_limit=2, hard_limit=5, error_sleep=1.5))
+    bad = (b"FOO\r\n", ["Screen command"])
+    run([bad, (OK, ["Send 502 5.5.2 Error: command not recognized"]),
+         bad, (OK, ["Send 502 5.5.2 Error: command not recognized"]),
+         bad, (OK, ["Arm 1.5", "Send 502 5.5.2 Error: command not recognized"]),  # the third error waits
+         (b"NOOP\r\n", ["Screen command"]), (OK, ["Send 250 2.0.0 Ok"])], cfg)
+
+
+def test_an_overlong_line_is_answered_at_once() -> None:
+    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    assert [show(a) for a in machine.line_too_long()] == ["Send 500 5.5.2 Error: command line too long"]
+
+
+def test_mail_and_rcpt_go_separately_when_the_client_sent_no_helo() -> None:
+    """Postfix then got no EHLO from us, so it did not offer PIPELINING."""
+    run([
+        (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+        (b"RCPT TO:<b@example.test>\r\n", ["Screen command"]), (OK, ["Screen rcpt"]), (OK, ["Screen relayed"]),
+        (None, ["OpenUpstream"]),
+        (0.01, ["Upstream MAIL FROM:<a@sender.test> 1"]),
+        (up("250 2.1.0 Ok"), ["Upstream RCPT TO:<b@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Send 250 2.1.5 Ok"]),
+    ])
+
+
+def test_postfix_refusing_mail_is_relayed() -> None:
+    run([*ENVELOPE[:-1],
+         (up("553 5.7.1 <a@sender.test>: Sender address rejected", "503 5.5.1 Error: need MAIL command"),
+          ["Send 553 5.7.1 <a@sender.test>: Sender address rejected"])])
+
+
+@pytest.mark.parametrize("failing", ["OpenUpstream", "Upstream"])
+def test_postfix_unreachable_at_rcpt_is_451(failing: str) -> None:
+    rows = ENVELOPE[:-2] if failing == "OpenUpstream" else ENVELOPE[:-1]
+    machine = run([*rows, (UpstreamError("connect to 127.0.0.1:10025: refused"),
+                           ["AbortUpstream", "Send 451 4.4.1 Error: mail service temporarily unavailable, "
+                                             "try again later"])])
+    assert not machine.upstream_connected and machine.session.rcpts == []
+
+
+def test_postfix_lost_during_data_is_451_and_the_body_is_still_read() -> None:
+    run([
+        *ENVELOPE,
+        (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+        (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"]),
+        (b"line\r\n", ["Upstream line 0"]),
+        (UpstreamError("write to 127.0.0.1:10025: broken pipe"), ["ReadBody"]),
+        (b"more\r\n.\r\n", ["AbortUpstream",
+                            "Send 451 4.4.2 Error: lost connection to mail service, try again later"]),
+    ])
+
+
+def test_client_gone_in_data_aborts_the_upstream_message() -> None:
+    run([
+        *ENVELOPE,
+        (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+        (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"]),
+        (b"", ["AbortUpstream", "Close"]),
+    ])
+
+
+def test_a_bare_newline_in_data_is_refused_and_postfix_never_gets_the_message() -> None:
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, bare_newline="reject"))
+    run([
+        *ENVELOPE,
+        (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+        (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"]),
+        (b"bare\nline\r\n.\r\n", ["AbortUpstream", "Send 550 5.5.2 Error: bare <CR> or <LF> received"]),
+    ], cfg)
+
+
+def test_rset_and_a_new_ehlo_reset_the_transaction_upstream() -> None:
+    machine = run([
+        *ENVELOPE,
+        (b"RSET\r\n", ["Screen command"]), (OK, ["Upstream RSET 1"]), (up("250 2.0.0 Ok"), ["Send 250 2.0.0 Ok"]),
+        (b"MAIL FROM:<x@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+        (b"RCPT TO:<b@example.test>\r\n", ["Screen command"]), (OK, ["Screen rcpt"]), (OK, ["Screen relayed"]),
+        (None, ["Upstream MAIL FROM:<x@sender.test>|RCPT TO:<b@example.test> 2"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Send 250 2.1.5 Ok"]),
+        (b"EHLO again.example\r\n", ["Screen command"]), (OK, ["Upstream RSET 1"]),
+        (up("250 2.0.0 Ok"), ["Screen helo"]),
+    ])
+    assert machine.session.sender is None and machine.session.helo == "again.example"
+
+
+def test_starttls() -> None:
+    machine = run([
+        *HELLO,
+        (b"STARTTLS\r\n", ["Screen command"]),
+        (OK, ["Send 220 2.0.0 Ready to start TLS", "StartTls"]),
+        ("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)", ["QuitUpstream"]),
+        (b"MAIL FROM:<a@b>\r\n", ["Screen command"]),  # the session goes on, on TLS
+    ], tls=True)
+    assert machine.session.helo is None and machine.session.tls is not None and not machine.tls_available
+
+
+def test_failed_tls_handshake_ends_the_session() -> None:
+    run([(b"STARTTLS\r\n", ["Screen command"]), (OK, ["Send 220 2.0.0 Ready to start TLS", "StartTls"]),
+         (None, ["Close"])], tls=True)
+
+
+def test_requests_and_answers_must_alternate() -> None:
+    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    with pytest.raises(RuntimeError):
+        machine.answer(OK)
+    machine.command(b"NOOP\r\n")
+    with pytest.raises(RuntimeError):
+        machine.command(b"NOOP\r\n")
+
+
+def test_every_request_type_is_covered() -> None:
+    """The tables above exercise each request the driver must perform."""
+    assert {Screen, OpenUpstream, Upstream, StartTls, ReadBody} == set(Request.__args__)  # type: ignore[attr-defined]
+    assert {Send, Arm, AbortUpstream, QuitUpstream, Unread, Close} == set(Effect.__args__)  # type: ignore[attr-defined]

@@ -17,8 +17,13 @@ Prints figures, asserts nothing (the machines are shared and noisy):
 Postfix accepts ``@bench.test`` and discards it (``discard:`` transport), so
 the backend cost is the same on both paths and no disk fills up.
 
-Usage: ``python bench/relay.py [--rounds 5] [--messages 2000]`` (root: it
-starts a private Postfix).
+With ``--baseline DIR`` (another checkout of smtpguard, e.g. ``git worktree
+add /tmp/base v0.1``) two more smtpguards run that checkout's code in the same
+interleaved rounds, so a change's cost is measured before and after in one
+run, on the same machine load.
+
+Usage: ``python bench/relay.py [--rounds 5] [--messages 2000] [--baseline DIR]``
+(root: it starts a private Postfix).
 """
 
 from __future__ import annotations
@@ -84,15 +89,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--big-mb", type=int, default=50)
+    ap.add_argument("--baseline", type=Path, help="another checkout to measure in the same rounds")
     args = ap.parse_args()
 
     postfix = PrivatePostfix(extra=BENCH_POSTFIX, name="bench", pass_service=True)
     postfix.start()
     workdir = Path(tempfile.mkdtemp(prefix="smtpguard-bench-"))
     guards: dict[str, Guard] = {}
-    for mode, extra in (("relayed", ""), ("handed off", f'[handoff]\nsocket = "{postfix.pass_socket}"\n')):
+    handoff = f'[handoff]\nsocket = "{postfix.pass_socket}"\n'
+    setups = [("relayed", "", None), ("handed off", handoff, None)]
+    if args.baseline:
+        setups += [("relayed, baseline", "", args.baseline), ("handed off, baseline", handoff, args.baseline)]
+    for mode, extra, source in setups:
         (workdir / mode).mkdir()
-        guards[mode] = Guard(workdir / mode, postfix.port, extra)
+        guards[mode] = Guard(workdir / mode, postfix.port, extra, source=source)
     rate: dict[str, list[float]] = {"direct": [], **{mode: [] for mode in guards}}
     cpu_ms: dict[str, list[float]] = {mode: [] for mode in guards}
     try:
@@ -127,11 +137,11 @@ def main() -> None:
           f"1 msg/connection):")
     print(f"  direct to Postfix                 {med['direct']:6.0f} msg/s")
     for mode in guards:
-        print(f"  through smtpguard, {mode:<14} {med[mode]:6.0f} msg/s   ratio {med[mode] / med['direct']:.2f}"
+        print(f"  through smtpguard, {mode:<20} {med[mode]:6.0f} msg/s   ratio {med[mode] / med['direct']:.2f}"
               "   (target >= 0.75)")
     print("smtpguard CPU per message, median (target <= 1.0 ms):")
     for mode, values in cpu_ms.items():
-        print(f"  {mode:<14} {statistics.median(values):.3f} ms   (range {min(values):.3f}-{max(values):.3f})")
+        print(f"  {mode:<20} {statistics.median(values):.3f} ms   (range {min(values):.3f}-{max(values):.3f})")
     print(f"{args.big_mb} MB message: RSS before {rss_before / 1024:.1f} MB, peak {hwm / 1024:.1f} MB, "
           f"growth {(hwm - rss_before) / 1024:.1f} MB (target <= 8 MB), relayed in {seconds:.1f} s")
 

@@ -9,6 +9,7 @@ pregreet, forbidden commands).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -29,8 +30,9 @@ NO_DNS = "[client_name]\nlookup = false\n"
 class Guard:
     def __init__(self, workdir: Path, upstream_port: int, extra: str = "", port: int | None = None,
                  upstream_extra: str = "", state_url: str | None = None,
-                 listen: tuple[str, ...] = ("127.0.0.1",)) -> None:
+                 listen: tuple[str, ...] = ("127.0.0.1",), source: Path | None = None) -> None:
         self.port = port or free_port()
+        self.source = source  # another checkout to run smtpguard from (bench/relay.py --baseline)
         self.listen = listen  # addresses to listen on, all on self.port
         self.metrics_port = free_port()
         self.dir = workdir
@@ -69,6 +71,7 @@ class Guard:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smtpguard", "serve", "-c", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)},
         )
         log.close()
 

@@ -61,8 +61,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .config import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
 from .metrics import METRICS
+from .options import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
 
 log = logging.getLogger("smtpguard")
 

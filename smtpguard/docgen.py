@@ -20,8 +20,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from .config import Config, HostPort, parse_duration
+from .config import Config
 from .metrics import METRICS
+from .options import HostPort, parse_duration
 
 #: Descriptions for keys whose ``opt()`` carries no ``doc``.
 DESCRIPTIONS: dict[str, str] = {

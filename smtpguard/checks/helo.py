@@ -43,8 +43,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..config import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..dns import client_ip, valid_hostname
+from ..options import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..tables import HELO, Table, access_check, check_access_spec, lookup_helo
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
 

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .checks.access import AccessConfig
 from .checks.addresses import AddressConfig
@@ -56,16 +56,19 @@ from .options import (
 )
 from .tls import TlsConfig
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
 
 
 # ---------------------------------------------------------------- loading
 
-def load_section(cls: type[T], table: Any, prefix: str) -> T:
+def load_section(cls: type[Section], table: Any, prefix: str) -> Section:
     """Build dataclass *cls* from TOML *table*; errors name ``prefix.key``."""
     if not isinstance(table, Mapping):
         raise ConfigError(prefix, f"expected a table [{prefix}], got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, raw in table.items():
         f = fields.get(key)

@@ -56,6 +56,7 @@ def parse_duration(value: Any) -> float:
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def parse_size(value: Any) -> int:
@@ -65,7 +66,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
-            return int(m.group(1)) * 1024 ** " kmg".index(m.group(2).lower() or " ")
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
     raise ValueError(f'expected a size in bytes like 10240000 or 10m, got "{value}"')
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..dns import client_ip, valid_hostname
@@ -275,7 +275,7 @@ def check_helo(
         if found.outcome is not Outcome.SKIP:
             return found
         notes.append(found.reason)
-    checks = (
+    checks: tuple[tuple[bool, Callable[[], Result]], ...] = (
         (config.reject_impersonation, lambda: reject_impersonation(
             helo, client, hostname=hostname, our_domains=config.our_domains,
             our_addresses=our_addresses, action=action)),

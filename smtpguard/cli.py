@@ -20,7 +20,7 @@ import sys
 from . import admin, logs, report
 from . import config as config_mod
 from .config import Config, ConfigError
-from .dns import DnsResolver
+from .dns import DnsResolver, Resolver
 from .dnsscreen import wants_resolver
 from .health import OpsServer, Readiness
 from .listener import Server
@@ -45,13 +45,13 @@ def summary(cfg: Config) -> str:
             f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
 
 
-def _resolver(cfg: Config, previous: Pipeline | None = None) -> DnsResolver | None:
+def _resolver(cfg: Config, previous: Pipeline | None = None) -> Resolver | None:
     """One resolver (so one DNS cache) for the process; a reload keeps it
     unless the ``[dns]`` section changed."""
     if not wants_resolver(cfg):
         return None
     if previous is not None and previous.dns.resolver is not None and previous.cfg.dns == cfg.dns:
-        return previous.dns.resolver  # type: ignore[return-value]
+        return previous.dns.resolver
     return DnsResolver(cfg.dns)
 
 

@@ -2,203 +2,73 @@
 
 How it works: every section is a frozen dataclass whose fields carry their
 default and, in ``metadata``, a *parser* (``field(default=..., metadata=
-opt(parse_duration, "postscreen_greet_wait"))``).  :func:`load_section` walks
-the fields, feeds each TOML value through its parser and raises
-:class:`ConfigError` naming the dotted key (``greylist.delay: ...``) for the
-first bad value or for any key the section does not declare.  Sections are
-declared next to the concern that uses them and gathered in :class:`Config`;
-:func:`load` reads the file and builds the whole tree.
-
-Durations are written like Postfix's (``300s``, ``5m``, ``2d``, a bare number
-is seconds); sizes as bytes with optional ``k``/``m``/``g`` suffix.
+opt(parse_duration, "postscreen_greet_wait"))``; the parsers are in
+:mod:`smtpguard.options`).  :func:`load_section` walks the fields, feeds each
+TOML value through its parser and raises :class:`ConfigError` naming the
+dotted key (``greylist.delay: ...``) for the first bad value or for any key
+the section does not declare.  Sections are declared next to the concern
+that uses them (each check's in its module under :mod:`smtpguard.checks`)
+and only assembled here, in :class:`Config`; :func:`load` reads the file and
+builds the whole tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+from .checks.access import AccessConfig
+from .checks.addresses import AddressConfig
+from .checks.barenewline import BareNewlineConfig
+from .checks.dnsbl import DnsblConfig, RhsblConfig
+from .checks.domains import HeloHostnameConfig, SenderDomainConfig
+from .checks.errors import ErrorsConfig
+from .checks.greylist import GreylistConfig
+from .checks.helo import HeloConfig
+from .checks.limits import LimitsConfig
+from .checks.nonsmtp import NonSmtpConfig
+from .checks.pipelining import PipeliningConfig
+from .checks.pregreet import PregreetConfig
+from .checks.rdns import ClientNameConfig
+from .dns import DnsConfig
+from .handoff import HandoffConfig
+from .options import ConfigError as ConfigError  # re-exported: load() raises it
+from .options import HostPort as HostPort  # re-exported: the type of the address settings
+from .options import (
+    list_of,
+    one_of,
+    opt,
+    parse_bool,
+    parse_duration,
+    parse_hostname,
+    parse_hostport,
+    parse_int,
+    parse_network,
+    parse_optional_hostport,
+    parse_size,
+    parse_state_url,
+    parse_str,
+)
+from .tls import TlsConfig
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-class ConfigError(ValueError):
-    """A bad configuration value; ``str()`` names the key: ``key: problem``."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
-
-
-# ---------------------------------------------------------------- parsers
-# Each parser takes the raw TOML value and returns the typed value or raises
-# ValueError with a message that does not repeat the key (load_section adds it).
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any) -> float:
-    """``300s``/``5m``/``2d``/``1w`` or a bare number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 300s, 5m or 2d, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f'expected a duration like 300s, 5m or 2d, got "{value}"')
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> int:
-    """Bytes, optionally with a ``k``/``m``/``g`` suffix (powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m:
-            return int(m.group(1)) * 1024 ** " kmg".index(m.group(2).lower() or " ")
-    raise ValueError(f'expected a size in bytes like 10240000 or 10m, got "{value}"')
-
-
-def parse_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return value
-
-
-def parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def parse_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def parse_hostname(value: Any) -> str:
-    text = parse_str(value)
-    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", text):
-        raise ValueError(f'expected a host name like mx.example.com, got "{text}"')
-    return text
-
-
-def one_of(*choices: str) -> Callable[[Any], str]:
-    """Parser for an enumerated string value."""
-
-    def parse(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return parse
-
-
-def list_of(item: Callable[[Any], T]) -> Callable[[Any], tuple[T, ...]]:
-    """Parser for a TOML array; the error names the bad entry's index."""
-
-    def parse(value: Any) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        out = []
-        for i, entry in enumerate(value):
-            try:
-                out.append(item(entry))
-            except ValueError as exc:
-                raise ValueError(f"entry {i + 1}: {exc}") from None
-        return tuple(out)
-
-    return parse
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """A ``HOST:PORT`` endpoint; IPv6 hosts are written ``[::1]:25``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_hostport(value: Any) -> HostPort:
-    """``HOST:PORT`` / ``[IPv6]:PORT`` -> :class:`HostPort`."""
-    text = value if isinstance(value, str) else repr(value)
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
-    if not isinstance(value, str) or not m:
-        raise ValueError(f'expected HOST:PORT, got "{text}"')
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if m.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f'bad IPv6 address in "{text}"') from None
-    if not 0 < int(port) < 65536:
-        raise ValueError(f'port must be 1-65535, got "{text}"')
-    return HostPort(host, int(port))
-
-
-def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``192.0.2.0/24``, ``2001:db8::/32`` or a single address (a host network)."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a network like 192.0.2.0/24, got {value!r}")
-    try:
-        return ipaddress.ip_network(value.strip("[]"), strict=False)
-    except ValueError:
-        raise ValueError(f'expected a network like 192.0.2.0/24, got "{value}"') from None
-
-
-def parse_optional_hostport(value: Any) -> HostPort | None:
-    """Like :func:`parse_hostport`; an empty string disables the listener."""
-    return None if value == "" else parse_hostport(value)
-
-
-def parse_state_url(value: Any) -> str:
-    """``sqlite:///relative/path``, ``sqlite:////abs/path``, ``memory://``,
-    ``redis://host:port/db`` (or ``unix:///path/redis.sock?db=N``)."""
-    text = parse_str(value)
-    if text == "memory://":
-        return text
-    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
-        return text
-    if re.fullmatch(r"rediss?://[^/\s]+(/\d+)?", text) or text.startswith("unix://"):
-        return text
-    raise ValueError(
-        f'expected sqlite:///PATH, redis://HOST:PORT/DB or memory://, got "{text}"'
-    )
-
-
-def opt(parser: Callable[[Any], Any], equivalent: str = "", doc: str = "") -> dict[str, Any]:
-    """Field metadata: the value parser, the Postfix/postscreen/postgrey
-    equivalent and a one-line description (both read by smtpguard.docgen)."""
-    return {"parse": parser, "equivalent": equivalent, "doc": doc}
+Section = TypeVar("Section", bound="DataclassInstance")
 
 
 # ---------------------------------------------------------------- loading
 
-def load_section(cls: type[T], table: Any, prefix: str) -> T:
+def load_section(cls: type[Section], table: Any, prefix: str) -> Section:
     """Build dataclass *cls* from TOML *table*; errors name ``prefix.key``."""
     if not isinstance(table, Mapping):
         raise ConfigError(prefix, f"expected a table [{prefix}], got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, raw in table.items():
         f = fields.get(key)
@@ -317,26 +187,6 @@ class ScreenConfig:
     """``[screen]``: how screening verdicts are delivered."""
 
     delay_reject: bool = field(default=True, metadata=opt(parse_bool, "smtpd_delay_reject"))
-
-
-# The check sections are declared next to their checks (smtpguard/checks/),
-# which import the parsers above: import them only now.
-from .checks.access import AccessConfig  # noqa: E402
-from .checks.addresses import AddressConfig  # noqa: E402
-from .checks.barenewline import BareNewlineConfig  # noqa: E402
-from .checks.dnsbl import DnsblConfig, RhsblConfig  # noqa: E402
-from .checks.domains import HeloHostnameConfig, SenderDomainConfig  # noqa: E402
-from .checks.errors import ErrorsConfig  # noqa: E402
-from .checks.greylist import GreylistConfig  # noqa: E402
-from .checks.helo import HeloConfig  # noqa: E402
-from .checks.limits import LimitsConfig  # noqa: E402
-from .checks.nonsmtp import NonSmtpConfig  # noqa: E402
-from .checks.pipelining import PipeliningConfig  # noqa: E402
-from .checks.pregreet import PregreetConfig  # noqa: E402
-from .checks.rdns import ClientNameConfig  # noqa: E402
-from .dns import DnsConfig  # noqa: E402
-from .handoff import HandoffConfig  # noqa: E402
-from .tls import TlsConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .config import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
 from .metrics import METRICS
+from .options import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
 
 log = logging.getLogger("smtpguard")
 
@@ -293,7 +293,8 @@ class DnspythonBackend:
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            responses = list(exc.responses().values())
+            # dnspython leaves NXDOMAIN.responses() unannotated (a dict of Name -> Message).
+            responses = list(exc.responses().values())  # type: ignore[no-untyped-call]
             return DnsResult(Status.NXDOMAIN), _soa_ttl(responses[0] if responses else None)
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong, UnicodeError):
             # Not representable in the DNS, so it cannot exist.  Not cached.

@@ -24,9 +24,13 @@ pass a fake) at the right moments.
 * **MAIL** (:meth:`DnsScreen.sender_checks`): ``reject_unknown_sender_domain``
   and ``reject_rhsbl_sender``, in parallel.
 
-A session that ends early cancels its tasks (:meth:`DnsScreen.forget`); the
+A session that ends early cancels its tasks (:meth:`Lookups.cancel`); the
 resolver's shared queries go on for the other sessions waiting on them (and
 fill its cache).
+
+The screen knows nothing of the session: it is given the facts it needs
+(client address, HELO name, sender) and hands back the :class:`Lookups`,
+which the pipeline keeps in ``Session.lookups``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from .checks.domains import check_helo_hostname, check_sender_domain
 from .checks.rdns import ClientNames, lookup_client_names
 from .config import Config
 from .dns import TEMPFAIL, DnsResult, Resolver
-from .session import Session
 from .tables import Table
 from .verdict import Result
 
@@ -128,40 +131,35 @@ class DnsScreen:
         self.resolver = resolver
         self.override = rhsbl_override
 
-    def start(self, s: Session) -> None:
-        """At connect: start the lookups; the DNSBL score when ``dnsbl`` is
-        among the session's tests still to do (not PASS OLD, not allowlisted)."""
-        names, dnsbl = self.cfg.client_name.lookup, "dnsbl" in s.todo
+    def start(self, ip: str, allowlisted: bool, dnsbl: bool) -> Lookups | None:
+        """At connect: start the lookups for client *ip* (None: none to
+        make); the DNSBL score when *dnsbl* (``dnsbl`` is among the
+        session's tests still to do: not PASS OLD, not allowlisted)."""
+        names = self.cfg.client_name.lookup
         resolver = self.resolver
         if resolver is None or not (names or dnsbl):
-            return
-        lookups = s.lookups = Lookups()
+            return None
+        lookups = Lookups()
         if dnsbl:
-            lookups.ask_dnsbl(resolver, self.cfg.dnsbl, s.client_ip)
+            lookups.ask_dnsbl(resolver, self.cfg.dnsbl, ip)
         if names:
-            lookups.ask_client(functools.partial(self._client, resolver, s.client_ip, s.allowlisted), s.client_ip)
+            lookups.ask_client(functools.partial(self._client, resolver, ip, allowlisted), ip)
+        return lookups
 
-    async def collect(self, s: Session, deadline: float) -> ConnectFindings:
-        """Before the final 220: what the connect-time lookups found; the
-        DNSBL score counts the lists that answered by *deadline*
-        (``time.monotonic()``, the end of the greet wait)."""
-        pending, s.lookups = s.lookups, None
+    async def collect(self, pending: Lookups | None, ip: str, dnsbl: bool, deadline: float) -> ConnectFindings:
+        """Before the final 220: what the connect-time lookups *pending*
+        found; the DNSBL score (when *dnsbl*) counts the lists that answered
+        by *deadline* (``time.monotonic()``, the end of the greet wait)."""
         if pending is None:
             return ConnectFindings()
         try:
             score = None
-            if "dnsbl" in s.todo:
-                score = await pending.score(self.cfg.dnsbl, s.client_ip, max(0.0, deadline - time.monotonic()))
+            if dnsbl:
+                score = await pending.score(self.cfg.dnsbl, ip, max(0.0, deadline - time.monotonic()))
             names, reverse_rhsbl = await pending.names()
         finally:
             pending.cancel()
         return ConnectFindings(names, score, reverse_rhsbl)
-
-    def forget(self, s: Session) -> None:
-        """The session ended: stop waiting for its lookups."""
-        pending, s.lookups = s.lookups, None
-        if pending is not None:
-            pending.cancel()
 
     async def _client(self, resolver: Resolver, ip: str, allowlisted: bool) -> ClientFindings:
         names = await lookup_client_names(resolver, ip)
@@ -170,9 +168,9 @@ class DnsScreen:
             return names, None
         return names, await check_rhsbl(resolver, rhsbl, RhsblTarget.REVERSE_CLIENT, names.reverse_name, self.override)
 
-    async def helo_checks(self, s: Session) -> list[Result]:
-        """reject_unknown_helo_hostname and reject_rhsbl_helo for ``s.helo``."""
-        cfg, helo = self.cfg, s.helo
+    async def helo_checks(self, helo: str | None) -> list[Result]:
+        """reject_unknown_helo_hostname and reject_rhsbl_helo for *helo*."""
+        cfg = self.cfg
         if self.resolver is None or helo is None:
             return []
         checks: list[Awaitable[Result]] = []
@@ -182,9 +180,9 @@ class DnsScreen:
             checks.append(check_rhsbl(self.resolver, cfg.rhsbl, RhsblTarget.HELO, helo, self.override))
         return list(await asyncio.gather(*checks))
 
-    async def sender_checks(self, s: Session) -> list[Result]:
-        """reject_unknown_sender_domain and reject_rhsbl_sender for ``s.sender``."""
-        cfg, sender = self.cfg, s.sender
+    async def sender_checks(self, sender: str | None) -> list[Result]:
+        """reject_unknown_sender_domain and reject_rhsbl_sender for *sender*."""
+        cfg = self.cfg
         if self.resolver is None or not sender:  # the null sender has no domain
             return []
         checks: list[Awaitable[Result]] = []

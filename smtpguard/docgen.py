@@ -20,8 +20,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from .config import Config, HostPort, parse_duration
+from .config import Config
 from .metrics import METRICS
+from .options import HostPort, parse_duration
 
 #: Descriptions for keys whose ``opt()`` carries no ``doc``.
 DESCRIPTIONS: dict[str, str] = {
@@ -119,7 +120,7 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 
 def _sections(cls: type, prefix: str) -> list[tuple[str, type]]:
     out = [(prefix, cls)]
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if "parse" not in f.metadata and dataclasses.is_dataclass(_default(f)):
             out += _sections(type(_default(f)), f"{prefix}.{f.name}")
     return out

@@ -38,7 +38,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, opt, parse_bool, parse_str
+from .options import ConfigError, opt, parse_bool, parse_str
 
 
 def parse_socket_path(value: Any) -> str:

@@ -113,7 +113,7 @@ def setup(cfg: LogConfig) -> None:
     # Records need none of these; skipping them is the logging HOWTO's
     # documented optimisation (a few microseconds per line, several lines
     # per message).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

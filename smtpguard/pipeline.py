@@ -159,7 +159,7 @@ class Pipeline:
             self._count(found)
             if self._hands_off(s):
                 return _HANDOFF
-            self.dns.start(s)
+            self._start_lookups(s)
             return CONTINUE
         v = self._decide(s, found, "connect")
         if v.action is Action.DROP:
@@ -174,8 +174,12 @@ class Pipeline:
                 self._pass_old.inc()
                 if self._hands_off(s):
                     return _HANDOFF
-        self.dns.start(s)  # runs during the greet wait
+        self._start_lookups(s)  # runs during the greet wait
         return CONTINUE
+
+    def _start_lookups(self, s: Session) -> None:
+        """Step 6: the connect-time DNS lookups, kept in ``s.lookups``."""
+        s.lookups = self.dns.start(s.client_ip, s.allowlisted, "dnsbl" in s.todo)
 
     def _hands_off(self, s: Session) -> bool:
         """Step 5 with ``[handoff] socket``: may this allowlisted or PASS OLD
@@ -193,7 +197,7 @@ class Pipeline:
         and the session goes on here (with its DNS lookups, as any other)."""
         self._handoffs[passed].inc()
         if not passed:
-            self.dns.start(s)
+            self._start_lookups(s)
 
     def greet_wait(self, s: Session) -> float:
         """How long the listener waits after ``220-`` (0: no pregreet test)."""
@@ -212,7 +216,9 @@ class Pipeline:
         client's verified name becomes ``s.client_name`` (XCLIENT NAME=,
         ``name[ip]`` in the log); the client-name and reverse-client RHSBL
         verdicts are kept for RCPT.  Only DROP acts now."""
-        found = await self.dns.collect(s, s.started + self.cfg.pregreet.greet_wait)
+        pending, s.lookups = s.lookups, None
+        deadline = s.started + self.cfg.pregreet.greet_wait
+        found = await self.dns.collect(pending, s.client_ip, "dnsbl" in s.todo, deadline)
         if found.names is not None:
             s.client_name = found.names.name
         if found.dnsbl is not None:
@@ -229,7 +235,9 @@ class Pipeline:
 
     def on_disconnect(self, s: Session) -> None:
         """The session is over (also when it ends in the greet wait)."""
-        self.dns.forget(s)
+        pending, s.lookups = s.lookups, None
+        if pending is not None:
+            pending.cancel()  # stop waiting for its lookups
 
     # ------------------------------------------------------------ commands
 
@@ -276,7 +284,7 @@ class Pipeline:
         v = self._decide(s, found, "helo")
         if v.final or "helo" in s.delayed:
             return v
-        return self._decide_all(s, await self.dns.helo_checks(s), "helo")
+        return self._decide_all(s, await self.dns.helo_checks(s.helo), "helo")
 
     async def on_mail(self, s: Session) -> Verdict:
         helo = self.cfg.helo
@@ -286,7 +294,7 @@ class Pipeline:
         v = self._decide(s, found, "mail")
         if v.final or "mail" in s.delayed or s.allowlisted:
             return v
-        return self._decide_all(s, await self.dns.sender_checks(s), "mail")
+        return self._decide_all(s, await self.dns.sender_checks(s.sender), "mail")
 
     async def on_rcpt(self, s: Session, rcpt: str) -> Verdict:
         for phase in _PHASES:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import logs
+from .dnsscreen import Lookups
 from .relay import ClientIdentity
 from .verdict import Result, Verdict
-
-if TYPE_CHECKING:
-    from .dnsscreen import Lookups
 
 
 @dataclass(slots=True)  # slots: one per connection, thousands may be idle

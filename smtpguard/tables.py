@@ -62,8 +62,8 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from .config import ConfigError
 from .dns import client_ip
+from .options import ConfigError
 from .verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
 
 Validator = Callable[[str], None]

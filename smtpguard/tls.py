@@ -3,7 +3,7 @@
 How it works: :func:`build_context` reads ``cert_file``/``key_file`` (and
 ``chain_file`` when set) into a server-side :class:`ssl.SSLContext` with
 TLS 1.2 as the lowest protocol and the Python/OpenSSL default cipher policy.
-Every problem raises :class:`~smtpguard.config.ConfigError` naming the key
+Every problem raises :class:`~smtpguard.options.ConfigError` naming the key
 (``tls.cert_file: ...``), so ``smtpguard check-config`` reports it; the
 section's ``validate`` builds the context once for that reason.  The
 listener (:class:`smtpguard.listener.Server`) holds the live context and
@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, one_of, opt, parse_str
+from .options import ConfigError, one_of, opt, parse_str
 from .verdict import Reply
 
 _PROTOCOLS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import one_of, opt, parse_bool, parse_str
+from ..options import one_of, opt, parse_bool, parse_str
 from ..tables import CLIENT, Table, access_check, check_access_spec, lookup_client
 from ..verdict import ACTIONS, Result
 from ._common import skip

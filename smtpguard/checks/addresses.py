@@ -34,8 +34,8 @@ import re
 from dataclasses import dataclass, field
 
 from .. import tables
-from ..config import one_of, opt, parse_bool, parse_str
 from ..dns import valid_hostname
+from ..options import one_of, opt, parse_bool, parse_str
 from ..tables import Table, access_check, check_access_spec, lookup_address
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
 from .helo import NON_FQDN_CODE, literal_address, strip_trailing_dot

@@ -32,8 +32,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ..config import opt, parse_bool
 from ..dns import Resolver, Status, is_null_mx
+from ..options import opt, parse_bool
 from ..verdict import Outcome, Reply, Result
 from .rdns import DnsCheckConfig, dns_error_result, failure_verdict, parse_reply_code, reply
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int
+from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int
 from ..verdict import Action, Outcome, Reply, Result, Verdict
 from ._common import passed, skip
 

@@ -48,8 +48,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..metrics import METRICS
+from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..store import ClientNet, Store, StoreError, Triplet
 from ..verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
 

@@ -40,11 +40,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..config import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..dns import client_ip, valid_hostname
+from ..options import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..tables import HELO, Table, access_check, check_access_spec, lookup_helo
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
 
@@ -275,7 +275,7 @@ def check_helo(
         if found.outcome is not Outcome.SKIP:
             return found
         notes.append(found.reason)
-    checks = (
+    checks: tuple[tuple[bool, Callable[[], Result]], ...] = (
         (config.reject_impersonation, lambda: reject_impersonation(
             helo, client, hostname=hostname, our_domains=config.our_domains,
             our_addresses=our_addresses, action=action)),

@@ -18,8 +18,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..config import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
 from ..dns import client_ip
+from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
 from ..verdict import Action, Outcome, Reply, Result, Verdict
 from ._common import passed, skip
 from .greylist import client_network

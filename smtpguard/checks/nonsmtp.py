@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..config import list_of, one_of, opt, parse_bool, parse_duration, parse_str
+from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_str
 from ..verdict import ACTIONS, Result
 from ._common import PROTOCOL_ERROR, escape, failed, passed, skip
 

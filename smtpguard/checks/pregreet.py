@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import one_of, opt, parse_bool, parse_duration
+from ..options import one_of, opt, parse_bool, parse_duration
 from ..verdict import ACTIONS, Result
 from ._common import PROTOCOL_ERROR, escape, failed, passed, skip
 

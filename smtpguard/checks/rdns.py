@@ -44,8 +44,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, one_of, opt, parse_bool
 from ..dns import Resolver, Status, client_ip, valid_hostname
+from ..options import ConfigError, one_of, opt, parse_bool
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
 
 MAX_PTR_NAMES = 4  # PTR names tried for FCrDNS; more is an attack, not a setup

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard import cli, config
+from smtpguard import cli, config, options
 from smtpguard.config import ConfigError, HostPort
 
 
@@ -91,7 +91,7 @@ def test_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("raw", "seconds"), [("300s", 300), ("5m", 300), ("2d", 172800), ("1w", 604800),
                                              (30, 30), ("1.5s", 1.5), ("6", 6), ("1h", 3600)])
 def test_durations(raw: object, seconds: float) -> None:
-    assert config.parse_duration(raw) == seconds
+    assert options.parse_duration(raw) == seconds
 
 
 def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

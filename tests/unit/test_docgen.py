@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from smtpguard import docgen
-from smtpguard.config import Config, list_of, one_of, parse_hostport
+from smtpguard.config import Config
+from smtpguard.options import list_of, one_of, parse_hostport
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -135,11 +135,10 @@ class GuardProtocol(asyncio.Protocol):
             who = self._session.who if self._session else "?"
             log.info("SSL_accept error from %s: %s", who, exc or type(exc).__name__)
             plain.abort()  # start_tls closed it already; abort drops what is unsent
-            # The TLS layer tells us of the loss only once its handshake has
-            # ended: after a timeout it never does, so forget the session now.
-            self._forget()
+            self._lost_in_handshake()
             return None
-        if self.transport is None or encrypted is None:  # lost during the handshake
+        if encrypted is None:  # closed during the handshake (the idle timer)
+            self._lost_in_handshake()
             return None
         self.transport = encrypted
         self.input.attach(self.transport)
@@ -406,6 +405,12 @@ class GuardProtocol(asyncio.Protocol):
         self.resume_writing()
         if self._task is not None:
             self._task.cancel()
+        self.transport = None
+
+    def _lost_in_handshake(self) -> None:
+        """asyncio's TLS layer reports a connection closed in mid-handshake
+        to nobody (no connection_lost for us): do its bookkeeping here."""
+        self._forget()
         self.transport = None
 
     def _forget(self) -> None:

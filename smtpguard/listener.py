@@ -321,13 +321,13 @@ class GuardProtocol(asyncio.Protocol):
         start = loop.time()
         self._waiting = True  # a shutdown may close the connection now
         try:
-            if self._first_data is None and not self.input.eof:
+            if self._first_data is None and not self.input.at_eof():
                 try:
                     async with asyncio.timeout(wait):
                         await self.input.wait_data()
                 except TimeoutError:
                     pass
-            if not stop_early and not self.input.eof:
+            if not stop_early and not self.input.at_eof():  # early talk then EOF: wait on
                 remaining = wait - (loop.time() - start)
                 if remaining > 0:
                     await asyncio.sleep(remaining)

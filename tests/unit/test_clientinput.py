@@ -168,3 +168,10 @@ async def test_a_line_longer_than_the_high_water_mark_resumes_reading() -> None:
     assert transport.calls == ["pause", "resume"]  # else the LF could never come
     buf.feed(b"\n")
     assert await line == b"x" * 15 + b"\n"
+
+
+async def test_eof_in_the_middle_of_an_over_long_line_is_end_of_input() -> None:
+    buf = ClientInput()
+    buf.feed(b"x" * 2000)
+    buf.feed_eof()
+    assert await buf.readline(1000) == b""  # not an exception (main logged "internal error")

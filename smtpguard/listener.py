@@ -75,7 +75,7 @@ class GuardProtocol(asyncio.Protocol):
         self.tls_context = server.tls_context
         self.transport: asyncio.Transport | None = None  # None once the connection is lost
         self.input = ClientInput()
-        self._writable: asyncio.Event | None = None  # set while the transport's write buffer is full
+        self._writable: asyncio.Event | None = None  # while writing is paused: set by resume_writing
         self._task: asyncio.Task[None] | None = None
         self._timeout_duration = cfg.server.command_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None

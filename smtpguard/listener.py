@@ -1,24 +1,31 @@
-"""The aiosmtpd adapter: the only module that touches aiosmtpd's internals.
+"""The listener: the adapter between asyncio's socket and one SMTP session.
 
-aiosmtpd's :class:`~aiosmtpd.smtp.SMTP` protocol gives us the asyncio
-plumbing (``connection_made``/``connection_lost``/``eof_received``, the idle
-timer) and its PROXY protocol parser (``aiosmtpd.proxy_protocol.get_proxy``).
-Its command loop does not
-fit a front end (no hook before the banner, whole-message buffering, 354 sent
-before any hook, exception text sent to the client), so
-:class:`GuardProtocol` replaces ``_handle_client`` with a loop that reads
-command lines and hands them to :class:`~smtpguard.conversation.Conversation`,
-and implements the conversation's :class:`~smtpguard.conversation.ClientIO`.
+:class:`GuardProtocol` is a plain :class:`asyncio.Protocol`: bytes from the
+client go into the session's own read-ahead buffer
+(:class:`~smtpguard.clientinput.ClientInput`), one task per connection
+(:meth:`GuardProtocol._serve`) reads command lines from it and hands them to
+:class:`~smtpguard.conversation.Conversation`, and replies go out with
+``transport.write`` (``pause_writing``/``resume_writing`` gate
+:meth:`GuardProtocol.drain`).  It implements the conversation's
+:class:`~smtpguard.conversation.ClientIO`.  Only public asyncio API is used:
+STARTTLS is :meth:`asyncio.loop.start_tls` on the same protocol, which keeps
+getting ``data_received`` from the TLS transport it returns.
+
+aiosmtpd (pinned to 1.4.6 in pyproject.toml) stays the project's SMTP
+foundation, but only through its public PROXY protocol parser
+(:func:`aiosmtpd.proxy_protocol.get_proxy`, fed from the ClientInput).  Its
+:class:`~aiosmtpd.smtp.SMTP` command loop is not used: it sends the banner
+before any hook (no pregreet wait), sends ``354`` itself and buffers the
+whole message before ``handle_DATA`` (no streaming, no relaying Postfix's
+own 354), rejects RCPT parameters and sends exception text to the client;
+and its public surface has no hook to replace the loop, so subclassing it
+meant overriding a private method.  Re-check get_proxy's
+reader contract (``read``/``readexactly``/``readuntil``) when moving the pin.
 
 Transport (docs/transport.md): with ``server.proxy_protocol`` the header is
 read first and its addresses are the client's for everything after (Session,
-per-client count, pregreet timing); STARTTLS is done here on the same stream
-objects (:meth:`GuardProtocol.start_tls`, asyncio's TLS layer with a smaller
-read buffer), the conversation only decides when.
-
-``SMTP.__init__`` is not called: it introspects the class on every
-connection (about 0.1 ms); :meth:`GuardProtocol.__init__` sets just the
-attributes the inherited plumbing reads.
+per-client count, pregreet timing); STARTTLS is done here
+(:meth:`GuardProtocol.start_tls`), the conversation only decides when.
 
 :class:`Server` owns the listening sockets, the set of live sessions and the
 graceful shutdown (stop accepting, let transactions finish within a bound,
@@ -28,17 +35,16 @@ graceful shutdown (stop accepting, let transactions finish within a bound,
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto as sslproto
 import logging
 import ssl
 import time
 from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import AF, get_proxy
-from aiosmtpd.smtp import SMTP
 
 from . import handoff, logs, tls
 from .checks.limits import client_key
+from .clientinput import TOO_LONG, ClientInput
 from .config import Config
 from .conversation import Conversation, Hangup
 from .dns import client_ip
@@ -52,18 +58,14 @@ log = logging.getLogger("smtpguard")
 # same in Postfix's format, so keep its lines off stderr (logging's lastResort).
 logging.getLogger("mail.debug").addHandler(logging.NullHandler())
 
-_READ_LIMIT = 64 * 1024  # StreamReader buffer limit; a command line longer than this is refused
+_READ_LIMIT = 64 * 1024  # a DATA read; a command line longer than this (+1) is refused whatever line_length_limit says
 
 
-class GuardProtocol(SMTP):
+class GuardProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, server: Server) -> None:  # noqa: D107 - see module docstring
+    def __init__(self, server: Server) -> None:
         self.loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=_READ_LIMIT, loop=self.loop),
-            client_connected_cb=self._cb_client_connected, loop=self.loop,
-        )
         self.server = server
         # One configuration per connection, taken at accept: a SIGHUP never
         # changes the settings (or the pipeline, or the TLS context) of a
@@ -71,43 +73,40 @@ class GuardProtocol(SMTP):
         self.cfg = cfg = server.cfg
         self.pipeline = server.pipeline
         self.tls_context = server.tls_context
-        # Attributes aiosmtpd's inherited connection plumbing reads.
-        self.event_handler = None
-        self.hostname = cfg.server.hostname
-        self.require_starttls = False
+        self.transport: asyncio.Transport | None = None  # None once the connection is lost
+        self.input = ClientInput()
+        self._writable: asyncio.Event | None = None  # while writing is paused: set by resume_writing
+        self._task: asyncio.Task[None] | None = None
         self._timeout_duration = cfg.server.command_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._deadline = 0.0
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._proxy_timeout = None
-        self._handle_hooks: dict[str, Any] = {}
+        self._counted = False  # in server.sessions and the metrics; undone once (_forget)
         self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
         self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
         self._ip: str | None = None  # the client's key in server.per_ip (limits.client_key)
         self._first_data: float | None = None  # loop time of the client's first byte
-        self._greet_waiter: asyncio.Future[None] | None = None
         self._encrypted = False  # STARTTLS done
 
     # ------------------------------------------------------------ ClientIO
 
     def send(self, data: bytes) -> None:
-        self._writer.write(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Until the transport's write buffer is below its high-water mark."""
+        writable = self._writable
+        if writable is not None:
+            await writable.wait()
 
     async def read_chunk(self) -> bytes:
         self._reset_timeout(self.cfg.server.data_timeout)
-        return await self._reader.read(_READ_LIMIT)
+        return await self.input.read(_READ_LIMIT)
 
     def unread(self, data: bytes) -> None:
         """Put back bytes read past the end of DATA (pipelined commands)."""
-        if data:
-            self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+        self.input.unread(data)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -124,37 +123,32 @@ class GuardProtocol(SMTP):
         connection's description for the log, None when the handshake failed
         (the connection is closed then)."""
         assert self.transport is not None and self.tls_context is not None
-        await self._writer.drain()
-        self._reader._buffer.clear()  # type: ignore[attr-defined]  # no await until reading is paused
-        plain = cast(asyncio.Transport, self.transport)
-        # loop.start_tls(), but with our smaller-buffer TLS protocol class.
-        waiter = self.loop.create_future()
-        layer = _TLSProtocol(self.loop, self, self.tls_context, waiter, server_side=True,
-                             call_connection_made=False)
-        plain.pause_reading()  # before the layer's connection_made, no data for it
-        plain.set_protocol(layer)
-        self.loop.call_soon(layer.connection_made, plain)
-        self.loop.call_soon(plain.resume_reading)
+        await self.drain()
+        plain = self.transport
+        # No await between the discard and start_tls() pausing the plain
+        # transport: nothing sent in clear can slip into the TLS session.
+        self.input.discard()
         try:
             async with asyncio.timeout(self._timeout_duration):
-                await waiter
+                encrypted = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             who = self._session.who if self._session else "?"
             log.info("SSL_accept error from %s: %s", who, exc or type(exc).__name__)
-            plain.abort()
+            plain.abort()  # start_tls closed it already; abort drops what is unsent
+            self._lost_in_handshake()
             return None
-        transport = layer._app_transport
-        # The stream objects now read and write through the TLS layer.
-        self.transport = transport
+        if encrypted is None:  # closed during the handshake (the idle timer)
+            self._lost_in_handshake()
+            return None
+        self.transport = encrypted
+        self.input.attach(self.transport)
         self._encrypted = True
-        self._writer._transport = transport  # type: ignore[attr-defined]
-        self._reader._transport = transport  # type: ignore[attr-defined]
-        return tls.describe(cast(ssl.SSLObject, transport.get_extra_info("ssl_object")))
+        return tls.describe(cast(ssl.SSLObject, encrypted.get_extra_info("ssl_object")))
 
     # ------------------------------------------------------------ the loop
 
-    async def _handle_client(self) -> None:
-        """Replaces aiosmtpd's loop: banner, then one command at a time."""
+    async def _serve(self) -> None:
+        """The session: banner, then one command at a time."""
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
@@ -166,7 +160,7 @@ class GuardProtocol(SMTP):
                 return
             client, ours = proxied
             # The pregreet test times the client's first byte, not the header's.
-            self._first_data = self.loop.time() if self._reader._buffer else None  # type: ignore[attr-defined]
+            self._first_data = self.loop.time() if self.input.pending() else None
         self._count_client(client[0])
         s = self._session = Session(client[0], client[1], ours[0], ours[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
@@ -190,7 +184,7 @@ class GuardProtocol(SMTP):
                 # Pregreet: the first line of a multi-line banner, then wait.
                 self.send(f"220-{greeting}\r\n".encode())
                 received, after = await self._greet_wait(wait, cfg.pregreet.action == "drop")
-                if not received and self._reader.at_eof():
+                if not received and self.input.at_eof():
                     log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
                              time.monotonic() - s.started, s.peer)
                     return
@@ -206,7 +200,7 @@ class GuardProtocol(SMTP):
             self.send(f"220 {greeting}\r\n".encode())
             self._reset_timeout(screening_timeout)  # the first command's full time, after the wait
             while self.transport is not None:
-                await self._writer.drain()
+                await self.drain()
                 if self.server.closing and not s.in_transaction:
                     self.send(f"{REPLIES['shutdown']}\r\n".encode())
                     break
@@ -217,8 +211,7 @@ class GuardProtocol(SMTP):
                     log.info("lost connection after %s from %s", conv.machine.last_command or "CONNECT", s.who)
                     break
                 # Input already received past this line: the pipelining test's evidence.
-                buffered = self._reader._buffer  # type: ignore[attr-defined]
-                pending = bytes(buffered[:256]) if buffered else b""
+                pending = self.input.peek(256)
                 self._reset_timeout(None if s.screened else screening_timeout)
                 try:
                     await conv.handle(line, pending)
@@ -253,9 +246,9 @@ class GuardProtocol(SMTP):
         (:mod:`smtpguard.handoff`); True when it went.  Not when the client
         has sent something already (early talk, or bytes behind a PROXY
         header): what is in our buffer could not go along."""
-        if self.transport is None or self._reader._buffer or self._reader.at_eof():  # type: ignore[attr-defined]
+        if self.transport is None or self.input.pending() or self.input.eof:
             return False
-        transport = cast(asyncio.Transport, self.transport)
+        transport = self.transport
         path = self.cfg.handoff.socket
         transport.pause_reading()  # what the client sends now stays in the kernel, for smtpd
         try:
@@ -287,7 +280,7 @@ class GuardProtocol(SMTP):
             return None
         try:
             async with asyncio.timeout(cfg.proxy_timeout):
-                data = await get_proxy(self._reader)
+                data = await get_proxy(self.input)
         except TimeoutError:
             log.warning("PROXY protocol: read from %s: time limit exceeded", where)
             return None
@@ -324,57 +317,33 @@ class GuardProtocol(SMTP):
         start = loop.time()
         self._waiting = True  # a shutdown may close the connection now
         try:
-            if self._first_data is None and not self._reader.at_eof():
-                self._greet_waiter = loop.create_future()
+            if self._first_data is None and not self.input.at_eof():
                 try:
                     async with asyncio.timeout(wait):
-                        await self._greet_waiter
+                        await self.input.wait_data()
                 except TimeoutError:
                     pass
-                finally:
-                    self._greet_waiter = None
-            if not stop_early and not self._reader.at_eof():
+            if not stop_early and not self.input.at_eof():  # early talk then EOF: wait on
                 remaining = wait - (loop.time() - start)
                 if remaining > 0:
                     await asyncio.sleep(remaining)
         finally:
             self._waiting = False
-        buffered = self._reader._buffer  # type: ignore[attr-defined]
         after = max(0.0, self._first_data - start) if self._first_data is not None else 0.0
-        return bytes(buffered[:512]), after
-
-    def data_received(self, data: bytes) -> None:
-        if self._first_data is None:
-            self._first_data = self.loop.time()
-            if self._greet_waiter is not None and not self._greet_waiter.done():
-                self._greet_waiter.set_result(None)
-        super().data_received(data)
+        return self.input.peek(512), after
 
     async def _read_command(self, conv: Conversation) -> bytes | None:
         """One command line as received (with its CRLF/LF); None at end of input."""
+        # Longer lines were refused before, whatever line_length_limit said (StreamReader's limit).
+        limit = min(self.cfg.server.line_length_limit, _READ_LIMIT + 1)
         while True:
-            try:
-                line = await self._reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return None
-            except asyncio.LimitOverrunError as exc:
-                await self._discard_long_line(exc.consumed)
-            else:
-                if len(line) <= self.cfg.server.line_length_limit:
-                    return line
+            line = await self.input.readline(limit)
+            if line is not TOO_LONG:
+                return line or None
             conv.line_too_long()
             if conv.hold:  # the error sleep delays this reply; it never waits for another command
                 await self._release(conv)
-            await self._writer.drain()
-
-    async def _discard_long_line(self, consumed: int) -> None:
-        await self._reader.readexactly(consumed)
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
+            await self.drain()
 
     async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
         """Refuse before the SMTP dialogue; a failed test (PREGREET) has
@@ -395,19 +364,56 @@ class GuardProtocol(SMTP):
     # ------------------------------------------------------------ plumbing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """aiosmtpd's connection_made minus its per-connection Session and
-        Envelope objects (we keep our own; memory per idle connection counts).
-        The client is counted in ``server.per_ip`` by :meth:`_handle_client`,
+        """The client is counted in ``server.per_ip`` by :meth:`_serve`,
         once its address is known (a PROXY header may give it)."""
-        asyncio.StreamReaderProtocol.connection_made(self, transport)  # reader, writer
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
+        self.input.attach(self.transport)
         self._reset_timeout()
-        self._handler_coroutine = self.loop.create_task(self._handle_client())
+        self._task = self.loop.create_task(self._serve())
         self.server.sessions.add(self)
+        self._counted = True
         METRICS.connections.inc()
         METRICS.sessions_active.inc()
 
+    def data_received(self, data: bytes) -> None:
+        if self._first_data is None:
+            self._first_data = self.loop.time()
+        self.input.feed(data)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: let the loop answer what it already sent
+        and end at its next read."""
+        self.input.feed_eof()
+        return not self._encrypted  # keeping a TLS transport half-open is not possible
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None:
+            writable.set()
+
     def connection_lost(self, error: Exception | None) -> None:
+        self._forget()
+        self.input.feed_eof()
+        self.resume_writing()
+        if self._task is not None:
+            self._task.cancel()
+        self.transport = None
+
+    def _lost_in_handshake(self) -> None:
+        """asyncio's TLS layer reports a connection closed in mid-handshake
+        to nobody (no connection_lost for us): do its bookkeeping here."""
+        self._forget()
+        self.transport = None
+
+    def _forget(self) -> None:
+        """Take the connection out of the server's counts (once)."""
+        if not self._counted:
+            return
+        self._counted = False
         self.server.sessions.discard(self)
         if self._ip is not None:
             ip, self._ip = self._ip, None
@@ -419,10 +425,6 @@ class GuardProtocol(SMTP):
         METRICS.sessions_active.dec()
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-        asyncio.StreamReaderProtocol.connection_lost(self, error)
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
-        self.transport = None
         self.server.session_ended()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -432,14 +434,6 @@ class GuardProtocol(SMTP):
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
         if self._timeout_handle is None:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
-
-    def eof_received(self) -> bool:
-        """The client half-closed: let the loop answer what it already sent
-        and end at its next read (aiosmtpd would cancel the loop instead)."""
-        self._reader.feed_eof()
-        if self._greet_waiter is not None and not self._greet_waiter.done():
-            self._greet_waiter.set_result(None)
-        return not self._encrypted  # keeping a TLS transport half-open is not possible
 
     def _timeout_cb(self) -> None:
         """Postfix's ``timeout after CMD``: 421, log, close."""
@@ -453,7 +447,7 @@ class GuardProtocol(SMTP):
         if conv is not None and conv.machine.in_data:
             conv.upstream.abort()  # never finish a half-received message
         if self.transport is not None:
-            self.send(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+            self.send(f"421 4.4.2 {self.cfg.server.hostname} Error: timeout exceeded\r\n".encode())
             self.transport.close()
 
     def shutdown_idle(self) -> None:
@@ -474,14 +468,6 @@ class GuardProtocol(SMTP):
 
 
 _REJECTED: dict[Reply, tuple[Any, Any]] = {}
-
-
-class _TLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS layer with a socket read buffer of one TLS record
-    (16 KiB + header) instead of its 256 KiB one, which is allocated per
-    connection and was ~90% of a TLS session's memory (bench/tls.py)."""
-
-    max_size = 16 * 1024 + 256
 
 
 def _address(ip: str) -> str:
@@ -514,7 +500,7 @@ class Server:
         self.sessions: set[GuardProtocol] = set()
         self.per_ip: dict[str, int] = {}  # open connections per client address (anvil's count)
         self.closing = False
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self.tls_context = tls.build_context(cfg.tls)
 

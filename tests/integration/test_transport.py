@@ -20,7 +20,8 @@ import pytest
 import trustme
 
 from tests.integration.guard import Guard, RawClient
-from tests.lab import HAProxy, PostfixFactory, PrivatePostfix, which
+from tests.integration.ops import scrape, value
+from tests.lab import HAProxy, PostfixFactory, PrivatePostfix, wait_until, which
 
 pytestmark = pytest.mark.postfix
 
@@ -198,6 +199,22 @@ def test_failed_handshake_is_logged_and_closed(tls_guard: Guard) -> None:
     c.send(b"this is not a TLS client hello\r\n" * 4)
     assert c.closed()
     tls_guard.wait_for_log(r"SSL_accept error from unknown\[127\.0\.0\.11\]:\d+: ")
+
+
+def test_stalled_handshake_times_out_and_is_not_left_counted(
+        backend: PrivatePostfix, make_guard: Callable[..., Guard], certs: Certs) -> None:
+    """asyncio's TLS layer does not report a connection closed in mid-handshake
+    to the protocol: the session used to stay in the live sessions and the
+    per-client count for good (one more each time, until max_connections)."""
+    g = make_guard(backend.port, '[server]\ncommand_timeout = "1s"\n' + tls_section(certs))
+    c = RawClient(g.port, source="127.0.0.12")
+    c.reply()
+    c.cmd("EHLO client.example")
+    assert c.cmd("STARTTLS").startswith("220 ")
+    assert c.closed()  # no ClientHello: the command timeout ends it
+    g.wait_for_log(r"DISCONNECT \[127\.0\.0\.12\]")
+    wait_until(lambda: value(scrape(g.metrics_port), "smtpguard_sessions_active") == 0,
+               timeout=5, what="the session to be forgotten")
 
 
 def test_sighup_reloads_the_certificate(tmp_path: Path, tls_guard: Guard, certs: Certs) -> None:

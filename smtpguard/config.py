@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -338,6 +338,16 @@ from .dns import DnsConfig  # noqa: E402
 from .handoff import HandoffConfig  # noqa: E402
 from .tls import TlsConfig  # noqa: E402
 
+if TYPE_CHECKING:
+    from .policy.settings import PolicyConfig
+
+
+def _policy_section() -> PolicyConfig:
+    """``[policy]``, imported lazily: smtpguard.policy uses this module's parsers."""
+    from .policy.settings import PolicyConfig
+
+    return PolicyConfig()
+
 
 @dataclass(frozen=True)
 class Config:
@@ -366,6 +376,7 @@ class Config:
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     sender_domain: SenderDomainConfig = field(default_factory=SenderDomainConfig)
     rhsbl: RhsblConfig = field(default_factory=RhsblConfig)
+    policy: PolicyConfig = field(default_factory=_policy_section)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

@@ -68,7 +68,7 @@ class Metrics:
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
     # ---- screening (pipeline / checks)
-    check_results: Counter  # labels: check, outcome (pass, fail, skip)
+    check_results: Counter  # labels: mode (frontend, policy), check, outcome (pass, fail, skip)
     screening_verdicts: Counter  # labels: check, action
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
     handoffs: Counter  # labels: result (passed, failed)
@@ -127,8 +127,9 @@ class Metrics:
                 buckets=_LATENCY_BUCKETS, registry=r,
             ),
             check_results=Counter(
-                "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
-                ["check", "outcome"], registry=r,
+                "smtpguard_check_results",
+                "Check results, by mode (frontend, policy), check and outcome (pass/fail/skip)",
+                ["mode", "check", "outcome"], registry=r,
             ),
             screening_verdicts=Counter(
                 "smtpguard_screening_verdicts",

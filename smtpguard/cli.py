@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import admin, logs, report
@@ -110,22 +111,37 @@ async def serve(cfg: Config, path: str | None = None) -> None:
             sweeper.cancel()
             await store.close()
             raise
-    ops = None
-    if cfg.metrics.listen is not None:
-        readiness = Readiness(lambda: server.cfg, lambda: server.pipeline.store, accepting=lambda: not server.closing)
-        ops = OpsServer(cfg.metrics.listen, readiness)
-        await ops.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, _new_pipeline).signal)
+    ops, stop = await _operate(cfg, path, server, lambda: not server.closing)
     log.info("daemon started -- %s", summary(cfg))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     if policy is not None:
         await policy.close()
     await server.shutdown()
+    await _finish(ops, sweeper, store)
+
+
+async def _operate(cfg: Config, path: str | None, target: Any, accepting: Callable[[], bool],
+                   upstream: bool = True) -> tuple[OpsServer | None, asyncio.Event]:
+    """The ops endpoint and the signals (TERM/INT: the event; HUP: reload
+    *target*, which has ``cfg`` and ``pipeline``).  Without *upstream* (the
+    policy service alone) readiness does not probe the upstream Postfix."""
+    ops = None
+    if cfg.metrics.listen is not None:
+        readiness = Readiness(lambda: target.cfg, lambda: target.pipeline.store, accepting=accepting)
+        if not upstream:
+            del readiness.probes["upstream"]
+        ops = OpsServer(cfg.metrics.listen, readiness)
+        await ops.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(path, target, _new_pipeline).signal)
+    return ops, stop
+
+
+async def _finish(ops: OpsServer | None, sweeper: asyncio.Task[None], store: Store) -> None:
     if ops is not None:
         await ops.close()
     sweeper.cancel()
@@ -156,25 +172,12 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
         sweeper.cancel()
         await store.close()
         raise
-    ops = None
-    if cfg.metrics.listen is not None:
-        ops = OpsServer(cfg.metrics.listen, Readiness(lambda: holder.cfg, lambda: holder.pipeline.store,
-                                                      accepting=lambda: bool(policy.servers)))
-        await ops.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(path, holder, _new_pipeline).signal)
+    ops, stop = await _operate(cfg, path, holder, lambda: bool(policy.servers), upstream=False)
     log.info("daemon started -- %s", policy_summary(cfg))
     await stop.wait()
     log.info("shutting down: closing %d policy connection(s)", len(policy.connections))
     await policy.close()
-    if ops is not None:
-        await ops.close()
-    sweeper.cancel()
-    await store.close()
-    log.info("daemon stopped")
+    await _finish(ops, sweeper, store)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ tests/unit/test_policy_engine.py.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -161,3 +162,26 @@ def test_front_end_and_policy_service_share_one_redis(backend: PrivatePostfix, m
     front.wait_for_log(r"greylist: pass, reason=triplet passed")
     assert policy_request(port, c2, "dave@sender.test", "bob@example.test", "i4") == "DUNNO"
     policy.wait_for_log(r"policy: pass, reason=triplet known, client=unknown\[127\.0\.10\.1\]")
+
+
+def test_hot_reload_and_a_refused_reload(make_guard: Callable[..., Guard]) -> None:
+    port = free_port()
+    head = f'[policy]\nlisten = "127.0.0.1:{port}"\n'
+    g = make_guard(free_port(), head + GREYLIST + 'text = "first text"\n', command="policy")
+    assert policy_request(port, "127.0.11.1", "a@sender.test", "b@example.test", "r1") == \
+        "DEFER_IF_PERMIT 4.2.0 first text"
+    g.extra = head + GREYLIST + 'text = "second text"\n'
+    g.write_config()
+    g.mark()
+    assert g.proc is not None
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_for_log(r"reload: configuration .* loaded")
+    assert policy_request(port, "127.0.11.2", "a@sender.test", "b@example.test", "r2") == \
+        "DEFER_IF_PERMIT 4.2.0 second text"
+    g.extra = head + 'checks = ["rhsbl_helo"]\n' + GREYLIST  # no [rhsbl] helo_sites: refused
+    g.write_config()
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_for_log(r"reload: configuration .* refused, the running configuration stays: "
+                   r"policy\.checks: rhsbl_helo needs \[rhsbl\] helo_sites")
+    assert policy_request(port, "127.0.11.3", "a@sender.test", "b@example.test", "r3") == \
+        "DEFER_IF_PERMIT 4.2.0 second text"

@@ -218,3 +218,13 @@ async def test_store_failure_follows_on_store_error() -> None:
     cfg = from_dict({"greylist": {"use_default_client_allowlist": False}})
     e = PolicyEngine(Pipeline(cfg, Broken(clock), clock=clock))
     assert (await e.decide(request())).action == "DUNNO"
+
+
+async def test_client_name_from_postfix_attributes() -> None:
+    e = engine({"client_name": {"require": "fcrdns"}, "policy": {"checks": ["client_name"]}})
+    ok = request(client_name="mx.sender.example", reverse_client_name="mx.sender.example")
+    assert (await e.decide(ok)).action == "DUNNO"
+    forged = await e.decide(request(client_name="unknown", reverse_client_name="mx.sender.example"))
+    assert forged.action == "450 4.7.25 Client host rejected: cannot find your hostname, [192.0.2.7]"
+    none = await e.decide(request(client_name="unknown", reverse_client_name="unknown"))
+    assert none.kind == "defer"

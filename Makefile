@@ -39,6 +39,7 @@ bench: venv sysdeps
 	$(BIN)/python bench/greylist.py --backend sqlite --backend redis
 	$(BIN)/python bench/tls.py
 	$(BIN)/python bench/dns_screening.py
+	$(BIN)/python bench/policy.py --backend sqlite --backend redis
 
 ## The project and its dependencies as wheels in build/wheels, for the container image
 ## (pip inside an image build cannot reach PyPI here).  async-timeout: redis needs it on

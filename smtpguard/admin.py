@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 from .checks.greylist import client_network
@@ -98,6 +99,19 @@ class Admin:
         self.out.write(f"{'deleted' if found else 'not found'}: {key}\n")
         return 0 if found else 1
 
+    async def greylist_import_postgrey(self, files: list[str]) -> int:
+        """postgrey's ``db_dump -p`` output into the store (see smtpguard.policy.postgrey_import)."""
+        from .policy.postgrey_import import DumpError, import_dumps
+
+        try:
+            dumps = [(f, sys.stdin.buffer.read() if f == "-" else Path(f).read_bytes()) for f in files]
+            summary = await import_dumps(self.store, self.cfg.greylist, dumps, self.clock())
+        except (OSError, DumpError) as exc:
+            self.out.write(f"smtpguard: error: {exc}\n")
+            return 1
+        self._emit(asdict(summary), ("IMPORTED",), [(str(summary),)])
+        return 0
+
     async def greylist_clients(self, limit: int) -> int:
         items = await self.store.list_clients(limit)
         threshold = self.cfg.greylist.auto_allowlist_clients
@@ -167,6 +181,8 @@ def add_parsers(sub: Any) -> None:
     leaf(gs, "allow", "allowlist a client network").add_argument("client", help="IP address or network")
     leaf(gs, "delete", "delete a triplet or client network").add_argument("key")
     leaf(gs, "clients", "list auto-allowlist client networks").add_argument("--limit", type=int, default=100)
+    leaf(gs, "import-postgrey", "import postgrey's state from `db_dump -p` output").add_argument(
+        "files", nargs="+", metavar="FILE", help="db_dump -p of postgrey.db and/or postgrey_clients.db ('-': stdin)")
     c = sub.add_parser("cache", help="inspect and edit the allowlist cache (postscreen's temporary allowlist)")
     cs = c.add_subparsers(dest="action", required=True)
     p = leaf(cs, "list", "list cached clients and their tests")
@@ -188,6 +204,7 @@ def dispatch(admin: Admin, args: argparse.Namespace) -> Awaitable[int]:
             "allow": lambda: admin.greylist_allow(args.client),
             "delete": lambda: admin.greylist_delete(args.key),
             "clients": lambda: admin.greylist_clients(args.limit),
+            "import-postgrey": lambda: admin.greylist_import_postgrey(args.files),
         }
     else:
         table = {

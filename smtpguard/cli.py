@@ -1,7 +1,9 @@
-"""Command line: ``smtpguard serve|check-config|greylist|cache -c FILE``, ``smtpguard report LOG...``.
+"""Command line: ``smtpguard serve|policy|check-config|greylist|cache -c FILE``, ``smtpguard report LOG...``.
 
 ``serve`` runs the front end until SIGTERM/SIGINT (graceful shutdown, see
-:class:`smtpguard.listener.Server`); SIGHUP reloads the configuration file,
+:class:`smtpguard.listener.Server`), and the Postfix policy service too when
+``[policy] listen`` is set; ``policy`` runs the policy service alone (no
+SMTP listener, see :mod:`smtpguard.policy`); SIGHUP reloads the configuration file,
 its tables and the TLS certificate (:mod:`smtpguard.reload`).  ``check-config``
 validates a file and prints a one-line summary, or the error naming the key,
 with exit status 1.  ``greylist`` and ``cache`` are the operator commands on
@@ -13,22 +15,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from . import admin, logs, report
 from . import config as config_mod
-from .config import Config, ConfigError
+from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
 from .dnsscreen import wants_resolver
 from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
+from .policy import engine as policy_engine
+from .policy.server import PolicyServer
+from .policy.settings import Endpoint
 from .reload import Reloader
-from .store import StoreError, open_store, sweep_forever
+from .store import Store, StoreError, open_store, sweep_forever
 
 log = logging.getLogger("smtpguard")
+
+#: postgrey's port, where ``smtpguard policy`` listens unless [policy] listen says
+DEFAULT_POLICY_LISTEN = Endpoint(inet=HostPort("127.0.0.1", 10023))
 
 
 def _load(path: str | None) -> Config:
@@ -41,14 +52,26 @@ def summary(cfg: Config) -> str:
     starttls = f"STARTTLS {cfg.tls.security_level}" if cfg.tls.enabled else "STARTTLS off"
     proxy = "; PROXY protocol" if cfg.server.proxy_protocol else ""
     handoff = f" (handoff {cfg.handoff.socket})" if cfg.handoff.socket else ""
+    policy = f"; policy {', '.join(str(ep) for ep in cfg.policy.listen)} ({policy_checks(cfg)})" \
+        if cfg.policy.listen else ""
     return (f"listen {listen}; upstream {cfg.upstream.address}{handoff}; state {cfg.state.url}; "
-            f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}")
+            f"metrics {metrics_at}; hostname {cfg.server.hostname}; {starttls}{proxy}{policy}")
+
+
+def policy_checks(cfg: Config) -> str:
+    return ", ".join(str(c) for c in cfg.policy.checks) or "no checks"
+
+
+def policy_summary(cfg: Config) -> str:
+    metrics_at = str(cfg.metrics.listen) if cfg.metrics.listen else "off"
+    listen = ", ".join(str(ep) for ep in cfg.policy.listen)
+    return f"policy {listen}; checks {policy_checks(cfg)}; state {cfg.state.url}; metrics {metrics_at}"
 
 
 def _resolver(cfg: Config, previous: Pipeline | None = None) -> Resolver | None:
     """One resolver (so one DNS cache) for the process; a reload keeps it
     unless the ``[dns]`` section changed."""
-    if not wants_resolver(cfg):
+    if not (wants_resolver(cfg) or policy_engine.wants_dns(cfg)):
         return None
     if previous is not None and previous.dns.resolver is not None and previous.cfg.dns == cfg.dns:
         return previous.dns.resolver
@@ -57,34 +80,68 @@ def _resolver(cfg: Config, previous: Pipeline | None = None) -> Resolver | None:
 
 def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
     """The pipeline for a reloaded configuration (re-reads its tables),
-    on *previous*'s state store (``state.url`` changes need a restart)."""
+    on *previous*'s state store (``state.url`` changes need a restart).
+    The policy service builds its engine from it: its settings are checked
+    here, so that a bad ``[policy]`` refuses the reload."""
+    policy_engine.validate(cfg)
     return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous))
+
+
+def _first_pipeline(cfg: Config, store: Store) -> Pipeline:
+    policy_engine.validate(cfg)
+    return Pipeline(cfg, store, resolver=_resolver(cfg))
 
 
 async def serve(cfg: Config, path: str | None = None) -> None:
     store = await open_store(cfg.state.url)
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
-    server = Server(cfg, Pipeline(cfg, store, resolver=_resolver(cfg)))
+    server = Server(cfg, _first_pipeline(cfg, store))
+    policy = PolicyServer(lambda: server.pipeline) if cfg.policy.listen else None
     try:
         await server.start()
     except BaseException:
         sweeper.cancel()
         await store.close()
         raise
+    if policy is not None:
+        try:
+            await policy.start(cfg.policy.listen)
+        except BaseException:
+            await server.shutdown()
+            sweeper.cancel()
+            await store.close()
+            raise
+    ops, stop = await _operate(cfg, path, server, lambda: not server.closing)
+    log.info("daemon started -- %s", summary(cfg))
+    await stop.wait()
+    log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
+    if policy is not None:
+        await policy.close()
+    await server.shutdown()
+    await _finish(ops, sweeper, store)
+
+
+async def _operate(cfg: Config, path: str | None, target: Any, accepting: Callable[[], bool],
+                   upstream: bool = True) -> tuple[OpsServer | None, asyncio.Event]:
+    """The ops endpoint and the signals (TERM/INT: the event; HUP: reload
+    *target*, which has ``cfg`` and ``pipeline``).  Without *upstream* (the
+    policy service alone) readiness does not probe the upstream Postfix."""
     ops = None
     if cfg.metrics.listen is not None:
-        readiness = Readiness(lambda: server.cfg, lambda: server.pipeline.store, accepting=lambda: not server.closing)
+        readiness = Readiness(lambda: target.cfg, lambda: target.pipeline.store, accepting=accepting)
+        if not upstream:
+            del readiness.probes["upstream"]
         ops = OpsServer(cfg.metrics.listen, readiness)
         await ops.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(path, server, _new_pipeline).signal)
-    log.info("daemon started -- %s", summary(cfg))
-    await stop.wait()
-    log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
-    await server.shutdown()
+    loop.add_signal_handler(signal.SIGHUP, Reloader(path, target, _new_pipeline).signal)
+    return ops, stop
+
+
+async def _finish(ops: OpsServer | None, sweeper: asyncio.Task[None], store: Store) -> None:
     if ops is not None:
         await ops.close()
     sweeper.cancel()
@@ -92,10 +149,43 @@ async def serve(cfg: Config, path: str | None = None) -> None:
     log.info("daemon stopped")
 
 
+class PolicyOnly:
+    """What the reloader switches when only the policy service runs."""
+
+    def __init__(self, cfg: Config, pipeline: Pipeline) -> None:
+        self.cfg, self.pipeline = cfg, pipeline
+        self.tls_context: Any = None
+
+
+async def serve_policy(cfg: Config, path: str | None = None) -> None:
+    """``smtpguard policy``: the policy service alone, on ``[policy] listen``
+    (``127.0.0.1:10023``, postgrey's port, when it is not set)."""
+    if not cfg.policy.listen:
+        cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, listen=(DEFAULT_POLICY_LISTEN,)))
+    store = await open_store(cfg.state.url)
+    sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
+    holder = PolicyOnly(cfg, _first_pipeline(cfg, store))
+    policy = PolicyServer(lambda: holder.pipeline)
+    try:
+        await policy.start(cfg.policy.listen)
+    except BaseException:
+        sweeper.cancel()
+        await store.close()
+        raise
+    ops, stop = await _operate(cfg, path, holder, lambda: bool(policy.servers), upstream=False)
+    log.info("daemon started -- %s", policy_summary(cfg))
+    await stop.wait()
+    log.info("shutting down: closing %d policy connection(s)", len(policy.connections))
+    await policy.close()
+    await _finish(ops, sweeper, store)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "run the SMTP front end"), ("check-config", "validate a configuration file")):
+    for name, text in (("serve", "run the SMTP front end (and [policy] listen, when set)"),
+                       ("policy", "run the Postfix policy service alone (check_policy_service)"),
+                       ("check-config", "validate a configuration file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
     admin.add_parsers(sub)
@@ -113,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtpguard: error: {exc}", file=sys.stderr)
         return 1
     if args.command == "check-config":
+        try:
+            policy_engine.validate(cfg)
+        except ConfigError as exc:
+            print(f"smtpguard: error: {exc}", file=sys.stderr)
+            return 1
         print(f"smtpguard: configuration OK: {summary(cfg)}")
         return 0
     if args.command in ("greylist", "cache"):
@@ -123,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     logs.setup(cfg.log)
     try:
-        asyncio.run(serve(cfg, args.config))
+        asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, args.config))
     except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
         log.critical("cannot start: %s", exc)
         return 1

@@ -54,6 +54,7 @@ from .options import (
     parse_state_url,
     parse_str,
 )
+from .policy.settings import PolicyConfig
 from .tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -216,6 +217,7 @@ class Config:
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     sender_domain: SenderDomainConfig = field(default_factory=SenderDomainConfig)
     rhsbl: RhsblConfig = field(default_factory=RhsblConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

@@ -99,6 +99,8 @@ def toml_value(value: Any) -> str:
     sources = getattr(value, "sources", None)  # a value loaded from files: what was written is the file list
     if isinstance(sources, tuple):
         return toml_value(sources)
+    if dataclasses.is_dataclass(value):  # written as a string: [policy]'s endpoints and checks
+        return f'"{value}"'
     return str(value)
 
 

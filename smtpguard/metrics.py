@@ -20,7 +20,8 @@ upstream_errors, upstream_*_seconds         conversation (core)
 check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
 handoffs                                    pipeline (connections passed to smtpd)
-greylist                                    greylisting
+greylist                                    greylisting (front end and policy service)
+policy_*                                    policy service (smtpguard.policy)
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
 store_errors                                state store
 reloads                                     reload (SIGHUP)
@@ -47,6 +48,9 @@ ALLOWLIST_RESULTS = ("pass_old", "pass_new")
 HANDOFF_RESULTS = ("passed", "failed")
 GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
 RELOAD_RESULTS = ("success", "failure")
+#: where a decision was made: the SMTP front end or the Postfix policy service
+MODES = ("frontend", "policy")
+POLICY_PROBLEMS = ("malformed", "timeout", "overload", "internal")
 
 
 @dataclass(frozen=True)
@@ -64,16 +68,21 @@ class Metrics:
     upstream_connect_seconds: Histogram
     upstream_data_seconds: Histogram
     # ---- screening (pipeline / checks)
-    check_results: Counter  # labels: check, outcome (pass, fail, skip)
+    check_results: Counter  # labels: mode (frontend, policy), check, outcome (pass, fail, skip)
     screening_verdicts: Counter  # labels: check, action
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
     handoffs: Counter  # labels: result (passed, failed)
     # ---- greylisting
-    greylist: Counter  # labels: outcome (new, early, passed, allowlisted)
+    greylist: Counter  # labels: mode (frontend, policy), outcome (new, early, passed, allowlisted)
     # ---- DNS
     dnsbl_hits: Counter  # labels: list (the configured DNSBL/DNSWL domain)
     dns_query_seconds: Histogram  # labels: type (A, AAAA, TXT, PTR, MX)
     dns_errors: Counter  # labels: type, error (timeout, servfail, ...)
+    # ---- policy service (smtpguard.policy)
+    policy_requests: Counter  # labels: state (protocol_state), action (dunno, prepend, warn, defer, reject, ...)
+    policy_request_seconds: Histogram
+    policy_errors: Counter  # labels: problem (malformed, timeout, overload, internal)
+    policy_connections: Gauge
     # ---- state store
     store_errors: Counter  # labels: operation
     # ---- operations
@@ -118,8 +127,9 @@ class Metrics:
                 buckets=_LATENCY_BUCKETS, registry=r,
             ),
             check_results=Counter(
-                "smtpguard_check_results", "Screening check results, by check and outcome (pass/fail/skip)",
-                ["check", "outcome"], registry=r,
+                "smtpguard_check_results",
+                "Check results, by mode (frontend, policy), check and outcome (pass/fail/skip)",
+                ["mode", "check", "outcome"], registry=r,
             ),
             screening_verdicts=Counter(
                 "smtpguard_screening_verdicts",
@@ -137,8 +147,9 @@ class Metrics:
                 "(relayed instead)", ["result"], registry=r,
             ),
             greylist=Counter(
-                "smtpguard_greylist", "Greylisting decisions, by outcome (new, early, passed, allowlisted)",
-                ["outcome"], registry=r,
+                "smtpguard_greylist",
+                "Greylisting decisions, by mode (frontend, policy) and outcome (new, early, passed, allowlisted)",
+                ["mode", "outcome"], registry=r,
             ),
             dnsbl_hits=Counter(
                 "smtpguard_dnsbl_hits", "DNSBL/DNSWL listings found, by configured list domain", ["list"],
@@ -151,6 +162,23 @@ class Metrics:
             dns_errors=Counter(
                 "smtpguard_dns_errors", "DNS queries that failed, by record type and error", ["type", "error"],
                 registry=r,
+            ),
+            policy_requests=Counter(
+                "smtpguard_policy_requests",
+                "Policy service requests answered, by protocol_state and action (dunno, prepend, warn, "
+                "defer_if_permit, defer, reject, default)", ["state", "action"], registry=r,
+            ),
+            policy_request_seconds=Histogram(
+                "smtpguard_policy_request_seconds", "Policy service: time from a request's end to its answer",
+                buckets=_LATENCY_BUCKETS, registry=r,
+            ),
+            policy_errors=Counter(
+                "smtpguard_policy_errors",
+                "Policy service: requests and connections it could not serve normally, by problem "
+                "(malformed, timeout, overload, internal)", ["problem"], registry=r,
+            ),
+            policy_connections=Gauge(
+                "smtpguard_policy_connections", "Policy service: Postfix connections open", registry=r,
             ),
             store_errors=Counter(
                 "smtpguard_store_errors", "State store operations that failed, by operation", ["operation"],
@@ -170,8 +198,11 @@ class Metrics:
         )
         _init_labels(m.allowlist_cache, "result", ALLOWLIST_RESULTS)
         _init_labels(m.handoffs, "result", HANDOFF_RESULTS)
-        _init_labels(m.greylist, "outcome", GREYLIST_OUTCOMES)
+        for mode in MODES:
+            for outcome in GREYLIST_OUTCOMES:
+                m.greylist.labels(mode=mode, outcome=outcome)
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
+        _init_labels(m.policy_errors, "problem", POLICY_PROBLEMS)
         m.config_last_reload_success.set(1)
         m.config_last_reload_timestamp.set_to_current_time()
         return m

@@ -444,7 +444,7 @@ class Pipeline:
         key = (found.check, found.outcome)
         counter = self._counters.get(key)
         if counter is None:  # labels() is slow: keep the children
-            counter = self._counters[key] = METRICS.check_results.labels(check=found.check,
+            counter = self._counters[key] = METRICS.check_results.labels(mode="frontend", check=found.check,
                                                                           outcome=found.outcome.value)
         counter.inc()
 

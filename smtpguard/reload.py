@@ -50,7 +50,7 @@ from .metrics import METRICS
 log = logging.getLogger("smtpguard")
 
 #: Keys a reload cannot change (the sockets are bound at start).
-RESTART_ONLY = (("server", "listen"), ("metrics", "listen"), ("state", "url"))
+RESTART_ONLY = (("server", "listen"), ("metrics", "listen"), ("state", "url"), ("policy", "listen"))
 
 
 class Reloadable(Protocol):

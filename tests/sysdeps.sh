@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real (Postfix,
-# redis-server, dnsmasq, swaks, haproxy, pflogsumm, Prometheus' promtool, fail2ban).
+# redis-server, dnsmasq, swaks, haproxy, pflogsumm, Prometheus' promtool, fail2ban, db5.3-util).
 # Only as root and only what is missing; otherwise says what it would need.
 set -euo pipefail
 need=()
@@ -14,6 +14,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v fail2ban-regex >/dev/null || need+=(fail2ban)
 command -v haproxy >/dev/null || need+=(haproxy)
+command -v db5.3_dump >/dev/null || need+=(db5.3-util)  # postgrey state dumps (import-postgrey)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "tests/sysdeps.sh: not root; tests needing ${need[*]} will be skipped" >&2

@@ -43,12 +43,27 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ("sum by (result) (rate(smtpguard_handoffs_total[$__rate_interval]))", "handoff {{result}}"),
         ], 12),
         ("Greylist outcomes / s", "ops", [
-            ("sum by (outcome) (rate(smtpguard_greylist_total[$__rate_interval]))", "{{outcome}}"),
+            ("sum by (mode, outcome) (rate(smtpguard_greylist_total[$__rate_interval]))", "{{mode}} {{outcome}}"),
         ], 12),
         ("Greylist pass rate (passed / new)", "percentunit", [
             ("sum(increase(smtpguard_greylist_total{outcome=\"passed\"}[1h])) / "
              "clamp_min(sum(increase(smtpguard_greylist_total{outcome=\"new\"}[1h])), 1)", "pass rate (1h)"),
         ], 12),
+    ]),
+    ("Policy service (check_policy_service)", [
+        ("Policy answers / s by action", "ops", [
+            ("sum by (action) (rate(smtpguard_policy_requests_total[$__rate_interval]))", "{{action}}"),
+            ("sum by (problem) (rate(smtpguard_policy_errors_total[$__rate_interval]))", "error {{problem}}"),
+        ], 8),
+        ("Policy answer latency p50 / p99", "s", [
+            ("histogram_quantile(0.5, sum by (le) (rate(smtpguard_policy_request_seconds_bucket"
+             "[$__rate_interval])))", "p50"),
+            ("histogram_quantile(0.99, sum by (le) (rate(smtpguard_policy_request_seconds_bucket"
+             "[$__rate_interval])))", "p99"),
+        ], 8),
+        ("Postfix connections to the policy service", "short", [
+            ("sum(smtpguard_policy_connections)", "open"),
+        ], 8),
     ]),
     ("DNS", [
         ("DNSBL hits / s per list", "ops", [

@@ -502,11 +502,15 @@ def allowlisted(cfg: GreylistConfig, ip: IPAddress, client_name: str, recipient:
     return None
 
 
+def greylist_text(cfg: GreylistConfig, recipient: str, wait: float) -> str:
+    """``text`` with postgrey's ``%s`` (seconds left) and ``%r`` (recipient domain)."""
+    return cfg.text.replace("%s", str(math.ceil(wait))).replace("%r", recipient.rpartition("@")[2])
+
+
 def greylist_reply(cfg: GreylistConfig, recipient: str, wait: float) -> Reply:
     """Postfix's form of postgrey's DEFER_IF_PERMIT:
     ``450 4.2.0 <rcpt>: Recipient address rejected: Greylisted, see ...``."""
-    text = cfg.text.replace("%s", str(math.ceil(wait))).replace("%r", recipient.rpartition("@")[2])
-    return Reply(450, "4.2.0", f"<{recipient}>: Recipient address rejected: {text}")
+    return Reply(450, "4.2.0", f"<{recipient}>: Recipient address rejected: {greylist_text(cfg, recipient, wait)}")
 
 
 # ------------------------------------------------------------------ check
@@ -520,22 +524,41 @@ async def check_greylist(
     sender: str,
     recipient: str,
     now: float,
+    mode: str = "frontend",
 ) -> Result:
     """Greylist one recipient.
 
     *client_name* is the client's verified (forward-confirmed) reverse name,
-    or ``"unknown"``/``""``; *sender* is ``""`` for the null sender.
+    or ``"unknown"``/``""``; *sender* is ``""`` for the null sender; *mode*
+    labels the metric (``frontend`` or ``policy``).
     """
+    found, _ = await greylist(store, cfg, client_ip, client_name, sender, recipient, now, mode)
+    return found
+
+
+async def greylist(
+    store: Store,
+    cfg: GreylistConfig,
+    client_ip: str,
+    client_name: str,
+    sender: str,
+    recipient: str,
+    now: float,
+    mode: str = "frontend",
+) -> tuple[Result, Decision | None]:
+    """:func:`check_greylist` with the triplet's :class:`Decision` (None
+    when no triplet was decided: allowlisted, skipped, store failure), for
+    the policy service's ``%s`` and ``X-Greylist`` header."""
     if not cfg.enabled:
-        return Result(CHECK, Outcome.SKIP, "disabled")
+        return Result(CHECK, Outcome.SKIP, "disabled"), None
     try:
         ip = ipaddress.ip_address(client_ip)
     except ValueError:
-        return Result(CHECK, Outcome.SKIP, f"no client IP address ({client_ip!r})")
+        return Result(CHECK, Outcome.SKIP, f"no client IP address ({client_ip!r})"), None
     why = allowlisted(cfg, ip, client_name, recipient)
     if why:
-        METRICS.greylist.labels(outcome="allowlisted").inc()
-        return Result(CHECK, Outcome.PASS, why)
+        METRICS.greylist.labels(mode=mode, outcome="allowlisted").inc()
+        return Result(CHECK, Outcome.PASS, why), None
     network = client_network(ip, cfg.ipv4_mask, cfg.ipv6_mask)
     key = triplet_key(network, sender, recipient)
     try:
@@ -546,8 +569,8 @@ async def check_greylist(
         if auto_allowlisted(client, cfg):
             if counted := count_client(client, now, cfg):
                 await store.put_client(network, counted)
-            METRICS.greylist.labels(outcome="allowlisted").inc()
-            return Result(CHECK, Outcome.PASS, "client auto-allowlisted")
+            METRICS.greylist.labels(mode=mode, outcome="allowlisted").inc()
+            return Result(CHECK, Outcome.PASS, "client auto-allowlisted"), None
         decision = decide(entry, now, cfg)
         if decision.entry is not None:
             await store.put_triplet(key, decision.entry)
@@ -556,15 +579,15 @@ async def check_greylist(
             await store.put_client(network, counted)
     except StoreError as exc:
         METRICS.store_errors.labels(operation="greylist").inc()
-        return _store_failed(cfg, recipient, exc)
-    METRICS.greylist.labels(outcome=_METRIC_OUTCOME[decision.state]).inc()
+        return _store_failed(cfg, recipient, exc), None
+    METRICS.greylist.labels(mode=mode, outcome=_METRIC_OUTCOME[decision.state]).inc()
     if decision.state.deferred:
         reply = greylist_reply(cfg, recipient, decision.wait)
-        return Result(CHECK, Outcome.FAIL, decision.reason, verdict_for(cfg.action, reply))
-    return Result(CHECK, Outcome.PASS, decision.reason)
+        return Result(CHECK, Outcome.FAIL, decision.reason, verdict_for(cfg.action, reply)), decision
+    return Result(CHECK, Outcome.PASS, decision.reason), decision
 
 
-# smtpguard_greylist_total{outcome}: the four outcomes admins chart.
+# smtpguard_greylist_total{mode,outcome}: the four outcomes admins chart.
 _METRIC_OUTCOME = {State.NEW: "new", State.TOO_LATE: "new", State.EXPIRED: "new", State.EARLY: "early",
                    State.PASSED: "passed", State.KNOWN: "passed"}
 

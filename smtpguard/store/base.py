@@ -197,6 +197,10 @@ class Store(ABC):
     async def put_client(self, net: str, client: ClientNet) -> None:
         await self._put(CLIENTS, [(net, client)])
 
+    async def put_clients(self, items: Iterable[tuple[str, ClientNet]]) -> int:
+        """Bulk load of auto-allowlist records (imports); returns how many were stored."""
+        return await self._put(CLIENTS, items)
+
     async def delete_client(self, net: str) -> bool:
         return await self._call(self._delete(CLIENTS.name, net))
 

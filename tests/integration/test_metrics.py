@@ -91,8 +91,9 @@ def test_metrics_exact_counts(backend: PrivatePostfix, make_guard: Callable[...,
     before = scrape(g.metrics_port)
     assert value(before, "smtpguard_connections_total") == 0
     # Known label sets are exported at 0 from the start.
-    for outcome in ("new", "early", "passed", "allowlisted"):
-        assert ("smtpguard_greylist_total", frozenset({("outcome", outcome)})) in before
+    for mode in ("frontend", "policy"):
+        for outcome in ("new", "early", "passed", "allowlisted"):
+            assert ("smtpguard_greylist_total", frozenset({("mode", mode), ("outcome", outcome)})) in before
     scripted_sessions(backend, g)
     s = wait_metric(g.metrics_port, "smtpguard_sessions_active", 0)
     assert value(s, "smtpguard_connections_total") == 6

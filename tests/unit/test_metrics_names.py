@@ -32,7 +32,9 @@ def test_labels_are_bounded() -> None:
 def test_known_label_values_start_at_zero() -> None:
     m = Metrics.create()
     text = m.exposition().decode()
-    for line in ('smtpguard_greylist_total{outcome="new"} 0.0',
+    for line in ('smtpguard_greylist_total{mode="frontend",outcome="new"} 0.0',
+                 'smtpguard_greylist_total{mode="policy",outcome="passed"} 0.0',
+                 'smtpguard_policy_errors_total{problem="malformed"} 0.0',
                  'smtpguard_allowlist_cache_total{result="pass_old"} 0.0',
                  'smtpguard_config_reloads_total{result="failure"} 0.0',
                  "smtpguard_config_last_reload_successful 1.0"):

@@ -1,0 +1,336 @@
+"""What the policy service answers: smtpguard's checks on one Postfix policy
+request, and their results turned into an access(5) action.
+
+The checks are the front end's own (:mod:`smtpguard.checks`), on the
+:class:`~smtpguard.pipeline.Pipeline`'s tables, state store, clock and DNS
+resolver; only where their facts come from differs: Postfix's request
+attributes instead of an SMTP session.  ``[policy] checks`` names which run
+and at which ``protocol_state`` (default: greylisting at ``RCPT``, as
+postgrey); each uses its own section's settings (``[greylist]``,
+``[rhsbl]``...), whether or not that section's ``enabled`` turns it on for
+the front end.
+
+Order and precedence (:data:`~smtpguard.policy.settings.CHECKS`): client,
+HELO, sender, recipient checks, then greylisting, as a Postfix restriction
+list would have them.  The first result that decides answers:
+
+==========================================  =============================================
+result                                       action
+==========================================  =============================================
+greylisted (new, early retry, too late)      ``DEFER_IF_PERMIT 4.2.0 <[greylist] text>``
+                                             (``greylist_action``; ``%s``/``%r`` expanded)
+a check rejects / defers                     ``550 5.7.1 text`` / ``450 4.7.1 text`` (the
+                                             front end's reply; Postfix adds the
+                                             ``<rcpt>: Recipient address rejected:`` part)
+a check would drop the client (521, 421)     the same code: Postfix disconnects after it
+an allowlist (access OK, DNSWL)              ``DUNNO``: our remaining checks are skipped,
+                                             Postfix's own restrictions still apply
+triplet passed now (first retry)             ``PREPEND X-Greylist: delayed N seconds by ...``
+                                             (once per message, as postgrey)
+a check in ``action = "ignore"`` failed      ``WARN <reason>`` (warn_if_reject)
+nothing decided                              ``DUNNO``
+==========================================  =============================================
+
+The policy service never answers ``OK``: an allowlisted client goes on
+through the rest of Postfix's restrictions (``reject_unauth_destination``
+among them), so a policy service misplaced before it cannot open a relay.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from ..checks.access import check_client_access
+from ..checks.addresses import RECIPIENT, SENDER, check_address
+from ..checks.dnsbl import RhsblTarget, check_rhsbl, dnsbl_result, lookup_dnsbl
+from ..checks.domains import check_helo_hostname, check_sender_domain
+from ..checks.greylist import State, greylist, greylist_text
+from ..checks.helo import check_helo
+from ..checks.rdns import ClientNames, NameStatus, check_client_names
+from ..config import Config, ConfigError
+from ..metrics import METRICS
+from ..verdict import Action, Outcome, Reply, Result
+from .protocol import PolicyRequest
+from .settings import CHECKS
+
+log = logging.getLogger("smtpguard")
+
+try:
+    VERSION = metadata.version("smtpguard")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    VERSION = "0"
+
+#: How many recent message instances remember their X-Greylist header (postgrey: 20).
+_INSTANCES = 1000
+
+# Checks that ask the DNS, and the section keys they need.
+_DNS_CHECKS = {"dnsbl", "rhsbl_reverse_client", "helo_hostname", "rhsbl_helo", "sender_domain", "rhsbl_sender"}
+_RHSBL = {"rhsbl_reverse_client": RhsblTarget.REVERSE_CLIENT, "rhsbl_helo": RhsblTarget.HELO,
+          "rhsbl_sender": RhsblTarget.SENDER}
+
+#: Postfix's own prefix, which it adds to a policy answer's text itself.
+_POSTFIX_PREFIX = re.compile(r"^<[^>]*>: (?:[A-Za-z ]+ rejected: )?")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The action for Postfix, and what the log and metrics say about it."""
+
+    action: str
+    kind: str  # metric label: dunno, prepend, warn, defer_if_permit, defer, reject, default
+    found: Result | None = None  # the result that decided (or warned)
+
+
+DUNNO = Answer("DUNNO", "dunno")
+
+
+def wants_dns(cfg: Config) -> bool:
+    """Does ``[policy] checks`` name a check that asks the DNS?"""
+    return bool(cfg.policy.listen) and any(c.name in _DNS_CHECKS for c in cfg.policy.checks)
+
+
+def validate(cfg: Config) -> None:
+    """Settings a listed check cannot run without (its section's own
+    ``validate`` only runs when the front end enables it)."""
+    for c in cfg.policy.checks:
+        target = _RHSBL.get(c.name)
+        if target is not None and not cfg.rhsbl.sites_for(target):
+            key = {"rhsbl_reverse_client": "reverse_client_sites", "rhsbl_helo": "helo_sites"}.get(c.name,
+                                                                                                  "sender_sites")
+            raise ConfigError("policy.checks", f"{c.name} needs [rhsbl] {key}")
+        if c.name == "dnsbl" and not cfg.dnsbl.sites:
+            raise ConfigError("policy.checks", "dnsbl needs [dnsbl] sites")
+
+
+class PolicyEngine:
+    """Answers requests; built from the front end's pipeline (its tables,
+    store, clock and resolver), and again on every reload."""
+
+    def __init__(self, pipeline: object, previous: PolicyEngine | None = None) -> None:
+        p = pipeline  # a Pipeline; typed loosely so that this module does not import it
+        self.cfg: Config = p.cfg  # type: ignore[attr-defined]
+        validate(self.cfg)
+        self.store = p.store  # type: ignore[attr-defined]
+        self.clock: Callable[[], float] = p.clock  # type: ignore[attr-defined]
+        self.tables = p.tables  # type: ignore[attr-defined]
+        self.resolver = p.dns.resolver  # type: ignore[attr-defined]
+        cfg = self.cfg
+        if self.resolver is None and any(c.name in _DNS_CHECKS for c in cfg.policy.checks):
+            raise ConfigError("policy.checks", "checks that ask the DNS need a resolver")
+        # Each listed check runs with its section's settings, switched on.
+        self.sections: dict[str, Any] = {name: _enabled(getattr(cfg, CHECKS[name])) for name in CHECKS}
+        self.at: dict[str, tuple[str, ...]] = {}
+        for state in ("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE", "VRFY", "ETRN"):
+            self.at[state] = tuple(c.name for c in cfg.policy.checks if state in c.states)
+        # Message instances that got their X-Greylist header (kept across reloads).
+        self.instances: collections.OrderedDict[str, None] = (
+            previous.instances if previous is not None else collections.OrderedDict())
+        self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        self._runners: dict[str, Callable[[PolicyRequest], Awaitable[Result | None]]] = {
+            "client_access": self._client_access, "dnsbl": self._dnsbl, "client_name": self._client_name,
+            "rhsbl_reverse_client": self._rhsbl_reverse_client, "helo": self._helo,
+            "helo_hostname": self._helo_hostname, "rhsbl_helo": self._rhsbl_helo, "sender": self._sender,
+            "sender_domain": self._sender_domain, "rhsbl_sender": self._rhsbl_sender, "recipient": self._recipient,
+        }
+        self._counters: dict[tuple[str, Outcome], Any] = {}
+
+    # ------------------------------------------------------------ deciding
+
+    async def decide(self, req: PolicyRequest) -> Answer:
+        """The answer to one well-formed request (see the module docstring)."""
+        warned: Answer | None = None
+        prepend: Answer | None = None
+        for name in self.at.get(req.state, ()):
+            if name == "greylist":
+                grey = await self._greylist(req)
+                if grey is not None and grey.kind != "prepend":
+                    return grey
+                prepend = grey
+                continue
+            found = await self._runners[name](req)
+            if found is None:  # not applicable (no HELO name yet, ...)
+                continue
+            self._count(found)
+            v = found.verdict
+            if found.outcome is Outcome.FAIL and v.action is Action.CONTINUE:  # action = ignore
+                warned = warned or Answer(f"WARN {_text(found.reason)}", "warn", found)
+                self._log("warn", found, req)
+                continue
+            if v.action is Action.PASS or (found.outcome is Outcome.PASS and name == "client_access"):
+                break  # allowlisted: no more of our checks
+            if v.action in (Action.REJECT, Action.DEFER, Action.DROP) and v.reply is not None:
+                answer = _reply_answer(v.reply, found)
+                self._log(answer.kind, found, req)
+                return answer
+        return prepend or warned or DUNNO
+
+    def _count(self, found: Result) -> None:
+        key = (found.check, found.outcome)
+        counter = self._counters.get(key)
+        if counter is None:  # labels() is slow: keep the children
+            counter = self._counters[key] = METRICS.check_results.labels(
+                mode="policy", check=found.check, outcome=found.outcome.value)
+        counter.inc()
+
+    def _log(self, word: str, found: Result, req: PolicyRequest) -> None:
+        log.info("policy: %s, reason=%s, client=%s, helo=<%s>, sender=<%s>, recipient=<%s>, state=%s, check=%s",
+                 word, found.reason, who(req), req.get("helo_name"), req.get("sender"), req.get("recipient"),
+                 req.state, found.check)
+
+    # ------------------------------------------------------------ the checks
+
+    async def _client_access(self, req: PolicyRequest) -> Result | None:
+        return check_client_access(self.sections["client_access"], self.tables["client"],
+                                   req.get("client_address"), req.get("client_name", "unknown") or "unknown")
+
+    async def _dnsbl(self, req: PolicyRequest) -> Result | None:
+        ip = _ip(req)
+        if ip is None:
+            return None
+        cfg = self.sections["dnsbl"]
+        return dnsbl_result(await lookup_dnsbl(self.resolver, cfg, ip), cfg, f"[{ip}]")
+
+    async def _client_name(self, req: PolicyRequest) -> Result | None:
+        """Postfix has looked the names up: ``unknown`` is all it says
+        (no temporary/permanent distinction), taken as no usable name."""
+        ip = _ip(req)
+        if ip is None:
+            return None
+        reverse, name = req.get("reverse_client_name") or "unknown", req.get("client_name") or "unknown"
+        reverse_status = NameStatus.PERM if reverse == "unknown" else NameStatus.OK
+        if name != "unknown":
+            name_status = NameStatus.OK
+        else:  # a reverse name that does not resolve back: forged (or a DNS failure Postfix does not tell)
+            name_status = NameStatus.FORGED if reverse_status is NameStatus.OK else NameStatus.PERM
+        names = ClientNames(ip, reverse, reverse_status, name, name_status)
+        return check_client_names(names, self.sections["client_name"])
+
+    async def _rhsbl_reverse_client(self, req: PolicyRequest) -> Result | None:
+        return await self._rhsbl(RhsblTarget.REVERSE_CLIENT, req.get("reverse_client_name", "unknown"))
+
+    async def _helo(self, req: PolicyRequest) -> Result | None:
+        helo = req.get("helo_name")
+        if not helo:
+            return None
+        return check_helo(self.sections["helo"], helo, req.get("client_address"), hostname=self.cfg.server.hostname,
+                          our_addresses=(req.get("server_address"), *self._our_addresses), table=self.tables["helo"])
+
+    async def _helo_hostname(self, req: PolicyRequest) -> Result | None:
+        helo = req.get("helo_name")
+        return await check_helo_hostname(self.resolver, self.sections["helo_hostname"], helo) if helo else None
+
+    async def _rhsbl_helo(self, req: PolicyRequest) -> Result | None:
+        helo = req.get("helo_name")
+        return await self._rhsbl(RhsblTarget.HELO, helo) if helo else None
+
+    async def _sender(self, req: PolicyRequest) -> Result | None:
+        if "sender" not in req.attrs or req.state in ("CONNECT", "EHLO", "HELO"):
+            return None
+        return check_address(self.sections["sender"], req.get("sender"), SENDER, self.tables["sender"], _utf8(req))
+
+    async def _sender_domain(self, req: PolicyRequest) -> Result | None:
+        sender = req.get("sender")
+        return await check_sender_domain(self.resolver, self.sections["sender_domain"], sender) if sender else None
+
+    async def _rhsbl_sender(self, req: PolicyRequest) -> Result | None:
+        sender = req.get("sender")
+        return await self._rhsbl(RhsblTarget.SENDER, sender) if sender else None
+
+    async def _recipient(self, req: PolicyRequest) -> Result | None:
+        rcpt = req.get("recipient")
+        if not rcpt:
+            return None
+        return check_address(self.sections["recipient"], rcpt, RECIPIENT, self.tables["recipient"], _utf8(req))
+
+    async def _rhsbl(self, target: RhsblTarget, what: str) -> Result:
+        return await check_rhsbl(self.resolver, self.sections[f"rhsbl_{target.name.lower()}"], target, what,
+                                 self.tables["rhsbl"])
+
+    async def _greylist(self, req: PolicyRequest) -> Answer | None:
+        """postgrey's ``smtpd_access_policy`` on the shared store: None when
+        it has nothing to say (no recipient to key on, at DATA with several
+        recipients; a pass without a header), else its answer."""
+        rcpt = req.get("recipient")
+        if not rcpt:
+            return None
+        cfg = self.sections["greylist"]
+        found, decision = await greylist(self.store, cfg, req.get("client_address"), req.get("client_name"),
+                                         req.get("sender"), rcpt, self.clock(), mode="policy")
+        self._count(found)
+        word = "greylist" if found.outcome is Outcome.FAIL else found.outcome.value
+        log.info("policy: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
+                 word, found.reason, who(req), req.get("sender"), rcpt)
+        pol = self.cfg.policy
+        v = found.verdict
+        if found.outcome is Outcome.FAIL and decision is not None:
+            if v.action is Action.CONTINUE:  # action = ignore
+                return Answer(f"WARN greylist: {_text(found.reason)}", "warn", found)
+            text = greylist_text(cfg, rcpt, decision.wait)
+            dsn = "" if text[:1].isdigit() else "4.2.0 "  # postgrey: 4.2.0 unless the text has a code
+            kind = "defer" if pol.greylist_action[0].isdigit() else pol.greylist_action.lower()
+            return Answer(f"{pol.greylist_action} {dsn}{_text(text)}", kind, found)
+        if v.action is Action.DEFER and v.reply is not None:  # the store failed: on_store_error = tempfail
+            return _reply_answer(v.reply, found)
+        passed = decision is not None and decision.state is State.PASSED
+        if passed and pol.greylist_header and self._first_for_instance(req.get("instance")):
+            return Answer(f"PREPEND {self._header(decision.delayed if decision else 0.0)}", "prepend", found)
+        return None
+
+    def _first_for_instance(self, instance: str) -> bool:
+        """postgrey's ``is_new_instance``: one X-Greylist header per message."""
+        if not instance:
+            return True
+        if instance in self.instances:
+            return False
+        self.instances[instance] = None
+        while len(self.instances) > _INSTANCES:
+            self.instances.popitem(last=False)
+        return True
+
+    def _header(self, delayed: float) -> str:
+        date = time.strftime("%a, %d %b %Y %H:%M:%S %Z", time.localtime(self.clock()))
+        return (self.cfg.policy.greylist_header.replace("%t", str(int(delayed))).replace("%v", VERSION)
+                .replace("%h", self.cfg.server.hostname).replace("%d", date))
+
+
+def _reply_answer(r: Reply, found: Result) -> Answer:
+    """``550 5.7.1 text``: the front end's reply as an access(5) action,
+    without the ``<rcpt>: Recipient address rejected:`` Postfix adds itself."""
+    text = _text(_POSTFIX_PREFIX.sub("", r.text))
+    return Answer(" ".join(x for x in (str(r.code), r.status, text) if x), "defer" if r.is_temporary else "reject",
+                  found)
+
+
+def _enabled(section: object) -> object:
+    return dataclasses.replace(section, enabled=True) if hasattr(section, "enabled") else section  # type: ignore
+
+
+def _ip(req: PolicyRequest) -> str | None:
+    try:
+        return str(ipaddress.ip_address(req.get("client_address")))
+    except ValueError:
+        return None
+
+
+def _utf8(req: PolicyRequest) -> bool:
+    return not (req.get("sender") + req.get("recipient")).isascii()
+
+
+def _text(text: str) -> str:
+    """Text for an answer: one line (Postfix reads up to the newline)."""
+    return " ".join(text.split())
+
+
+def who(req: PolicyRequest) -> str:
+    """``name[address]`` as Postfix writes the client (``:port`` when given)."""
+    port = req.get("client_port")
+    return f"{req.get('client_name') or 'unknown'}[{req.get('client_address')}]" + (f":{port}" if port else "")

@@ -1,15 +1,28 @@
-"""The listener: the adapter between asyncio's socket and one SMTP session.
+"""The listener: the thin adapter between asyncio and one SMTP session.
 
-:class:`GuardProtocol` is a plain :class:`asyncio.Protocol`: bytes from the
+:class:`GuardProtocol` is a plain :class:`asyncio.Protocol`.  Bytes from the
 client go into the session's own read-ahead buffer
-(:class:`~smtpguard.clientinput.ClientInput`), one task per connection
-(:meth:`GuardProtocol._serve`) reads command lines from it and hands them to
-:class:`~smtpguard.conversation.Conversation`, and replies go out with
-``transport.write`` (``pause_writing``/``resume_writing`` gate
-:meth:`GuardProtocol.drain`).  It implements the conversation's
-:class:`~smtpguard.conversation.ClientIO`.  Only public asyncio API is used:
+(:class:`~smtpguard.clientinput.ClientInput`); one task per connection
+(:meth:`GuardProtocol._serve`) drives the session's
+:class:`~smtpguard.machine.SessionMachine`, which decides everything: it is
+given the connect, each command line and each timeout, and returns
+actions, which :meth:`GuardProtocol._drive` carries out in order:
+
+* effects: bytes for the client (``transport.write``; held back while the
+  error sleep is armed), closing or aborting the connection to Postfix,
+  input handed back to the reader, the end of the session;
+* requests, whose result goes back to the machine: the pipeline's verdict
+  at a stage (``Screen``), the hand-off of the socket to Postfix's smtpd,
+  the pregreet wait, the upstream connection and the commands forwarded on
+  it (:class:`~smtpguard.relay.Upstream`), the STARTTLS handshake, the next
+  chunk of a message body.
+
+Only public asyncio API is used: writes are gated by
+``pause_writing``/``resume_writing`` (:meth:`GuardProtocol.drain`), and
 STARTTLS is :meth:`asyncio.loop.start_tls` on the same protocol, which keeps
-getting ``data_received`` from the TLS transport it returns.
+getting ``data_received`` from the TLS transport it returns.  The idle timer
+is one lazily re-armed ``call_at`` whose duration the machine gives
+(:attr:`~smtpguard.machine.SessionMachine.timeout`).
 
 aiosmtpd (pinned to 1.4.6 in pyproject.toml) stays the project's SMTP
 foundation, but only through its public PROXY protocol parser
@@ -24,8 +37,7 @@ reader contract (``read``/``readexactly``/``readuntil``) when moving the pin.
 
 Transport (docs/transport.md): with ``server.proxy_protocol`` the header is
 read first and its addresses are the client's for everything after (Session,
-per-client count, pregreet timing); STARTTLS is done here
-(:meth:`GuardProtocol.start_tls`), the conversation only decides when.
+per-client count, pregreet timing).
 
 :class:`Server` owns the listening sockets, the set of live sessions and the
 graceful shutdown (stop accepting, let transactions finish within a bound,
@@ -38,7 +50,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Any, cast
+from typing import cast
 
 from aiosmtpd.proxy_protocol import AF, get_proxy
 
@@ -46,12 +58,35 @@ from . import handoff, logs, tls
 from .checks.limits import client_key
 from .clientinput import TOO_LONG, ClientInput
 from .config import Config
-from .conversation import Conversation, Hangup
 from .dns import client_ip
-from .metrics import METRICS, reject_reason
+from .machine import (
+    REQUESTS,
+    AbortUpstream,
+    Arm,
+    Close,
+    Effect,
+    Event,
+    Greeted,
+    GreetWait,
+    HandOff,
+    OpenUpstream,
+    QuitUpstream,
+    ReadBody,
+    Request,
+    Screen,
+    Send,
+    SessionMachine,
+    Stage,
+    StartTls,
+    Unread,
+    Upstream,
+)
+from .metrics import METRICS
 from .pipeline import Pipeline
+from .relay import Upstream as UpstreamConnection
+from .relay import UpstreamError
 from .session import Session
-from .verdict import REPLIES, Action, Reply
+from .verdict import REPLIES
 
 log = logging.getLogger("smtpguard")
 # aiosmtpd's PROXY parser warns on its own logger; our warning line says the
@@ -81,14 +116,18 @@ class GuardProtocol(asyncio.Protocol):
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._counted = False  # in server.sessions and the metrics; undone once (_forget)
-        self.conversation: Conversation | None = None  # made after the greeting (saves memory in the wait)
+        self.machine: SessionMachine | None = None  # the session's logic, made once the client is known
+        self.upstream: UpstreamConnection | None = None  # made at the first OpenUpstream
+        # smtpd_error_sleep_time: output held back while the error sleep is armed.
+        self._hold = 0.0
+        self._held: list[bytes] = []
         self._session: Session | None = None
         self._waiting = False  # blocked reading the next command
         self._ip: str | None = None  # the client's key in server.per_ip (limits.client_key)
         self._first_data: float | None = None  # loop time of the client's first byte
         self._encrypted = False  # STARTTLS done
 
-    # ------------------------------------------------------------ ClientIO
+    # ------------------------------------------------------------ client I/O
 
     def send(self, data: bytes) -> None:
         if self.transport is not None:
@@ -99,14 +138,6 @@ class GuardProtocol(asyncio.Protocol):
         writable = self._writable
         if writable is not None:
             await writable.wait()
-
-    async def read_chunk(self) -> bytes:
-        self._reset_timeout(self.cfg.server.data_timeout)
-        return await self.input.read(_READ_LIMIT)
-
-    def unread(self, data: bytes) -> None:
-        """Put back bytes read past the end of DATA (pipelined commands)."""
-        self.input.unread(data)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -148,7 +179,8 @@ class GuardProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ the loop
 
     async def _serve(self) -> None:
-        """The session: banner, then one command at a time."""
+        """The session: the client's endpoints, then the machine driven
+        until it closes."""
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
@@ -164,62 +196,25 @@ class GuardProtocol(asyncio.Protocol):
         self._count_client(client[0])
         s = self._session = Session(client[0], client[1], ours[0], ours[1])
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
-        pipeline = self.pipeline
-        cfg = self.cfg
-        conv: Conversation | None = None
-        cancelled = handed_off = False
+        m = self.machine = SessionMachine(self.cfg, s, self.tls_available)
+        cancelled = False
         try:
-            concurrent = self.server.per_ip.get(self._ip or "", 1)
-            verdict = await pipeline.on_connect(s, len(self.server.sessions), concurrent)
-            if verdict.action is Action.DROP:
-                await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
-                return
-            if verdict.action is Action.PASS and self._hand_off(s):
-                handed_off = True  # Postfix's smtpd has the connection; ours closes below
-                return
-            screening_timeout = min(cfg.server.command_timeout, cfg.errors.command_time_limit)
-            greeting = cfg.server.greeting
-            wait = pipeline.greet_wait(s)
-            if wait > 0:
-                # Pregreet: the first line of a multi-line banner, then wait.
-                self.send(f"220-{greeting}\r\n".encode())
-                received, after = await self._greet_wait(wait, cfg.pregreet.action == "drop")
-                if not received and self.input.at_eof():
-                    log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
-                             time.monotonic() - s.started, s.peer)
-                    return
-                verdict = await pipeline.on_greet(s, received, after)
-                if verdict.action is Action.DROP:
-                    await self._refuse(s, verdict.reply or REPLIES["not_accepted"], "PREGREET")
-                    return
-            verdict = await pipeline.on_banner(s)  # the DNS lookups started at connect
-            if verdict.action is Action.DROP:
-                await self._refuse(s, verdict.reply or REPLIES["not_accepted"])
-                return
-            conv = self.conversation = Conversation(cfg, s, self, pipeline)
-            self.send(f"220 {greeting}\r\n".encode())
-            self._reset_timeout(screening_timeout)  # the first command's full time, after the wait
-            while self.transport is not None:
+            await self._drive(m.connect())
+            while not m.closed and self.transport is not None:
                 await self.drain()
                 if self.server.closing and not s.in_transaction:
-                    self.send(f"{REPLIES['shutdown']}\r\n".encode())
+                    self.send(REPLIES["shutdown"].wire())
                     break
                 self._waiting = True
-                line = await self._read_command(conv)
+                line = await self._read_command(m)
                 self._waiting = False
                 if line is None:
-                    log.info("lost connection after %s from %s", conv.machine.last_command or "CONNECT", s.who)
+                    m.lost()
                     break
                 # Input already received past this line: the pipelining test's evidence.
                 pending = self.input.peek(256)
-                self._reset_timeout(None if s.screened else screening_timeout)
-                try:
-                    await conv.handle(line, pending)
-                finally:
-                    if conv.hold:  # smtpd_error_sleep_time: the error reply waits
-                        await self._release(conv)
-        except Hangup:
-            pass
+                self._reset_timeout(m.timeout)
+                await self._drive(m.command(line, pending))
         except asyncio.CancelledError:
             cancelled = True  # connection lost or timed out
             raise
@@ -229,17 +224,109 @@ class GuardProtocol(asyncio.Protocol):
             log.exception("%s: internal error", s.who)
             self.send(REPLIES["internal_error"].wire())
         finally:
-            pipeline.on_disconnect(s)
-            if cancelled:
-                if conv is not None:
-                    conv.upstream.abort()
-                self.close()
-            else:
-                if conv is not None:
-                    conv.close()
-                self.close()  # the transport flushes what is left, then closes
-            if not handed_off:  # postscreen logs none for a passed connection either
-                log.info("DISCONNECT %s %s", s.peer, _command_counts(conv.machine.counts if conv else {}))
+            self.pipeline.on_disconnect(s)
+            if self.upstream is not None:
+                if cancelled:
+                    self.upstream.abort()
+                else:
+                    self.upstream.quit()
+            self.close()  # the transport flushes what is left, then closes
+            m.finish()
+
+    # ------------------------------------------------------------ the machine's actions
+
+    async def _drive(self, actions: list[Effect | Request]) -> None:
+        """Carry out the machine's actions in order; a request's result goes
+        back to the machine, whose next actions follow.  Then the error
+        sleep, if one was armed: the replies it held go out after it."""
+        m = self.machine
+        assert m is not None
+        try:
+            while actions:
+                *effects, last = actions
+                for effect in effects:
+                    self._effect(effect)
+                if not isinstance(last, REQUESTS):
+                    self._effect(last)
+                    break
+                actions = m.answer(await self._request(last))
+        finally:
+            if self._hold:
+                await self._release()
+
+    def _effect(self, effect: Effect | Request) -> None:
+        """One effect (the machine returns a request only as its last action)."""
+        match effect:
+            case Send(data=data):
+                if self._hold:
+                    self._held.append(data)
+                else:
+                    self.send(data)
+            case Arm(seconds=seconds):
+                self._hold = max(self._hold, seconds)
+            case AbortUpstream():
+                if self.upstream is not None:
+                    self.upstream.abort()
+            case QuitUpstream():
+                if self.upstream is not None:
+                    self.upstream.quit()
+            case Unread(data=data):
+                self.input.unread(data)  # read past the end of DATA: pipelined commands
+            case Close():
+                pass  # the machine is closed: _serve ends and closes the connection
+            case _:
+                raise AssertionError(f"a request among the effects: {effect!r}")
+
+    async def _request(self, request: Request) -> Event:
+        s, pipeline = self._session, self.pipeline
+        assert s is not None
+        match request:
+            case Screen(stage=Stage.COMMAND):
+                return await pipeline.on_command(s, request.line, request.command, request.pending, request.previous)
+            case Screen(stage=Stage.HELO):
+                return await pipeline.on_helo(s)
+            case Screen(stage=Stage.MAIL):
+                return await pipeline.on_mail(s)
+            case Screen(stage=Stage.RCPT):
+                return await pipeline.on_rcpt(s, request.rcpt or "")
+            case Screen(stage=Stage.DATA):
+                return await pipeline.on_data(s)
+            case Screen(stage=Stage.RELAYED):
+                await pipeline.on_relayed(s)
+                return None
+            case Screen(stage=Stage.CONNECT):
+                concurrent = self.server.per_ip.get(self._ip or "", 1)
+                return await pipeline.on_connect(s, len(self.server.sessions), concurrent)
+            case Screen(stage=Stage.GREET):
+                return await pipeline.on_greet(s, request.line, request.after)
+            case Screen(stage=Stage.BANNER):
+                return await pipeline.on_banner(s)
+            case HandOff():
+                return self._hand_off(s)
+            case GreetWait(seconds=seconds, stop_early=stop_early):
+                return await self._greet_wait(seconds, stop_early)
+            case StartTls():
+                return await self.start_tls()
+            case ReadBody():
+                assert self.machine is not None
+                self._reset_timeout(self.machine.timeout)
+                return await self.input.read(_READ_LIMIT)
+        if self.upstream is None:
+            self.upstream = UpstreamConnection(self.cfg.upstream)
+        try:
+            match request:
+                case OpenUpstream():
+                    return await self.upstream.open(s.identity())
+                case Upstream(data=data, replies=0):
+                    self.upstream.write(data)
+                    await self.upstream.drain()
+                    return []
+                case Upstream(data=data, replies=replies):
+                    self.upstream.write(data)
+                    return [await self.upstream.read_reply() for _ in range(replies)]
+        except UpstreamError as exc:
+            return exc
+        raise AssertionError(f"unknown request {request!r}")
 
     def _hand_off(self, s: Session) -> bool:
         """Give the client's socket to Postfix's smtpd pass service
@@ -302,14 +389,18 @@ class GuardProtocol(asyncio.Protocol):
         self._ip = key = client_key(ip)
         self.server.per_ip[key] = self.server.per_ip.get(key, 0) + 1
 
-    async def _release(self, conv: Conversation) -> None:
+    async def _release(self) -> None:
+        """After the error sleep: send the output it held back."""
         try:
             if self.transport is not None:
-                await asyncio.sleep(conv.hold)
+                await asyncio.sleep(self._hold)
         finally:
-            conv.release()
+            self._hold = 0.0
+            held, self._held = self._held, []
+            for data in held:
+                self.send(data)
 
-    async def _greet_wait(self, wait: float, stop_early: bool) -> tuple[bytes, float]:
+    async def _greet_wait(self, wait: float, stop_early: bool) -> Greeted:
         """Wait *wait* seconds after ``220-``; return what the client sent
         meanwhile (left in the buffer for the command loop) and when its
         first byte came.  *stop_early*: end the wait at the first byte."""
@@ -330,9 +421,9 @@ class GuardProtocol(asyncio.Protocol):
         finally:
             self._waiting = False
         after = max(0.0, self._first_data - start) if self._first_data is not None else 0.0
-        return self.input.peek(512), after
+        return Greeted(self.input.peek(512), after, self.input.at_eof())
 
-    async def _read_command(self, conv: Conversation) -> bytes | None:
+    async def _read_command(self, m: SessionMachine) -> bytes | None:
         """One command line as received (with its CRLF/LF); None at end of input."""
         # Longer lines were refused before, whatever line_length_limit said (StreamReader's limit).
         limit = min(self.cfg.server.line_length_limit, _READ_LIMIT + 1)
@@ -340,26 +431,9 @@ class GuardProtocol(asyncio.Protocol):
             line = await self.input.readline(limit)
             if line is not TOO_LONG:
                 return line or None
-            conv.line_too_long()
-            if conv.hold:  # the error sleep delays this reply; it never waits for another command
-                await self._release(conv)
+            # The error sleep delays this reply; it never waits for another command.
+            await self._drive(m.line_too_long())
             await self.drain()
-
-    async def _refuse(self, s: Session, reply: Reply, stage: str = "CONNECT") -> None:
-        """Refuse before the SMTP dialogue; a failed test (PREGREET) has
-        logged its own line already, as postscreen does."""
-        counters = _REJECTED.get(reply)
-        if counters is None:  # labels() is slow on a bot flood: keep the children
-            counters = _REJECTED[reply] = (
-                METRICS.connections_rejected.labels(reason=reject_reason(reply)),
-                METRICS.rejects.labels(stage="CONNECT", code=str(reply.code)),
-            )
-        for counter in counters:
-            counter.inc()
-        if stage == "CONNECT":
-            log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, s.who, reply)
-        self.send(reply.wire())
-
 
     # ------------------------------------------------------------ plumbing
 
@@ -440,14 +514,11 @@ class GuardProtocol(asyncio.Protocol):
         if self.loop.time() < self._deadline:  # activity since: sleep on
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
-        conv = self.conversation
-        if self._session is not None:
-            last = conv.machine.last_command if conv is not None else ""
-            log.info("timeout after %s from %s", last or "CONNECT", self._session.who)
-        if conv is not None and conv.machine.in_data:
-            conv.upstream.abort()  # never finish a half-received message
-        if self.transport is not None:
-            self.send(f"421 4.4.2 {self.cfg.server.hostname} Error: timeout exceeded\r\n".encode())
+        if self.machine is not None:
+            for effect in self.machine.timed_out():
+                self._effect(effect)
+            self.close()
+        elif self.transport is not None:  # still reading a PROXY header
             self.transport.close()
 
     def shutdown_idle(self) -> None:
@@ -459,15 +530,11 @@ class GuardProtocol(asyncio.Protocol):
             self.transport.close()
 
     def force_close(self) -> None:
-        conv = self.conversation
-        if conv is not None:
-            conv.upstream.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
         if self.transport is not None:
             self.send(f"{REPLIES['shutdown']}\r\n".encode())
             self.transport.close()
-
-
-_REJECTED: dict[Reply, tuple[Any, Any]] = {}
 
 
 def _address(ip: str) -> str:
@@ -478,17 +545,6 @@ def _address(ip: str) -> str:
         return str(client_ip(ip))
     except ValueError:
         return ip
-
-
-def _command_counts(counts: dict[str, list[int]]) -> str:
-    """smtpd's summary, as Postfix 3.x writes it: ``name=N`` when all N
-    succeeded, ``name=ok/N`` otherwise (``rcpt=0/2 ... commands=3/6``)."""
-    def word(name: str, ok: int, total: int) -> str:
-        return f"{name}={total}" if ok == total else f"{name}={ok}/{total}"
-
-    words = [word(k.lower(), ok, total) for k, (ok, total) in counts.items()]
-    ok_all = sum(ok for ok, _ in counts.values())
-    return " ".join([*words, word("commands", ok_all, sum(total for _, total in counts.values()))])
 
 
 class Server:

@@ -1,42 +1,61 @@
 """The SMTP session with one client as a sans-IO state machine.
 
-:class:`SessionMachine` owns what one session knows and decides: its stage
-(before HELO, in a transaction, in DATA), the command counts, the error
-count and the error sleep, the upstream transaction (is MAIL open at
-Postfix?), the reply order and which commands are answered here and which
-go to Postfix.  It never awaits and never touches a socket; the clock it
-times the message transfer with is given to it (a fake one in the tests).
-It is driven with events and answers with actions, in the manner of h11.
+:class:`SessionMachine` owns what one session knows and decides, from the
+connect to the end: the screening before the banner and the pregreet wait,
+the stage (before HELO, in a transaction, in DATA), the command counts, the
+error count and the error sleep, the upstream transaction (is MAIL open at
+Postfix, did Postfix get an EHLO?), the reply order, which commands are
+answered here and which go to Postfix, the idle timeout of each stage and
+the log lines of the session's life (``timeout after``, ``lost connection
+after``, ``DISCONNECT`` with smtpd's ``ok/total`` counts).  It never awaits
+and never touches a socket; the clock it times the message transfer with
+is given to it (a fake one in the tests).  It is driven with events and
+answers with actions, in the manner of h11.
 
-Driving it::
+Events: :meth:`~SessionMachine.connect`, :meth:`~SessionMachine.command`
+(a line as received, with the input already read past it),
+:meth:`~SessionMachine.line_too_long`, :meth:`~SessionMachine.timed_out`,
+:meth:`~SessionMachine.lost`, :meth:`~SessionMachine.finish`, and
+:meth:`~SessionMachine.answer` with the result of the request returned
+last.  Each returns a list of actions; only the last can be a request::
 
-    actions = machine.command(raw_line, pending)     # a command line arrived
+    actions = machine.command(raw_line, pending)
     while actions:
         *effects, last = actions
-        ...perform effects (Send, Arm, QuitUpstream, ...)...
-        if last is a request (Screen, OpenUpstream, Upstream, StartTls, ReadBody):
-            actions = machine.answer(result_of(last))
-        else:
-            perform last; actions = []
+        ...perform the effects...
+        if not isinstance(last, REQUESTS):
+            ...perform last; break
+        actions = machine.answer(result_of(last))
 
 Effects need no answer: :class:`Send` (bytes for the client), :class:`Arm`
 (hold the replies that follow for the error sleep, smtpd_error_sleep_time),
 :class:`AbortUpstream` / :class:`QuitUpstream`, :class:`Unread` (input read
 past the end of DATA goes back to the command reader) and :class:`Close`
-(end the session after what was sent).  Requests need one: the pipeline's
-:class:`~smtpguard.verdict.Verdict` for :class:`Screen`; for
-:class:`OpenUpstream` the seconds it took, for :class:`Upstream` the list of
-:class:`~smtpguard.relay.UpstreamReply`, either of them an
-:class:`~smtpguard.relay.UpstreamError` when Postfix could not be reached;
-for :class:`StartTls` the TLS description or None; for :class:`ReadBody` the
-next chunk of the message (``b""`` at end of input).
+(end the session after what was sent; :attr:`~SessionMachine.closed` is set).
+Requests need one: the pipeline's :class:`~smtpguard.verdict.Verdict` for
+:class:`Screen`; True/False for :class:`HandOff`; a :class:`Greeted` for
+:class:`GreetWait`; for :class:`OpenUpstream` the seconds it took, for
+:class:`Upstream` the list of :class:`~smtpguard.relay.UpstreamReply`,
+either of them an :class:`~smtpguard.relay.UpstreamError` when Postfix could
+not be reached; for :class:`StartTls` the TLS description or None; for
+:class:`ReadBody` the next chunk of the message (``b""`` at end of input).
 
-Inside, one command is a generator that yields its requests and gets their
-answers back, so the logic of a command reads top to bottom; replies are
-queued by :meth:`_reply` and returned with the next request, in order.  The
-driver in :mod:`smtpguard.conversation` runs the requests against the
-pipeline, the upstream connection and the client; the unit tests run them
-against tables of answers, with no sockets and no clock.
+States, as the machine walks them: *connected* (``Screen connect``, then
+``HandOff`` for an allowlisted or PASS OLD client, or the greet wait with
+``220-`` and ``Screen greet``, then ``Screen banner`` and ``220``) →
+*greeted* (commands; each one ``Screen command`` first: pipelining, error
+and command limits) → *in transaction* after MAIL (RCPTs: ``Screen rcpt``,
+then the first accepted one opens the upstream, MAIL and RCPT forwarded
+together when Postfix got an EHLO) → *in DATA* after Postfix's 354
+(``ReadBody``/``Upstream`` until the end of data, Postfix's reply relayed) →
+back to *greeted*; ``Close`` from any state ends it.
+
+Inside, each event's work is a generator that yields its requests and gets
+their answers back, so the logic of a command reads top to bottom; replies
+are queued and returned with the next request, in order.  The listener
+(:mod:`smtpguard.listener`) carries the actions out against the client, the
+pipeline and Postfix; tests/unit/test_machine.py runs them against tables
+of answers, with no sockets and no clock.
 """
 
 from __future__ import annotations
@@ -46,6 +65,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 from . import logs, tls
 from .checks.errors import error_delay
@@ -53,7 +73,7 @@ from .checks.helo import unforwardable_helo
 from .config import Config
 from .data import DataScanner
 from .envelope import EnvelopeError, parse_mail, parse_rcpt
-from .metrics import METRICS
+from .metrics import METRICS, reject_reason
 from .relay import UpstreamError, UpstreamReply
 from .session import Session
 from .verdict import REPLIES, Action, Reply, Verdict
@@ -106,6 +126,9 @@ class Close:
 class Stage(enum.Enum):
     """What the pipeline is asked to screen (``Pipeline.on_*``)."""
 
+    CONNECT = "connect"  # before anything is sent: limits, access table, allowlist cache
+    GREET = "greet"  # after the greet wait: the pregreet test
+    BANNER = "banner"  # before the final 220: the DNS lookups started at connect
     COMMAND = "command"
     HELO = "helo"
     MAIL = "mail"
@@ -119,7 +142,8 @@ class Screen:
     """Ask the pipeline for a :class:`Verdict` at *stage*.  For
     ``Stage.COMMAND``: *line* as received, *command* its verb, *pending*
     the input received after it and *previous* the command before; for
-    ``Stage.RCPT``: *rcpt*."""
+    ``Stage.GREET``: *line* is what the client sent in the greet wait and
+    *after* when its first byte came; for ``Stage.RCPT``: *rcpt*."""
 
     stage: Stage
     rcpt: str | None = None
@@ -127,6 +151,31 @@ class Screen:
     command: str = ""
     pending: bytes = b""
     previous: str = ""
+    after: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Pass the client's socket to Postfix's smtpd; answer True when it went."""
+
+
+@dataclass(frozen=True, slots=True)
+class GreetWait:
+    """After ``220-``: wait *seconds* (until the first byte when
+    *stop_early*); answer a :class:`Greeted`."""
+
+    seconds: float
+    stop_early: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Greeted:
+    """What the client sent in the greet wait, when its first byte came
+    (seconds into the wait) and whether it has gone."""
+
+    received: bytes
+    after: float
+    eof: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +204,12 @@ class ReadBody:
 
 
 Effect = Send | Arm | AbortUpstream | QuitUpstream | Unread | Close
-Request = Screen | OpenUpstream | Upstream | StartTls | ReadBody
-Event = Verdict | float | list[UpstreamReply] | UpstreamError | str | bytes | None
+Request = Screen | HandOff | GreetWait | OpenUpstream | Upstream | StartTls | ReadBody
+Event = Verdict | Greeted | bool | float | list[UpstreamReply] | UpstreamError | str | bytes | None
 _Steps = Generator[Request, Event, None]
 
-REQUESTS = (Screen, OpenUpstream, Upstream, StartTls, ReadBody)
+#: The action classes that need an answer (``isinstance(action, REQUESTS)``).
+REQUESTS = (Screen, HandOff, GreetWait, OpenUpstream, Upstream, StartTls, ReadBody)
 
 
 class _Hangup(Exception):
@@ -167,7 +217,11 @@ class _Hangup(Exception):
 
 
 class SessionMachine:
-    """One client's SMTP session after the greeting (see the module doc)."""
+    """One client's SMTP session, from accept to the end (see the module doc)."""
+
+    __slots__ = ("cfg", "session", "clock", "tls_available", "upstream_connected", "_upstream_pipelining",
+                 "_upstream_mail", "in_data", "last_command", "counts", "_succeeded", "_out", "_steps",
+                 "greeted", "handed_off", "closed")
 
     def __init__(self, cfg: Config, session: Session, tls_available: bool,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -185,8 +239,19 @@ class SessionMachine:
         self._succeeded = False  # the last command's final reply was 2xx/3xx
         self._out: list[Effect] = []
         self._steps: _Steps | None = None
+        self.greeted = False  # the final 220 was sent: commands are read now
+        self.handed_off = False  # the client went to Postfix's smtpd (no DISCONNECT line of ours)
+        self.closed = False  # Close was returned
 
     # ------------------------------------------------------------ events
+
+    def connect(self) -> list[Effect | Request]:
+        """The client connected: screening before the banner, the greet
+        wait, the banner."""
+        if self._steps is not None or self.greeted:
+            raise RuntimeError("connect() twice")
+        self._steps = self._greet()
+        return self._run(None)
 
     def command(self, raw: bytes, pending: bytes = b"") -> list[Effect | Request]:
         """A command line *raw* arrived (with its line ending, as received);
@@ -207,6 +272,38 @@ class SessionMachine:
         self._reply(REPLIES["line_too_long"])
         return self._flush()
 
+    def timed_out(self) -> list[Effect | Request]:
+        """The idle timer ran out (:attr:`timeout`): Postfix's ``timeout after CMD``."""
+        s = self.session
+        log.info("timeout after %s from %s", self.last_command or "CONNECT", s.who)
+        if self.in_data:
+            self._abort_upstream()  # never finish a half-received message
+        self._send(f"421 4.4.2 {self.cfg.server.hostname} Error: timeout exceeded\r\n".encode())
+        self._close()
+        return self._flush()
+
+    def lost(self) -> None:
+        """The client closed the connection between commands."""
+        log.info("lost connection after %s from %s", self.last_command or "CONNECT", self.session.who)
+
+    def finish(self) -> None:
+        """The session is over: smtpd's ``DISCONNECT`` line with its counts
+        (none for a client handed off to Postfix: postscreen logs none)."""
+        if not self.handed_off:
+            log.info("DISCONNECT %s %s", self.session.peer, _command_counts(self.counts))
+
+    @property
+    def timeout(self) -> float:
+        """How long the next read may take: ``data_timeout`` in DATA,
+        ``command_timeout`` once a recipient passed screening and, before
+        that, postscreen's ``command_time_limit`` if it is shorter."""
+        server = self.cfg.server
+        if self.in_data:
+            return server.data_timeout
+        if self.session.screened or not self.greeted:
+            return server.command_timeout
+        return min(server.command_timeout, self.cfg.errors.command_time_limit)
+
     @property
     def busy(self) -> bool:
         """A request is waiting for its answer."""
@@ -221,7 +318,7 @@ class SessionMachine:
             self._steps = None
         except _Hangup:
             self._steps = None
-            self._out.append(Close())
+            self._close()
         if self._steps is None and self.last_command:
             count = self.counts.setdefault(self.last_command, [0, 0])
             count[0] += self._succeeded
@@ -260,6 +357,66 @@ class SessionMachine:
     def _send(self, data: bytes) -> None:
         self._succeeded = data[:1] in (b"2", b"3")
         self._out.append(Send(data))
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._out.append(Close())
+
+    # ------------------------------------------------------------ before the first command
+
+    def _greet(self) -> _Steps:
+        """postscreen's part: refuse, hand off, or greet (with the pregreet
+        wait when the test is due)."""
+        s, cfg = self.session, self.cfg
+        verdict = yield from self._ask(Screen(Stage.CONNECT))
+        if verdict.action is Action.DROP:
+            self._refuse(verdict, "CONNECT")
+        if verdict.action is Action.PASS:
+            passed = yield HandOff()
+            if passed:
+                self.handed_off = True  # Postfix's smtpd has the connection; ours closes
+                raise _Hangup
+        greeting = cfg.server.greeting
+        if "pregreet" in s.todo and cfg.pregreet.greet_wait > 0:
+            # Pregreet: the first line of a multi-line banner, then wait.
+            self._send(f"220-{greeting}\r\n".encode())
+            greeted = yield GreetWait(cfg.pregreet.greet_wait, cfg.pregreet.action == "drop")
+            assert isinstance(greeted, Greeted)
+            if not greeted.received and greeted.eof:
+                log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
+                         self.clock() - s.started, s.peer)
+                raise _Hangup
+            verdict = yield from self._ask(Screen(Stage.GREET, line=greeted.received, after=greeted.after))
+            if verdict.action is Action.DROP:
+                self._refuse(verdict, "PREGREET")
+        verdict = yield from self._ask(Screen(Stage.BANNER))  # the DNS lookups started at connect
+        if verdict.action is Action.DROP:
+            self._refuse(verdict, "CONNECT")
+        self._send(f"220 {greeting}\r\n".encode())
+        self.greeted = True
+
+    def _ask(self, screen: Screen) -> Generator[Request, Event, Verdict]:
+        verdict = yield screen
+        assert isinstance(verdict, Verdict)
+        return verdict
+
+    def _refuse(self, verdict: Verdict, stage: str) -> None:
+        """Refuse before the SMTP dialogue and hang up; a failed test
+        (PREGREET) has logged its own line already, as postscreen does."""
+        reply = verdict.reply or REPLIES["not_accepted"]
+        counters = _REFUSED.get(reply)
+        if counters is None:  # labels() is slow on a bot flood: keep the children
+            counters = _REFUSED[reply] = (
+                METRICS.connections_rejected.labels(reason=reject_reason(reply)),
+                METRICS.rejects.labels(stage="CONNECT", code=str(reply.code)),
+            )
+        for counter in counters:
+            counter.inc()
+        if stage == "CONNECT":
+            log.info("NOQUEUE: reject: %s from %s: %s; proto=SMTP", stage, self.session.who, reply)
+        self._send(reply.wire())
+        raise _Hangup
 
     # ------------------------------------------------------------ one command
 
@@ -569,6 +726,20 @@ class SessionMachine:
     def _quit_upstream(self) -> None:
         self._out.append(QuitUpstream())
         self.upstream_connected = self._upstream_mail = False
+
+
+_REFUSED: dict[Reply, tuple[Any, Any]] = {}
+
+
+def _command_counts(counts: dict[str, list[int]]) -> str:
+    """smtpd's summary, as Postfix 3.x writes it: ``name=N`` when all N
+    succeeded, ``name=ok/N`` otherwise (``rcpt=0/2 ... commands=3/6``)."""
+    def word(name: str, ok: int, total: int) -> str:
+        return f"{name}={total}" if ok == total else f"{name}={ok}/{total}"
+
+    words = [word(k.lower(), ok, total) for k, (ok, total) in counts.items()]
+    ok_all = sum(ok for ok, _ in counts.values())
+    return " ".join([*words, word("commands", ok_all, sum(total for _, total in counts.values()))])
 
 
 # Command verb -> handler; a class-level table, so no per-session dict of bound methods.

@@ -14,9 +14,9 @@ metric                                      incremented by
 ==========================================  =====================================
 connections, connections_rejected           listener (core)
 sessions_active                             listener (core)
-rejects                                     conversation / listener (core)
-messages_relayed, bytes_relayed             conversation (core)
-upstream_errors, upstream_*_seconds         conversation (core)
+rejects                                     machine (core)
+messages_relayed, bytes_relayed             machine (core)
+upstream_errors, upstream_*_seconds         machine (core)
 check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
 handoffs                                    pipeline (connections passed to smtpd)

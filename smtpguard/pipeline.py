@@ -1,11 +1,12 @@
 """Where the checks run, and in which order: written once, here.
 
-The listener asks :meth:`Pipeline.on_connect` before the banner,
-:meth:`on_greet` after the pregreet wait, :meth:`on_banner` before the
-final 220 and :meth:`on_disconnect` at the end; the conversation asks
-:meth:`on_command` for every command line, then :meth:`on_helo`,
-:meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as the commands
-arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
+The session machine (:mod:`smtpguard.machine`) asks, through the
+listener's ``Screen`` requests, :meth:`Pipeline.on_connect` before the
+banner, :meth:`on_greet` after the pregreet wait, :meth:`on_banner` before
+the final 220, :meth:`on_command` for every command line, then
+:meth:`on_helo`, :meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as
+the commands arrive; the listener calls :meth:`on_disconnect` at the end.  Each returns one
+:class:`~smtpguard.verdict.Verdict`.  The checks
 themselves are pure functions in :mod:`smtpguard.checks`; this module is
 the I/O edge around them (tables, the state store, the clock, the log).
 
@@ -198,10 +199,6 @@ class Pipeline:
         self._handoffs[passed].inc()
         if not passed:
             self._start_lookups(s)
-
-    def greet_wait(self, s: Session) -> float:
-        """How long the listener waits after ``220-`` (0: no pregreet test)."""
-        return self.cfg.pregreet.greet_wait if "pregreet" in s.todo else 0.0
 
     async def on_greet(self, s: Session, received: bytes, after: float) -> Verdict:
         """After the greet wait: what the client sent during it."""

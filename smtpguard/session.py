@@ -1,7 +1,7 @@
 """Per-connection facts: who the client is and what it said.  No I/O.
 
 A :class:`Session` is created by the listener at connect time and filled in
-by the conversation as commands arrive; checks read it, the log lines are
+by the session machine (:mod:`smtpguard.machine`) as commands arrive; checks read it, the log lines are
 built from it, and the relay's XCLIENT identity is derived from it.
 """
 

@@ -18,10 +18,14 @@ import pytest
 from smtpguard.checks.errors import ErrorsConfig
 from smtpguard.config import Config
 from smtpguard.machine import (
+    REQUESTS,
     AbortUpstream,
     Arm,
     Close,
     Effect,
+    Greeted,
+    GreetWait,
+    HandOff,
     OpenUpstream,
     QuitUpstream,
     ReadBody,
@@ -41,6 +45,7 @@ from smtpguard.verdict import CONTINUE, Action, Reply, Verdict
 OK = CONTINUE
 REJECT = Verdict(Action.REJECT, Reply(554, "5.7.1", "Service unavailable; Client host [192.0.2.7] blocked"))
 DROP = Verdict(Action.DROP, Reply(521, "5.5.1", "Protocol error"))
+REJECT_DROP = Verdict(Action.DROP, REJECT.reply)
 
 
 def up(*lines: str) -> list[UpstreamReply]:
@@ -286,7 +291,111 @@ def test_requests_and_answers_must_alternate() -> None:
         machine.command(b"NOOP\r\n")
 
 
-def test_every_request_type_is_covered() -> None:
-    """The tables above exercise each request the driver must perform."""
-    assert {Screen, OpenUpstream, Upstream, StartTls, ReadBody} == set(Request.__args__)  # type: ignore[attr-defined]
+def test_every_action_type_is_covered() -> None:
+    """The tables above exercise each action the adapter must perform;
+    REQUESTS, the adapter's test for "needs an answer", lists them all."""
+    requests = {Screen, HandOff, GreetWait, OpenUpstream, Upstream, StartTls, ReadBody}
+    assert requests == set(Request.__args__) == set(REQUESTS)  # type: ignore[attr-defined]
     assert {Send, Arm, AbortUpstream, QuitUpstream, Unread, Close} == set(Effect.__args__)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- before the first command
+
+PREGREET_DUE = "pregreet"
+
+
+def greeting_machine(todo: frozenset[str] = frozenset(), greet_wait: float = 6.0) -> SessionMachine:
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, pregreet=dataclasses.replace(cfg.pregreet, greet_wait=greet_wait))
+    s = Session("192.0.2.7", 40123, "192.0.2.1", 25, started=90.0)
+    s.todo = todo
+    return SessionMachine(cfg, s, False, clock=lambda: 100.0)
+
+
+def test_greeting_without_a_wait() -> None:
+    m = greeting_machine()
+    assert [show(a) for a in m.connect()] == ["Screen connect"]
+    assert [show(a) for a in m.answer(OK)] == ["Screen banner"]
+    assert [show(a) for a in m.answer(OK)] == ["Send 220 localhost ESMTP"]
+    assert m.greeted and not m.busy
+
+
+def test_pregreet_wait_then_banner() -> None:
+    m = greeting_machine(frozenset({PREGREET_DUE}))
+    assert [show(a) for a in m.connect()] == ["Screen connect"]
+    [first, wait] = m.answer(OK)
+    assert show(first) == "Send 220-localhost ESMTP" and wait == GreetWait(6.0, False)
+    [screen] = m.answer(Greeted(b"", 0.0, eof=False))
+    assert screen == Screen(Stage.GREET, line=b"", after=0.0)
+    assert [show(a) for a in m.answer(OK)] == ["Screen banner"]
+    assert [show(a) for a in m.answer(OK)] == ["Send 220 localhost ESMTP"]
+
+
+def test_a_pregreet_drop_refuses() -> None:
+    m = greeting_machine(frozenset({PREGREET_DUE}))
+    m.connect()
+    m.answer(OK)
+    m.answer(Greeted(b"EHLO bot\r\n", 0.2, eof=False))
+    assert [show(a) for a in m.answer(DROP)] == [f"Send {DROP.reply}", "Close"]
+    assert m.closed and not m.greeted
+
+
+def test_a_client_gone_in_the_greet_wait_is_a_hangup(caplog: pytest.LogCaptureFixture) -> None:
+    m = greeting_machine(frozenset({PREGREET_DUE}))
+    m.connect()
+    m.answer(OK)
+    caplog.set_level("INFO", "smtpguard")
+    assert [show(a) for a in m.answer(Greeted(b"", 0.0, eof=True))] == ["Close"]
+    assert "HANGUP after 10.00 from [192.0.2.7]:40123 in tests before SMTP handshake" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["connect", "banner"])
+def test_a_drop_before_the_banner_is_logged_as_a_connect_reject(stage: str, caplog: pytest.LogCaptureFixture) -> None:
+    m = greeting_machine()
+    caplog.set_level("INFO", "smtpguard")
+    m.connect()
+    if stage == "banner":
+        m.answer(OK)
+    assert [show(a) for a in m.answer(REJECT_DROP)] == [f"Send {REJECT_DROP.reply}", "Close"]
+    assert ("NOQUEUE: reject: CONNECT from unknown[192.0.2.7]:40123: 554 5.7.1 Service unavailable; "
+            "Client host [192.0.2.7] blocked; proto=SMTP") in caplog.text
+
+
+@pytest.mark.parametrize(("went", "expected"), [(True, ["Close"]), (False, ["Screen banner"])])
+def test_hand_off(went: bool, expected: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    m = greeting_machine()
+    m.connect()
+    assert m.answer(Verdict(Action.PASS)) == [HandOff()]
+    assert [show(a) for a in m.answer(went)] == expected
+    caplog.set_level("INFO", "smtpguard")
+    m.finish()
+    assert ("DISCONNECT" in caplog.text) is not went  # postscreen logs none for a passed connection
+
+
+def test_timeouts_follow_the_stage() -> None:
+    m = greeting_machine()
+    server, errors = m.cfg.server, m.cfg.errors
+    assert m.timeout == server.command_timeout  # the greet wait
+    m.connect(), m.answer(OK), m.answer(OK)
+    assert m.timeout == min(server.command_timeout, errors.command_time_limit)  # screening
+    m.session.screened = True
+    assert m.timeout == server.command_timeout
+
+
+def test_timed_out_in_data_aborts_the_upstream_message(caplog: pytest.LogCaptureFixture) -> None:
+    m = run([*ENVELOPE, (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+             (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"])])
+    assert m.timeout == m.cfg.server.data_timeout
+    caplog.set_level("INFO", "smtpguard")
+    assert [show(a) for a in m.timed_out()] == ["AbortUpstream", "Send 421 4.4.2 localhost Error: timeout exceeded",
+                                                "Close"]
+    assert "timeout after DATA from unknown[192.0.2.7]:40123" in caplog.text
+
+
+def test_disconnect_counts_like_postfix(caplog: pytest.LogCaptureFixture) -> None:
+    m = run([*ENVELOPE, (b"FOO\r\n", ["Screen command"]), (OK, ["Send 502 5.5.2 Error: command not recognized"])])
+    caplog.set_level("INFO", "smtpguard")
+    m.lost()
+    m.finish()
+    assert "lost connection after UNKNOWN from unknown[192.0.2.7]:40123" in caplog.text
+    assert "DISCONNECT [192.0.2.7]:40123 ehlo=1 mail=1 rcpt=1 unknown=0/1 commands=3/4" in caplog.text

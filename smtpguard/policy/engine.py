@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checks.access import check_client_access
 from ..checks.addresses import RECIPIENT, SENDER, check_address
@@ -57,10 +57,17 @@ from ..checks.greylist import State, greylist, greylist_text
 from ..checks.helo import check_helo
 from ..checks.rdns import ClientNames, NameStatus, check_client_names
 from ..config import Config, ConfigError
+from ..dns import Resolver
 from ..metrics import METRICS
+from ..pipeline import Pipeline
 from ..verdict import Action, Outcome, Reply, Result
 from .protocol import PolicyRequest
 from .settings import CHECKS
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
 
 log = logging.getLogger("smtpguard")
 
@@ -115,14 +122,14 @@ class PolicyEngine:
     """Answers requests; built from the front end's pipeline (its tables,
     store, clock and resolver), and again on every reload."""
 
-    def __init__(self, pipeline: object, previous: PolicyEngine | None = None) -> None:
-        p = pipeline  # a Pipeline; typed loosely so that this module does not import it
-        self.cfg: Config = p.cfg  # type: ignore[attr-defined]
+    def __init__(self, pipeline: Pipeline, previous: PolicyEngine | None = None) -> None:
+        p = pipeline
+        self.cfg: Config = p.cfg
         validate(self.cfg)
-        self.store = p.store  # type: ignore[attr-defined]
-        self.clock: Callable[[], float] = p.clock  # type: ignore[attr-defined]
-        self.tables = p.tables  # type: ignore[attr-defined]
-        self.resolver = p.dns.resolver  # type: ignore[attr-defined]
+        self.store = p.store
+        self.clock: Callable[[], float] = p.clock
+        self.tables = p.tables
+        self.resolver = p.dns.resolver
         cfg = self.cfg
         if self.resolver is None and any(c.name in _DNS_CHECKS for c in cfg.policy.checks):
             raise ConfigError("policy.checks", "checks that ask the DNS need a resolver")
@@ -173,6 +180,12 @@ class PolicyEngine:
                 return answer
         return prepend or warned or DUNNO
 
+    def _dns(self) -> Resolver:
+        """The resolver, for the checks that ask the DNS (__init__ refused a
+        configuration that has such checks and no resolver)."""
+        assert self.resolver is not None
+        return self.resolver
+
     def _count(self, found: Result) -> None:
         key = (found.check, found.outcome)
         counter = self._counters.get(key)
@@ -197,7 +210,7 @@ class PolicyEngine:
         if ip is None:
             return None
         cfg = self.sections["dnsbl"]
-        return dnsbl_result(await lookup_dnsbl(self.resolver, cfg, ip), cfg, f"[{ip}]")
+        return dnsbl_result(await lookup_dnsbl(self._dns(), cfg, ip), cfg, f"[{ip}]")
 
     async def _client_name(self, req: PolicyRequest) -> Result | None:
         """Postfix has looked the names up: ``unknown`` is all it says
@@ -226,7 +239,7 @@ class PolicyEngine:
 
     async def _helo_hostname(self, req: PolicyRequest) -> Result | None:
         helo = req.get("helo_name")
-        return await check_helo_hostname(self.resolver, self.sections["helo_hostname"], helo) if helo else None
+        return await check_helo_hostname(self._dns(), self.sections["helo_hostname"], helo) if helo else None
 
     async def _rhsbl_helo(self, req: PolicyRequest) -> Result | None:
         helo = req.get("helo_name")
@@ -239,7 +252,7 @@ class PolicyEngine:
 
     async def _sender_domain(self, req: PolicyRequest) -> Result | None:
         sender = req.get("sender")
-        return await check_sender_domain(self.resolver, self.sections["sender_domain"], sender) if sender else None
+        return await check_sender_domain(self._dns(), self.sections["sender_domain"], sender) if sender else None
 
     async def _rhsbl_sender(self, req: PolicyRequest) -> Result | None:
         sender = req.get("sender")
@@ -252,7 +265,7 @@ class PolicyEngine:
         return check_address(self.sections["recipient"], rcpt, RECIPIENT, self.tables["recipient"], _utf8(req))
 
     async def _rhsbl(self, target: RhsblTarget, what: str) -> Result:
-        return await check_rhsbl(self.resolver, self.sections[f"rhsbl_{target.name.lower()}"], target, what,
+        return await check_rhsbl(self._dns(), self.sections[f"rhsbl_{target.name.lower()}"], target, what,
                                  self.tables["rhsbl"])
 
     async def _greylist(self, req: PolicyRequest) -> Answer | None:
@@ -310,8 +323,8 @@ def _reply_answer(r: Reply, found: Result) -> Answer:
                   found)
 
 
-def _enabled(section: object) -> object:
-    return dataclasses.replace(section, enabled=True) if hasattr(section, "enabled") else section  # type: ignore
+def _enabled(section: Section) -> Section:
+    return dataclasses.replace(section, enabled=True) if hasattr(section, "enabled") else section
 
 
 def _ip(req: PolicyRequest) -> str | None:

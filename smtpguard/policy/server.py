@@ -26,7 +26,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..metrics import METRICS
 from .engine import PolicyEngine, who
@@ -142,7 +142,7 @@ class PolicyConnection(asyncio.Protocol):
     # ------------------------------------------------------------ plumbing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"[{peer[0]}]:{peer[1]}" if isinstance(peer, tuple) else "local"
         server = self.server

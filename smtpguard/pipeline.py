@@ -4,8 +4,9 @@ The listener asks :meth:`Pipeline.on_connect` before the banner,
 :meth:`on_greet` after the pregreet wait, :meth:`on_banner` before the
 final 220 and :meth:`on_disconnect` at the end; the conversation asks
 :meth:`on_command` for every command line, then :meth:`on_helo`,
-:meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as the commands
-arrive.  Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
+:meth:`on_mail`, :meth:`on_rcpt`, :meth:`on_greylist` (once Postfix
+accepted the recipient) and :meth:`on_data` as the commands arrive.
+Each returns one :class:`~smtpguard.verdict.Verdict`.  The checks
 themselves are pure functions in :mod:`smtpguard.checks`; this module is
 the I/O edge around them (tables, the state store, the clock, the log).
 
@@ -57,9 +58,12 @@ passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 :class:`~smtpguard.store.Store` (``[state] url``): with SQLite it survives
 restarts, with Redis it is shared by every node, as are the rate counters.
 
-Greylisting runs last, per recipient, after every other check passed
-(postgrey sits at the end of ``smtpd_recipient_restrictions``); a client
-the access table allowlisted, or a DNSWL client (score at or below
+Greylisting (:meth:`Pipeline.on_greylist`) runs last, per recipient, after
+every other check passed *and Postfix accepted the recipient* (postgrey sits
+at the end of ``smtpd_recipient_restrictions``, after
+``reject_unauth_destination`` and recipient validation): a relay attempt or
+an unknown user gets Postfix's reject at once and leaves no triplet.  A
+client the access table allowlisted, or a DNSWL client (score at or below
 ``dnsbl.allowlist_threshold``), is not greylisted.
 """
 
@@ -302,11 +306,16 @@ class Pipeline:
             if v is not None:
                 return v
         found = check_address(self.cfg.addresses, rcpt, RECIPIENT, self.tables["recipient"], _utf8(s))
-        v = self._decide(s, found, "rcpt")
+        return self._decide(s, found, "rcpt")
+
+    async def on_greylist(self, s: Session, rcpt: str) -> Verdict:
+        """A recipient that passed every other check and that Postfix
+        accepted (postgrey's place: after reject_unauth_destination and
+        recipient validation in smtpd_recipient_restrictions)."""
         # DNSWL (score at or below dnsbl.allowlist_threshold): greylisting
         # counts as passed, postscreen's answer to the big senders' pools.
-        if v.final or s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
-            return v
+        if s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
+            return CONTINUE
         found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
                                      s.sender or "", rcpt, self.clock())
         log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",

@@ -20,7 +20,7 @@ upstream_errors, upstream_*_seconds         conversation (core)
 check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
 handoffs                                    pipeline (connections passed to smtpd)
-greylist                                    greylisting
+greylist, spf_results                       greylisting (spf_results: [greylist] spf_key)
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
 store_errors                                state store
 reloads                                     reload (SIGHUP)
@@ -46,6 +46,7 @@ SCREENING_ACTIONS = ("continue", "pass", "defer", "reject", "drop")
 ALLOWLIST_RESULTS = ("pass_old", "pass_new")
 HANDOFF_RESULTS = ("passed", "failed")
 GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 RELOAD_RESULTS = ("success", "failure")
 
 
@@ -70,6 +71,7 @@ class Metrics:
     handoffs: Counter  # labels: result (passed, failed)
     # ---- greylisting
     greylist: Counter  # labels: outcome (new, early, passed, allowlisted)
+    spf_results: Counter  # labels: result (pass, fail, softfail, neutral, none, permerror, temperror)
     # ---- DNS
     dnsbl_hits: Counter  # labels: list (the configured DNSBL/DNSWL domain)
     dns_query_seconds: Histogram  # labels: type (A, AAAA, TXT, PTR, MX)
@@ -140,6 +142,10 @@ class Metrics:
                 "smtpguard_greylist", "Greylisting decisions, by outcome (new, early, passed, allowlisted)",
                 ["outcome"], registry=r,
             ),
+            spf_results=Counter(
+                "smtpguard_greylist_spf", "SPF evaluations for SPF-aware greylisting ([greylist] spf_key), by result",
+                ["result"], registry=r,
+            ),
             dnsbl_hits=Counter(
                 "smtpguard_dnsbl_hits", "DNSBL/DNSWL listings found, by configured list domain", ["list"],
                 registry=r,
@@ -171,6 +177,7 @@ class Metrics:
         _init_labels(m.allowlist_cache, "result", ALLOWLIST_RESULTS)
         _init_labels(m.handoffs, "result", HANDOFF_RESULTS)
         _init_labels(m.greylist, "outcome", GREYLIST_OUTCOMES)
+        _init_labels(m.spf_results, "result", SPF_RESULTS)
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
         m.config_last_reload_success.set(1)
         m.config_last_reload_timestamp.set_to_current_time()

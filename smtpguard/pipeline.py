@@ -75,13 +75,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import logs
+from . import logs, spf
 from .checks.access import check_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
 from .checks.dnsbl import DnsblScore, dnsbl_result
 from .checks.errors import check_command_count, check_error_limit
-from .checks.greylist import check_greylist, client_exempt
+from .checks.greylist import allowlisted, check_greylist, client_exempt
 from .checks.helo import check_helo, require_helo
 from .checks.limits import check_connection_count, check_connection_rate, client_key, rate_enabled
 from .checks.nonsmtp import check_non_smtp
@@ -93,6 +93,7 @@ from .dns import Resolver, client_ip
 from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
+from .spf import SpfResult
 from .store import MemoryStore, Store
 from .tables import Table, open_access_table
 from .text import ascii_upper
@@ -316,12 +317,36 @@ class Pipeline:
         # counts as passed, postscreen's answer to the big senders' pools.
         if s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
             return CONTINUE
+        spf = await self._spf(s, rcpt)
+        domain = spf.domain if spf is not None and spf.passed else None
         found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
-                                     s.sender or "", rcpt, self.clock())
-        log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
+                                     s.sender or "", rcpt, self.clock(), client_part=domain)
+        log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>%s",
                  "greylist" if found.outcome is Outcome.FAIL else found.outcome.value, found.reason,
-                 s.who, s.sender or "", rcpt)
+                 s.who, s.sender or "", rcpt, "" if spf is None else f", spf={spf.result}:{spf.domain}")
         return self._decide(s, found, "rcpt")
+
+    async def _spf(self, s: Session, rcpt: str) -> SpfResult | None:
+        """``greylist.spf_key``: the SPF result for this client and sender
+        (once per transaction's sender and HELO), or None when not asked:
+        the option is off, there is no resolver, or the client or recipient
+        is on a greylist allowlist (no key is needed)."""
+        resolver = self.dns.resolver
+        grey = self.cfg.greylist
+        if not grey.spf_key or resolver is None:
+            return None
+        try:
+            ip = client_ip(s.client_ip)
+        except ValueError:
+            return None
+        if allowlisted(grey, ip, s.client_name, rcpt):
+            return None
+        asked = (s.sender or "", s.helo or "")
+        if s.spf is None or s.spf[0] != asked:
+            result = await spf.evaluate(resolver, str(ip), *asked)
+            METRICS.spf_results.labels(result=result.result).inc()
+            s.spf = (asked, result)
+        return s.spf[1]
 
     async def on_data(self, s: Session) -> Verdict:
         """DATA: a protocol-test failure decided at the DATA command itself

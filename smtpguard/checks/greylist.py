@@ -380,6 +380,14 @@ class GreylistConfig:
     use_default_client_allowlist: bool = field(
         default=True, metadata=opt(parse_bool, "the whitelist_clients file shipped with postgrey")
     )
+    spf_key: bool = field(
+        default=False,
+        metadata=opt(
+            parse_bool,
+            "none (postgrey keys by client network only)",
+            "on an SPF pass the triplet's client part is the sender's domain, not the client network",
+        ),
+    )
     on_store_error: str = field(
         default="accept",
         metadata=opt(
@@ -520,11 +528,15 @@ async def check_greylist(
     sender: str,
     recipient: str,
     now: float,
+    client_part: str | None = None,
 ) -> Result:
     """Greylist one recipient.
 
     *client_name* is the client's verified (forward-confirmed) reverse name,
     or ``"unknown"``/``""``; *sender* is ``""`` for the null sender.
+    *client_part* replaces the client network in the triplet's key (the
+    SPF-validated sender domain, ``spf_key``); the auto-allowlist still
+    counts the client network.
     """
     if not cfg.enabled:
         return Result(CHECK, Outcome.SKIP, "disabled")
@@ -537,7 +549,7 @@ async def check_greylist(
         METRICS.greylist.labels(outcome="allowlisted").inc()
         return Result(CHECK, Outcome.PASS, why)
     network = client_network(ip, cfg.ipv4_mask, cfg.ipv6_mask)
-    key = triplet_key(network, sender, recipient)
+    key = triplet_key(client_part or network, sender, recipient)
     try:
         if cfg.auto_allowlist_clients:
             entry, client = await store.get_greylist(key, network)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.guard import Guard, RawClient
-from tests.lab import PostfixFactory, PrivatePostfix, wait_until
+from tests.lab import DnsServer, PostfixFactory, PrivatePostfix, wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -215,3 +215,44 @@ def test_real_mta_invalid_recipient_bounces_at_once_valid_one_delivered_after_th
     assert len(re.findall(r"to=<bob@example\.test>.*status=sent", sender.log())) == 1
     assert len(backend.messages()) == 1
     assert triplet_keys(g) == {"127.0.0.0/alice@sender.test/bob@example.test"}
+
+
+# ------------------------------------------------ SPF-aware greylisting against a real DNS server (issue 14)
+
+SPF_RECORDS = [
+    "--txt-record=pool.test,v=spf1 ip4:127.0.8.0/24 ip4:127.0.9.0/24 -all",
+    "--txt-record=soft.test,v=spf1 ip4:127.0.20.0/24 ~all",
+    "--txt-record=strict.test,v=spf1 ip4:127.0.20.0/24 -all",
+]
+
+
+@pytest.mark.dns
+def test_spf_pool_retrying_from_another_network_passes(backend: PrivatePostfix, make_guard: Callable[..., Guard],
+                                                       dns_server: Callable[..., DnsServer]) -> None:
+    dns = dns_server(SPF_RECORDS, timeout_zones=["slow.test"])
+    g = make_guard(backend.port, GREYLIST + "spf_key = true\n"
+                   f'[dns]\nnameservers = ["{dns.address}:{dns.port}"]\ntimeout = "1s"\nlifetime = "2s"\n')
+    assert attempt(g.port, "127.0.8.5", sender="news@pool.test") == GREYLISTED
+    start = time.time()
+    g.wait_for_log(r"greylist: greylist, reason=new triplet, client=unknown\[127\.0\.8\.5\]:\d+, "
+                   r"sender=<news@pool\.test>, recipient=<bob@example\.test>, spf=pass:pool\.test")
+    assert attempt(g.port, "127.0.10.5", sender="a@soft.test") == GREYLISTED  # ~all: softfail
+    assert attempt(g.port, "127.0.10.5", sender="a@strict.test") == GREYLISTED  # -all: fail
+    # A DNS server that never answers: no SPF pass, greylisted as usual (never a 5xx).
+    assert attempt(g.port, "127.0.10.5", sender="a@slow.test") == GREYLISTED
+    g.wait_for_log(r"spf=temperror:slow\.test")
+    wait_past(start, DELAY)
+    # The pool retries from its other /24, which SPF also authorizes: it passes.
+    assert attempt(g.port, "127.0.9.5", sender="news@pool.test").startswith("250")
+    g.wait_for_log(r"greylist: pass, reason=triplet passed, delayed \d+s, client=unknown\[127\.0\.9\.5\]")
+    # Without an SPF pass, another /24 is a new triplet, as usual.
+    assert attempt(g.port, "127.0.11.5", sender="a@soft.test") == GREYLISTED
+    assert attempt(g.port, "127.0.11.5", sender="a@strict.test") == GREYLISTED
+    g.wait_for_log(r"spf=softfail:soft\.test")
+    g.wait_for_log(r"spf=fail:strict\.test")
+    assert triplet_keys(g) == {"pool.test/news@pool.test/bob@example.test",
+                               "127.0.10.0/a@soft.test/bob@example.test", "127.0.11.0/a@soft.test/bob@example.test",
+                               "127.0.10.0/a@strict.test/bob@example.test", "127.0.10.0/a@slow.test/bob@example.test",
+                               "127.0.11.0/a@strict.test/bob@example.test"}
+    assert len(backend.wait_for_messages(1)) == 1
+    assert "TXT" in dns.log() and "pool.test" in dns.log()  # the answers came from the DNS server

@@ -45,7 +45,7 @@ _DNS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 SCREENING_ACTIONS = ("continue", "pass", "defer", "reject", "drop")
 ALLOWLIST_RESULTS = ("pass_old", "pass_new")
 HANDOFF_RESULTS = ("passed", "failed")
-GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
+GREYLIST_OUTCOMES = ("new", "early_retry", "passed", "known", "allowlisted")
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 RELOAD_RESULTS = ("success", "failure")
 
@@ -70,7 +70,7 @@ class Metrics:
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
     handoffs: Counter  # labels: result (passed, failed)
     # ---- greylisting
-    greylist: Counter  # labels: outcome (new, early, passed, allowlisted)
+    greylist: Counter  # labels: outcome (new, early_retry, passed, known, allowlisted)
     spf_results: Counter  # labels: result (pass, fail, softfail, neutral, none, permerror, temperror)
     # ---- DNS
     dnsbl_hits: Counter  # labels: list (the configured DNSBL/DNSWL domain)
@@ -139,7 +139,9 @@ class Metrics:
                 "(relayed instead)", ["result"], registry=r,
             ),
             greylist=Counter(
-                "smtpguard_greylist", "Greylisting decisions, by outcome (new, early, passed, allowlisted)",
+                "smtpguard_greylist",
+                "Greylisting decisions, by outcome: new (greylisted, first time or again), early_retry, passed "
+                "(a triplet's first pass), known (passed before), allowlisted",
                 ["outcome"], registry=r,
             ),
             spf_results=Counter(

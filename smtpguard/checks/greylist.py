@@ -12,10 +12,12 @@ How it works
    the client allowlist files (plus the shipped
    ``greylist_clients.default``), or a recipient in the recipient allowlist
    (``postmaster@`` and ``abuse@`` always), is not greylisted.
-2. **Auto-allowlist** (postgrey's ``--auto-whitelist-clients``): a client
-   network that passed greylisting ``auto_allowlist_clients`` times, counted
-   at most once an hour, skips greylisting while its record lives
-   (``max_age`` after the last count).
+2. **Operator and auto-allowlist**: a network an operator allowlisted
+   (``smtpguard greylist allow``, any prefix length, stored in the state
+   store) skips greylisting; so does (postgrey's ``--auto-whitelist-clients``)
+   a client network that passed greylisting ``auto_allowlist_clients``
+   times, counted at most once an hour, while its record lives (``max_age``
+   after the last count).
 3. **Triplet** (pure :func:`decide` on the stored :class:`Triplet` and the
    time): key ``network/sender/recipient`` (:func:`triplet_key`); a new
    triplet, or a retry sooner than ``delay``, is deferred with ``450 4.2.0``;
@@ -551,10 +553,12 @@ async def check_greylist(
     network = client_network(ip, cfg.ipv4_mask, cfg.ipv6_mask)
     key = triplet_key(client_part or network, sender, recipient)
     try:
-        if cfg.auto_allowlist_clients:
-            entry, client = await store.get_greylist(key, network)
-        else:
-            entry, client = await store.get_triplet(key), None
+        entry, client, allowed = await store.get_greylist_allowed(key, network, ip)
+        if allowed is not None:
+            METRICS.greylist.labels(outcome="allowlisted").inc()
+            return Result(CHECK, Outcome.PASS, f"client allowlisted by operator ({allowed})")
+        if not cfg.auto_allowlist_clients:
+            client = None
         if auto_allowlisted(client, cfg):
             if counted := count_client(client, now, cfg):
                 await store.put_client(network, counted)

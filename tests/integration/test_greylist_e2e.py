@@ -256,3 +256,23 @@ def test_spf_pool_retrying_from_another_network_passes(backend: PrivatePostfix, 
                                "127.0.11.0/a@strict.test/bob@example.test"}
     assert len(backend.wait_for_messages(1)) == 1
     assert "TXT" in dns.log() and "pool.test" in dns.log()  # the answers came from the DNS server
+
+
+def cli(g: Guard, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "smtpguard", "greylist", *args, "-c", str(g.config)],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def test_cli_allow_and_delete_any_prefix_on_a_running_server(backend: PrivatePostfix,
+                                                             make_guard: Callable[..., Guard]) -> None:
+    g = make_guard(backend.port, GREYLIST + "auto_allowlist_clients = 0\n")
+    assert cli(g, "allow", "127.0.16.0/20").split() == ["ALLOWED", "UNTIL", "127.0.16.0/20", "never"]
+    assert attempt(g.port, "127.0.20.5").startswith("250")  # another /24 inside the /20
+    g.wait_for_log(r"greylist: pass, reason=client allowlisted by operator \(127\.0\.16\.0/20\)")
+    assert cli(g, "allow", "127.0.40.128/25").split()[2] == "127.0.40.128/25"
+    assert attempt(g.port, "127.0.40.200").startswith("250")
+    assert attempt(g.port, "127.0.40.100") == GREYLISTED  # the lower half of that /24 is not in it
+    assert cli(g, "delete", "127.0.20.5") == "deleted: 127.0.16.0/20\n"  # the network holding the address
+    assert attempt(g.port, "127.0.20.5") == GREYLISTED  # the running server saw the delete at once
+    assert json.loads(cli(g, "clients", "--json")) == [
+        {"network": "127.0.40.128/25", "manual": True, "added": pytest.approx(time.time(), abs=60), "expires": None}]

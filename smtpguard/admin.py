@@ -24,7 +24,8 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from .checks.greylist import client_network
-from .config import Config, parse_duration
+from .config import Config
+from .options import parse_duration
 from .store import AllowedNet, Store, open_store
 
 

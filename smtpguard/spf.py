@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import spf as pyspf
+import spf as pyspf  # type: ignore[import-untyped]  # pyspf ships no type information
 
 from .dns import DnsResult, MxRecord, Status
 

@@ -36,7 +36,7 @@ lint: venv
 bench: venv sysdeps
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/screen.py
-	$(BIN)/python bench/greylist.py --backend sqlite --backend redis
+	$(BIN)/python bench/greylist.py --backend sqlite --backend redis --spf
 	$(BIN)/python bench/tls.py
 	$(BIN)/python bench/dns_screening.py
 	$(BIN)/python bench/policy.py --backend sqlite --backend redis

@@ -17,6 +17,15 @@ phases, so decisions are timed on a settled database (SQLite has
 checkpointed the bulk load), as after a restart.  Prints one line per
 backend; asserts nothing.
 
+``--spf`` adds two SQLite runs with ``[greylist] spf_key`` on: every sender
+is in ``pool.bench.test``, whose SPF record (an ``include`` of a record with
+``ip4:198.18.0.0/15``) authorizes every client, served by a private dnsmasq
+on loopback through smtpguard's resolver; each decision evaluates SPF
+(:func:`smtpguard.spf.evaluate`) and keys the triplet by the domain.  "cached
+domain": the resolver's cache holds the answers (as for a sender seen in the
+last TTL); "uncached domain": the resolver's cache is off, so each decision
+asks dnsmasq both TXT questions.  Triplets are preloaded with the domain key.
+
 SQLite goes to a fresh file in a temporary directory (``--db`` to choose);
 Redis keys go under ``smtpguard-bench:`` -- point ``--redis-url`` at a
 throw-away server on loopback.  All addresses are made-up strings
@@ -39,7 +48,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from smtpguard import spf  # noqa: E402
 from smtpguard.checks.greylist import GreylistConfig, check_greylist, client_network, triplet_key  # noqa: E402
+from smtpguard.dns import DnsConfig, DnsResolver  # noqa: E402
 from smtpguard.store import Store, Triplet, open_store  # noqa: E402
 
 CFG = GreylistConfig(enabled=True)  # off by default in a configuration
@@ -53,29 +64,41 @@ def client(i: int) -> str:
     return str(ipaddress.IPv4Address(BASE + ((i % 512) << 8) + 1 + i % 250))
 
 
-def envelope(i: int) -> tuple[str, str]:
-    return f"sender{i}@bench.example", f"rcpt{i % 1000}@example.net"
+def envelope(i: int, spf: bool = False) -> tuple[str, str]:
+    return f"sender{i}@{SPF_DOMAIN if spf else 'bench.example'}", f"rcpt{i % 1000}@example.net"
 
 
-def preloaded(n: int, now: float) -> Iterator[tuple[str, Triplet]]:
+SPF_DOMAIN = "pool.bench.test"
+SPF_RECORDS = [f"--txt-record={SPF_DOMAIN},v=spf1 include:_spf.{SPF_DOMAIN} -all",
+               f"--txt-record=_spf.{SPF_DOMAIN},v=spf1 ip4:198.18.0.0/15 -all", "--local-ttl=3600"]
+
+
+def preloaded(n: int, now: float, spf: bool = False) -> Iterator[tuple[str, Triplet]]:
     rng = random.Random(1)
     for i in range(n):
         last = now - rng.uniform(0, 35 * 86400 - 3600)
-        net = client_network(ipaddress.ip_address(client(i)), CFG.ipv4_mask, CFG.ipv6_mask)
-        yield triplet_key(net, *envelope(i)), Triplet(last - 600, last, last - 300, last + CFG.max_age)
+        net = SPF_DOMAIN if spf else client_network(ipaddress.ip_address(client(i)), CFG.ipv4_mask, CFG.ipv6_mask)
+        yield triplet_key(net, *envelope(i, spf)), Triplet(last - 600, last, last - 300, last + CFG.max_age)
 
 
-async def run(store: Store, triplets: int, decisions: int, concurrency: int) -> tuple[float, list[float]]:
-    """Time *decisions* greylist checks; returns (elapsed, latencies)."""
+async def run(store: Store, triplets: int, decisions: int, concurrency: int,
+              resolver: DnsResolver | None = None) -> tuple[float, list[float]]:
+    """Time *decisions* greylist checks (with an SPF evaluation each when
+    *resolver* is given); returns (elapsed, latencies)."""
     rng = random.Random(2)
     work = iter(rng.randrange(triplets) if rng.random() >= NEW_SHARE else triplets + n for n in range(decisions))
     latencies: list[float] = []
 
     async def worker() -> None:
         for i in work:
-            ip, (sender, recipient) = client(i), envelope(i)
+            ip, (sender, recipient) = client(i), envelope(i, resolver is not None)
             start = time.perf_counter()
-            await check_greylist(store, CFG, ip, "unknown", sender, recipient, time.time())
+            domain = None
+            if resolver is not None:
+                found = await spf.evaluate(resolver, ip, sender, "helo.bench.test")
+                assert found.passed, found
+                domain = found.domain
+            await check_greylist(store, CFG, ip, "unknown", sender, recipient, time.time(), client_part=domain)
             latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
@@ -83,22 +106,30 @@ async def run(store: Store, triplets: int, decisions: int, concurrency: int) -> 
     return time.perf_counter() - start, latencies
 
 
-async def bench(backend: str, url: str, args: argparse.Namespace) -> str:
+async def bench(backend: str, url: str, args: argparse.Namespace, nameserver: tuple[str, int] | None = None,
+                cached: bool = True) -> str:
     store = await open_store(url, redis_prefix=PREFIX)
     try:
         start = time.perf_counter()
-        loaded = await store.put_triplets(preloaded(args.triplets, time.time()))
+        loaded = await store.put_triplets(preloaded(args.triplets, time.time(), nameserver is not None))
         load_time = time.perf_counter() - start
     finally:
         await store.close()  # SQLite: checkpoints the bulk load, as a server restart would find it
+    resolver, label, decisions = None, backend, args.decisions
+    if nameserver is not None:
+        resolver = DnsResolver(DnsConfig(nameservers=(nameserver,), cache_size=10000 if cached else 0))
+        if cached:
+            assert (await spf.evaluate(resolver, client(0), envelope(0, True)[0], "helo.bench.test")).passed
+        label = f"{backend} + SPF ({'cached' if cached else 'uncached'} domain)"
+        decisions = decisions if cached else max(1000, decisions // 4)
     store = await open_store(url, redis_prefix=PREFIX)
     try:
-        elapsed, latencies = await run(store, args.triplets, args.decisions, args.concurrency)
+        elapsed, latencies = await run(store, args.triplets, decisions, args.concurrency, resolver)
     finally:
         await store.close()
     cuts = statistics.quantiles(latencies, n=100)
     return (
-        f"{backend}: {loaded} triplets preloaded in {load_time:.1f}s; "
+        f"{label}: {loaded} triplets preloaded in {load_time:.1f}s; "
         f"{len(latencies)} decisions in {elapsed:.2f}s = {len(latencies) / elapsed:,.0f}/s, "
         f"p50 {cuts[49] * 1000:.2f} ms, p99 {cuts[98] * 1000:.2f} ms (concurrency {args.concurrency})"
     )
@@ -113,18 +144,27 @@ def main() -> None:
     parser.add_argument("--redis-url", help="default: a private redis-server on a free loopback port, "
                                             "started and stopped by this script")
     parser.add_argument("--db", help="SQLite file (default: in a new temporary directory)")
+    parser.add_argument("--spf", action="store_true", help="also SQLite with [greylist] spf_key: a cached and an "
+                                                          "uncached SPF domain (a private dnsmasq on loopback)")
     args = parser.parse_args()
     backends = args.backend or ["sqlite"]
     with tempfile.TemporaryDirectory(prefix="smtpguard-bench-") as tmp, contextlib.ExitStack() as stack:
         redis_url = args.redis_url
         if "redis" in backends and not redis_url:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.lab import RedisServer
 
             redis_url = stack.enter_context(RedisServer()).url
         urls = {"sqlite": f"sqlite:///{Path(args.db or Path(tmp) / 'bench.db').resolve()}", "redis": redis_url}
         for backend in backends:
             print(asyncio.run(bench(backend, urls[backend], args)), flush=True)
+        if args.spf:
+            from tests.lab import DnsServer
+
+            dns = stack.enter_context(DnsServer(SPF_RECORDS, log_queries=False))
+            dns.start()
+            for n, cached in enumerate((True, False)):
+                url = f"sqlite:///{(Path(tmp) / f'bench-spf{n}.db').resolve()}"
+                print(asyncio.run(bench("sqlite", url, args, (dns.address, dns.port), cached)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Operator commands on the configured state store.
 
-``smtpguard greylist list|show KEY|allow NET-or-ADDR|delete KEY|purge|stats``
+``smtpguard greylist list|show KEY|allow NET-or-ADDR [--ttl D]|delete KEY|clients|purge|stats``
 and ``smtpguard cache list|show IP|delete IP|purge|stats`` read the store
 named by ``[state] url`` (SQLite file or Redis, so on a cluster every node
 sees the same answer).  Output is a readable table; ``--json`` prints one
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,8 @@ from typing import Any, TextIO
 
 from .checks.greylist import client_network
 from .config import Config
-from .store import ClientNet, Store, open_store
+from .options import parse_duration
+from .store import AllowedNet, Store, open_store
 
 
 def _when(t: float | None) -> str:
@@ -75,29 +77,55 @@ class Admin:
                     ("state", "passed" if t.passed_at is not None else "waiting for a retry")])
         return 0
 
-    async def greylist_allow(self, what: str) -> int:
-        """Allowlist a client network (as the auto-allowlist would) for max_age."""
-        g = self.cfg.greylist
+    async def greylist_allow(self, what: str, ttl: float | None = None) -> int:
+        """Allowlist a client address or network of any prefix length,
+        stored exactly as given (host bits cleared); it does not expire
+        unless *ttl* is given."""
         try:
-            if "/" in what:
-                net = ipaddress.ip_network(what, strict=False)
-                ip = net.network_address
-            else:
-                ip = ipaddress.ip_address(what)
+            net = ipaddress.ip_network(what, strict=False)
         except ValueError:
             self.out.write(f"smtpguard: error: expected an IP address or network, got {what!r}\n")
             return 2
-        key = client_network(ip, g.ipv4_mask, g.ipv6_mask)
+        if net.version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
+            v4 = net.network_address.ipv4_mapped
+            net = ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}", strict=False)  # ::ffff:a.b.c.d is a.b.c.d
         now = self.clock()
-        await self.store.put_client(key, ClientNet(max(g.auto_allowlist_clients, 1), now, now + g.max_age))
-        self._emit({"allowed": key, "until": now + g.max_age}, ("ALLOWED", "UNTIL"),
-                   [(key, _when(now + g.max_age))])
+        until = now + ttl if ttl is not None else math.inf
+        await self.store.put_allowed(str(net), AllowedNet(now, until))
+        self._emit({"allowed": str(net), "until": None if ttl is None else until}, ("ALLOWED", "UNTIL"),
+                   [(str(net), "never" if ttl is None else _when(until))])
         return 0
 
     async def greylist_delete(self, key: str) -> int:
-        found = await self.store.delete_triplet(key.lower()) or await self.store.delete_client(key.lower())
-        self.out.write(f"{'deleted' if found else 'not found'}: {key}\n")
-        return 0 if found else 1
+        """A triplet key, an allowlisted network (as stored, or an address:
+        the most specific allowlisted network that holds it), or an
+        auto-allowlist network."""
+        deleted = await self._delete_client(key.strip())
+        if deleted is None and await self.store.delete_triplet(key.lower()):
+            deleted = key.lower()
+        if deleted is None and await self.store.delete_client(key.lower()):
+            deleted = key.lower()
+        self.out.write(f"deleted: {deleted}\n" if deleted is not None else f"not found: {key}\n")
+        return 0 if deleted is not None else 1
+
+    async def _delete_client(self, what: str) -> str | None:
+        try:
+            net = ipaddress.ip_network(what, strict=False)
+        except ValueError:
+            return None
+        candidates = [str(net)]
+        if "/" not in what:  # an address: the allowlisted networks that hold it, most specific first
+            nets = [(ipaddress.ip_network(k), k) for k, _ in await self.store.list_allowed()]
+            candidates = [k for n, k in sorted(nets, key=lambda x: -x[0].prefixlen)
+                          if n.version == net.version and net.network_address in n]
+            g = self.cfg.greylist
+            auto = client_network(net.network_address, g.ipv4_mask, g.ipv6_mask)
+        for candidate in candidates:
+            if await self.store.delete_allowed(candidate):
+                return candidate
+        if "/" not in what and await self.store.delete_client(auto):
+            return auto
+        return None
 
     async def greylist_import_postgrey(self, files: list[str]) -> int:
         """postgrey's ``db_dump -p`` output into the store (see smtpguard.policy.postgrey_import)."""
@@ -113,13 +141,19 @@ class Admin:
         return 0
 
     async def greylist_clients(self, limit: int) -> int:
+        """The networks allowlisted by operators, then the auto-allowlist."""
+        allowed = (await self.store.list_allowed())[:limit]
         items = await self.store.list_clients(limit)
         threshold = self.cfg.greylist.auto_allowlist_clients
+        rows: list[tuple[str, ...]] = [
+            (k, "-", _when(a.added), "never" if math.isinf(a.expires) else _when(a.expires), "yes (operator)")
+            for k, a in allowed]
+        rows += [(k, str(c.count), _when(c.last_counted), _when(c.expires),
+                  "yes" if threshold and c.count >= threshold else "no") for k, c in items]
         self._emit(
-            [{"network": k, **asdict(c)} for k, c in items],
-            ("NETWORK", "COUNT", "LAST COUNTED", "EXPIRES", "ALLOWLISTED"),
-            [(k, str(c.count), _when(c.last_counted), _when(c.expires),
-              "yes" if threshold and c.count >= threshold else "no") for k, c in items],
+            [{"network": k, "manual": True, "added": a.added, "expires": None if math.isinf(a.expires) else a.expires}
+             for k, a in allowed] + [{"network": k, "manual": False, **asdict(c)} for k, c in items],
+            ("NETWORK", "COUNT", "LAST COUNTED", "EXPIRES", "ALLOWLISTED"), rows,
         )
         return 0
 
@@ -163,6 +197,16 @@ class Admin:
         return 0
 
 
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be longer than 0s")
+    return seconds
+
+
 def add_parsers(sub: Any) -> None:
     """The ``greylist`` and ``cache`` sub-commands (each takes -c and --json)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -178,8 +222,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--prefix", default="", help="only keys starting with this (e.g. a network)")
     leaf(gs, "show", "show one triplet").add_argument("key", help="NETWORK/sender/recipient")
-    leaf(gs, "allow", "allowlist a client network").add_argument("client", help="IP address or network")
-    leaf(gs, "delete", "delete a triplet or client network").add_argument("key")
+    p = leaf(gs, "allow", "allowlist a client address or network (any prefix), until deleted")
+    p.add_argument("client", help="IP address or network: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32")
+    p.add_argument("--ttl", type=_duration, default=None, help="expire after this long (300s, 5m, 2h, 7d)")
+    leaf(gs, "delete", "delete a triplet, an allowlisted network (or the one holding an address), "
+         "or an auto-allowlist network").add_argument("key")
     leaf(gs, "clients", "list auto-allowlist client networks").add_argument("--limit", type=int, default=100)
     leaf(gs, "import-postgrey", "import postgrey's state from `db_dump -p` output").add_argument(
         "files", nargs="+", metavar="FILE", help="db_dump -p of postgrey.db and/or postgrey_clients.db ('-': stdin)")
@@ -201,7 +248,7 @@ def dispatch(admin: Admin, args: argparse.Namespace) -> Awaitable[int]:
         table: dict[str, Callable[[], Awaitable[int]]] = {
             "list": lambda: admin.greylist_list(args.limit, args.prefix),
             "show": lambda: admin.greylist_show(args.key),
-            "allow": lambda: admin.greylist_allow(args.client),
+            "allow": lambda: admin.greylist_allow(args.client, args.ttl),
             "delete": lambda: admin.greylist_delete(args.key),
             "clients": lambda: admin.greylist_clients(args.limit),
             "import-postgrey": lambda: admin.greylist_import_postgrey(args.files),

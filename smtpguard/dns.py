@@ -32,7 +32,7 @@ A question goes through three layers:
    fake :class:`Backend` instead.
 
 Checks depend on the :class:`Resolver` protocol, not on this class, so unit
-tests may also hand them any object with the five methods.
+tests may also hand them any object with its methods.
 
 Answers are text: addresses as printed by :mod:`ipaddress`, host names
 without the trailing dot (the root is ``"."``), a TXT record's strings
@@ -140,6 +140,10 @@ class Resolver(Protocol):
     async def ptr(self, ip: str) -> DnsResult[str]: ...
 
     async def mx(self, name: str) -> DnsResult[MxRecord]: ...
+
+    async def query(self, name: str, rdtype: str) -> DnsResult[str]: ...
+
+    def cached(self, name: str, rdtype: str) -> DnsResult[str] | None: ...
 
 
 class Backend(Protocol):
@@ -347,6 +351,16 @@ class DnsResolver:
 
     async def mx(self, name: str) -> DnsResult[MxRecord]:
         return (await self._lookup(name, "MX")).map(MxRecord.parse)
+
+    async def query(self, name: str, rdtype: str) -> DnsResult[str]:
+        """Any question by name and type (``"TXT"``, ``"PTR"`` of a reverse
+        name, ...); answers in the backend's text form (MX ``"PREF HOST"``)."""
+        return await self._lookup(name, rdtype)
+
+    def cached(self, name: str, rdtype: str) -> DnsResult[str] | None:
+        """The cached answer to that question, without asking; None when
+        it is not in the cache."""
+        return self._cached((name.rstrip(".").lower(), rdtype))
 
     async def _lookup(self, name: str, rdtype: str) -> DnsResult[str]:
         key = (name.rstrip(".").lower(), rdtype)

@@ -55,7 +55,8 @@ DNS_CHECKS = ("dnsbl", "rhsbl", "client_name", "sender_domain", "helo_hostname")
 
 def wants_resolver(cfg: Config) -> bool:
     """Does this configuration ask the DNS at all?"""
-    return cfg.client_name.lookup or any(getattr(cfg, name).enabled for name in DNS_CHECKS)
+    spf = cfg.greylist.enabled and cfg.greylist.spf_key
+    return spf or cfg.client_name.lookup or any(getattr(cfg, name).enabled for name in DNS_CHECKS)
 
 
 ClientFindings = tuple[ClientNames, Result | None]  # names, reverse-client RHSBL result

@@ -289,6 +289,8 @@ class GuardProtocol(asyncio.Protocol):
                 return await pipeline.on_mail(s)
             case Screen(stage=Stage.RCPT):
                 return await pipeline.on_rcpt(s, request.rcpt or "")
+            case Screen(stage=Stage.GREYLIST):
+                return await pipeline.on_greylist(s, request.rcpt or "")
             case Screen(stage=Stage.DATA):
                 return await pipeline.on_data(s)
             case Screen(stage=Stage.RELAYED):

@@ -135,6 +135,7 @@ class Stage(enum.Enum):
     RCPT = "rcpt"
     DATA = "data"
     RELAYED = "relayed"  # a recipient passed: the screening phase is over (no verdict)
+    GREYLIST = "greylist"  # a recipient Postfix accepted: greylisting's verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,8 @@ class Screen:
     ``Stage.COMMAND``: *line* as received, *command* its verb, *pending*
     the input received after it and *previous* the command before; for
     ``Stage.GREET``: *line* is what the client sent in the greet wait and
-    *after* when its first byte came; for ``Stage.RCPT``: *rcpt*."""
+    *after* when its first byte came; for ``Stage.RCPT`` and
+    ``Stage.GREYLIST``: *rcpt*."""
 
     stage: Stage
     rcpt: str | None = None
@@ -220,8 +222,8 @@ class SessionMachine:
     """One client's SMTP session, from accept to the end (see the module doc)."""
 
     __slots__ = ("cfg", "session", "clock", "tls_available", "upstream_connected", "_upstream_pipelining",
-                 "_upstream_mail", "in_data", "last_command", "counts", "_succeeded", "_out", "_steps",
-                 "greeted", "handed_off", "closed")
+                 "_upstream_mail", "_upstream_extra", "_rcpt_lines", "in_data", "last_command", "counts",
+                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed")
 
     def __init__(self, cfg: Config, session: Session, tls_available: bool,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -232,6 +234,12 @@ class SessionMachine:
         self.upstream_connected = False
         self._upstream_pipelining = False  # Postfix got an EHLO: MAIL and RCPT may go in one write
         self._upstream_mail = False  # MAIL sent upstream in this transaction
+        # RCPT lines of the recipients Postfix and greylisting both accepted
+        # (s.rcpts), to replay them after a RSET when Postfix also holds one
+        # that greylisting deferred (_upstream_extra): Postfix must never get
+        # DATA for a greylisted recipient.
+        self._rcpt_lines: list[bytes] = []
+        self._upstream_extra = False
         self.in_data = False
         self.last_command = ""  # for "lost connection after CMD" and the counts
         #: command -> [succeeded, sent]: smtpd's per-command counts for DISCONNECT
@@ -597,11 +605,19 @@ class SessionMachine:
             self._upstream_failed(exc, "RCPT")
             self._reply(REPLIES["upstream_unavailable"])
             return
-        if reply.code == 250:
-            s.rcpts.append(path.address)
-        else:
+        if reply.code != 250:
             log.info("%s: RCPT from %s: upstream said: %s; from=<%s> to=<%s>",
                      "NOQUEUE", s.who, reply.text, s.sender, path.address)
+            self._relay_reply(reply)
+            return
+        # Greylisting judges only what Postfix accepted (postgrey's place at
+        # the end of smtpd_recipient_restrictions): a relay attempt or an
+        # unknown user got Postfix's own reject above, and left no triplet.
+        if self.cfg.greylist.enabled and not (yield from self._screen(Stage.GREYLIST, "RCPT", path.address)):
+            self._upstream_extra = True  # Postfix holds it: no DATA before a RSET
+            return
+        s.rcpts.append(path.address)
+        self._rcpt_lines.append(rcpt_line)
         self._relay_reply(reply)
 
     def data(self, arg: str | None) -> _Steps:
@@ -613,11 +629,18 @@ class SessionMachine:
             self._reply(REPLIES["need_mail"])
             return
         if not s.rcpts:
+            # Postfix may hold recipients greylisting deferred: reset its
+            # transaction (the client's own stays, as in smtpd).
+            yield from self._reset_upstream()
             self._reply(REPLIES["no_valid_rcpt"])
             return
         if not (yield from self._screen(Stage.DATA, "DATA")):
             return
         try:
+            if self._upstream_extra and not (yield from self._replay()):
+                yield from self._reset()
+                self._reply(REPLIES["upstream_changed"])
+                return
             [reply] = yield from self._upstream(b"DATA\r\n")
         except UpstreamError as exc:
             self._upstream_failed(exc, "DATA")
@@ -687,16 +710,43 @@ class SessionMachine:
 
     def _reset(self) -> _Steps:
         """Abandon the transaction here and upstream."""
+        yield from self._reset_upstream()
+        self._end_transaction()
+
+    def _reset_upstream(self) -> _Steps:
+        """Abandon the transaction at Postfix (RSET) only; the next
+        recipient sends MAIL again."""
         if self._upstream_mail and self.upstream_connected:
             try:
                 yield from self._upstream(b"RSET\r\n")
             except UpstreamError as exc:
                 self._upstream_failed(exc, "RSET")
-        self._end_transaction()
+        self._upstream_mail = self._upstream_extra = False
+
+    def _replay(self) -> Generator[Request, Event, bool]:
+        """Postfix holds a recipient greylisting deferred beside the
+        accepted ones: RSET, then MAIL and the accepted recipients again (in
+        one write when Postfix offered PIPELINING).  False when Postfix now
+        refuses one of them.  Raises UpstreamError."""
+        s = self.session
+        lines = [b"RSET\r\n", _command("MAIL FROM", s.sender or "", s.mail_params), *self._rcpt_lines]
+        if self._upstream_pipelining:
+            replies = yield from self._upstream(b"".join(lines), len(lines))
+        else:
+            replies = []
+            for line in lines:
+                replies += yield from self._upstream(line)
+        self._upstream_extra = False
+        refused = [r for r in replies if r.code != 250]
+        for r in refused:
+            log.warning("%s: upstream refused a recipient replayed after greylisting: %s; from=<%s>",
+                        s.who, r.text, s.sender)
+        return not refused
 
     def _end_transaction(self) -> None:
         self.session.reset_transaction()
-        self._upstream_mail = False
+        self._upstream_mail = self._upstream_extra = False
+        self._rcpt_lines = []
 
     def noop(self, arg: str | None) -> _Steps:
         self._reply(REPLIES["ok"])
@@ -718,14 +768,15 @@ class SessionMachine:
         log.warning("%s: upstream %s failed: %s", self.session.who, stage, exc)
         self._abort_upstream()
         self.session.rcpts = []
+        self._rcpt_lines = []
 
     def _abort_upstream(self) -> None:
         self._out.append(AbortUpstream())
-        self.upstream_connected = self._upstream_mail = False
+        self.upstream_connected = self._upstream_mail = self._upstream_extra = False
 
     def _quit_upstream(self) -> None:
         self._out.append(QuitUpstream())
-        self.upstream_connected = self._upstream_mail = False
+        self.upstream_connected = self._upstream_mail = self._upstream_extra = False
 
 
 _REFUSED: dict[Reply, tuple[Any, Any]] = {}

@@ -20,7 +20,7 @@ upstream_errors, upstream_*_seconds         machine (core)
 check_results, screening_verdicts           pipeline (screening checks)
 allowlist_cache                             pipeline (PASS OLD / PASS NEW)
 handoffs                                    pipeline (connections passed to smtpd)
-greylist                                    greylisting (front end and policy service)
+greylist, spf_results                       greylisting, front end and policy service (spf_results: [greylist] spf_key)
 policy_*                                    policy service (smtpguard.policy)
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
 store_errors                                state store
@@ -46,7 +46,8 @@ _DNS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 SCREENING_ACTIONS = ("continue", "pass", "defer", "reject", "drop")
 ALLOWLIST_RESULTS = ("pass_old", "pass_new")
 HANDOFF_RESULTS = ("passed", "failed")
-GREYLIST_OUTCOMES = ("new", "early", "passed", "allowlisted")
+GREYLIST_OUTCOMES = ("new", "early_retry", "passed", "known", "allowlisted")
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 RELOAD_RESULTS = ("success", "failure")
 #: where a decision was made: the SMTP front end or the Postfix policy service
 MODES = ("frontend", "policy")
@@ -73,7 +74,8 @@ class Metrics:
     allowlist_cache: Counter  # labels: result (pass_old, pass_new)
     handoffs: Counter  # labels: result (passed, failed)
     # ---- greylisting
-    greylist: Counter  # labels: mode (frontend, policy), outcome (new, early, passed, allowlisted)
+    greylist: Counter  # labels: mode (frontend, policy), outcome (new, early_retry, passed, known, allowlisted)
+    spf_results: Counter  # labels: result (pass, fail, softfail, neutral, none, permerror, temperror)
     # ---- DNS
     dnsbl_hits: Counter  # labels: list (the configured DNSBL/DNSWL domain)
     dns_query_seconds: Histogram  # labels: type (A, AAAA, TXT, PTR, MX)
@@ -148,8 +150,13 @@ class Metrics:
             ),
             greylist=Counter(
                 "smtpguard_greylist",
-                "Greylisting decisions, by mode (frontend, policy) and outcome (new, early, passed, allowlisted)",
+                "Greylisting decisions, by mode (frontend, policy) and outcome: new (greylisted, first time or "
+                "again), early_retry, passed (a triplet's first pass), known (passed before), allowlisted",
                 ["mode", "outcome"], registry=r,
+            ),
+            spf_results=Counter(
+                "smtpguard_greylist_spf", "SPF evaluations for SPF-aware greylisting ([greylist] spf_key), by result",
+                ["result"], registry=r,
             ),
             dnsbl_hits=Counter(
                 "smtpguard_dnsbl_hits", "DNSBL/DNSWL listings found, by configured list domain", ["list"],
@@ -201,6 +208,7 @@ class Metrics:
         for mode in MODES:
             for outcome in GREYLIST_OUTCOMES:
                 m.greylist.labels(mode=mode, outcome=outcome)
+        _init_labels(m.spf_results, "result", SPF_RESULTS)
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
         _init_labels(m.policy_errors, "problem", POLICY_PROBLEMS)
         m.config_last_reload_success.set(1)

@@ -4,9 +4,10 @@ The session machine (:mod:`smtpguard.machine`) asks, through the
 listener's ``Screen`` requests, :meth:`Pipeline.on_connect` before the
 banner, :meth:`on_greet` after the pregreet wait, :meth:`on_banner` before
 the final 220, :meth:`on_command` for every command line, then
-:meth:`on_helo`, :meth:`on_mail`, :meth:`on_rcpt` and :meth:`on_data` as
-the commands arrive; the listener calls :meth:`on_disconnect` at the end.  Each returns one
-:class:`~smtpguard.verdict.Verdict`.  The checks
+:meth:`on_helo`, :meth:`on_mail`, :meth:`on_rcpt`, :meth:`on_greylist`
+(once Postfix accepted the recipient) and :meth:`on_data` as the commands
+arrive; the listener calls :meth:`on_disconnect` at the end.  Each returns
+one :class:`~smtpguard.verdict.Verdict`.  The checks
 themselves are pure functions in :mod:`smtpguard.checks`; this module is
 the I/O edge around them (tables, the state store, the clock, the log).
 
@@ -58,9 +59,12 @@ passes, ``PASS NEW [a]:p`` is logged.  The cache lives in the
 :class:`~smtpguard.store.Store` (``[state] url``): with SQLite it survives
 restarts, with Redis it is shared by every node, as are the rate counters.
 
-Greylisting runs last, per recipient, after every other check passed
-(postgrey sits at the end of ``smtpd_recipient_restrictions``); a client
-the access table allowlisted, or a DNSWL client (score at or below
+Greylisting (:meth:`Pipeline.on_greylist`) runs last, per recipient, after
+every other check passed *and Postfix accepted the recipient* (postgrey sits
+at the end of ``smtpd_recipient_restrictions``, after
+``reject_unauth_destination`` and recipient validation): a relay attempt or
+an unknown user gets Postfix's reject at once and leaves no triplet.  A
+client the access table allowlisted, or a DNSWL client (score at or below
 ``dnsbl.allowlist_threshold``), is not greylisted.
 """
 
@@ -72,13 +76,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import logs
+from . import logs, spf
 from .checks.access import check_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
 from .checks.dnsbl import DnsblScore, dnsbl_result
 from .checks.errors import check_command_count, check_error_limit
-from .checks.greylist import check_greylist, client_exempt
+from .checks.greylist import allowlisted, check_greylist, client_exempt
 from .checks.helo import check_helo, require_helo
 from .checks.limits import check_connection_count, check_connection_rate, client_key, rate_enabled
 from .checks.nonsmtp import check_non_smtp
@@ -90,6 +94,7 @@ from .dns import Resolver, client_ip
 from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
+from .spf import SpfResult
 from .store import MemoryStore, Store
 from .tables import Table, open_access_table
 from .text import ascii_upper
@@ -299,17 +304,46 @@ class Pipeline:
             if v is not None:
                 return v
         found = check_address(self.cfg.addresses, rcpt, RECIPIENT, self.tables["recipient"], _utf8(s))
-        v = self._decide(s, found, "rcpt")
+        return self._decide(s, found, "rcpt")
+
+    async def on_greylist(self, s: Session, rcpt: str) -> Verdict:
+        """A recipient that passed every other check and that Postfix
+        accepted (postgrey's place: after reject_unauth_destination and
+        recipient validation in smtpd_recipient_restrictions)."""
         # DNSWL (score at or below dnsbl.allowlist_threshold): greylisting
         # counts as passed, postscreen's answer to the big senders' pools.
-        if v.final or s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
-            return v
+        if s.allowlisted or s.dnswl or not self.cfg.greylist.enabled:
+            return CONTINUE
+        spf = await self._spf(s, rcpt)
+        domain = spf.domain if spf is not None and spf.passed else None
         found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
-                                     s.sender or "", rcpt, self.clock())
-        log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
+                                     s.sender or "", rcpt, self.clock(), client_part=domain)
+        log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>%s",
                  "greylist" if found.outcome is Outcome.FAIL else found.outcome.value, found.reason,
-                 s.who, s.sender or "", rcpt)
+                 s.who, s.sender or "", rcpt, "" if spf is None else f", spf={spf.result}:{spf.domain}")
         return self._decide(s, found, "rcpt")
+
+    async def _spf(self, s: Session, rcpt: str) -> SpfResult | None:
+        """``greylist.spf_key``: the SPF result for this client and sender
+        (once per transaction's sender and HELO), or None when not asked:
+        the option is off, there is no resolver, or the client or recipient
+        is on a greylist allowlist (no key is needed)."""
+        resolver = self.dns.resolver
+        grey = self.cfg.greylist
+        if not grey.spf_key or resolver is None:
+            return None
+        try:
+            ip = client_ip(s.client_ip)
+        except ValueError:
+            return None
+        if allowlisted(grey, ip, s.client_name, rcpt):
+            return None
+        asked = (s.sender or "", s.helo or "")
+        if s.spf is None or s.spf[0] != asked:
+            result = await spf.evaluate(resolver, str(ip), *asked)
+            METRICS.spf_results.labels(result=result.result).inc()
+            s.spf = (asked, result)
+        return s.spf[1]
 
     async def on_data(self, s: Session) -> Verdict:
         """DATA: a protocol-test failure decided at the DATA command itself

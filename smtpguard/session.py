@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from . import logs
 from .dnsscreen import Lookups
 from .relay import ClientIdentity
+from .spf import SpfResult
 from .verdict import Result, Verdict
 
 
@@ -46,6 +47,7 @@ class Session:
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT
     screened: bool = False  # a recipient passed screening: the screening phase is over
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)
+    spf: tuple[tuple[str, str], SpfResult] | None = None  # (sender, helo) -> its SPF result (greylist.spf_key)
 
     @property
     def proto(self) -> str:

@@ -116,6 +116,9 @@ REPLIES: dict[str, Reply] = {
     "nul_in_data": Reply(550, "5.5.2", "Error: NUL character in message data"),
     "upstream_unavailable": Reply(451, "4.4.1", "Error: mail service temporarily unavailable, try again later"),
     "upstream_lost": Reply(451, "4.4.2", "Error: lost connection to mail service, try again later"),
+    # Postfix refused a recipient it had accepted when the transaction was
+    # replayed without a greylisted one (smtpguard.machine): nothing was sent.
+    "upstream_changed": Reply(451, "4.3.0", "Error: mail service changed its answer, try again later"),
     "internal_error": Reply(421, "4.3.0", "Error: internal error, closing connection"),
     "timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),
     "shutdown": Reply(421, "4.3.2", "Service shutting down, closing connection"),

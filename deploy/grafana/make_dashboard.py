@@ -49,6 +49,9 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ("sum(increase(smtpguard_greylist_total{outcome=\"passed\"}[1h])) / "
              "clamp_min(sum(increase(smtpguard_greylist_total{outcome=\"new\"}[1h])), 1)", "pass rate (1h)"),
         ], 12),
+        ("Greylist SPF results / s ([greylist] spf_key)", "ops", [
+            ("sum by (result) (rate(smtpguard_greylist_spf_total[$__rate_interval]))", "{{result}}"),
+        ], 12),
     ]),
     ("Policy service (check_policy_service)", [
         ("Policy answers / s by action", "ops", [

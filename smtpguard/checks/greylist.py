@@ -12,10 +12,12 @@ How it works
    the client allowlist files (plus the shipped
    ``greylist_clients.default``), or a recipient in the recipient allowlist
    (``postmaster@`` and ``abuse@`` always), is not greylisted.
-2. **Auto-allowlist** (postgrey's ``--auto-whitelist-clients``): a client
-   network that passed greylisting ``auto_allowlist_clients`` times, counted
-   at most once an hour, skips greylisting while its record lives
-   (``max_age`` after the last count).
+2. **Operator and auto-allowlist**: a network an operator allowlisted
+   (``smtpguard greylist allow``, any prefix length, stored in the state
+   store) skips greylisting; so does (postgrey's ``--auto-whitelist-clients``)
+   a client network that passed greylisting ``auto_allowlist_clients``
+   times, counted at most once an hour, while its record lives (``max_age``
+   after the last count).
 3. **Triplet** (pure :func:`decide` on the stored :class:`Triplet` and the
    time): key ``network/sender/recipient`` (:func:`triplet_key`); a new
    triplet, or a retry sooner than ``delay``, is deferred with ``450 4.2.0``;
@@ -380,6 +382,14 @@ class GreylistConfig:
     use_default_client_allowlist: bool = field(
         default=True, metadata=opt(parse_bool, "the whitelist_clients file shipped with postgrey")
     )
+    spf_key: bool = field(
+        default=False,
+        metadata=opt(
+            parse_bool,
+            "none (postgrey keys by client network only)",
+            "on an SPF pass the triplet's client part is the sender's domain, not the client network",
+        ),
+    )
     on_store_error: str = field(
         default="accept",
         metadata=opt(
@@ -525,14 +535,17 @@ async def check_greylist(
     recipient: str,
     now: float,
     mode: str = "frontend",
+    client_part: str | None = None,
 ) -> Result:
     """Greylist one recipient.
 
     *client_name* is the client's verified (forward-confirmed) reverse name,
     or ``"unknown"``/``""``; *sender* is ``""`` for the null sender; *mode*
-    labels the metric (``frontend`` or ``policy``).
+    labels the metric (``frontend`` or ``policy``).  *client_part* replaces
+    the client network in the triplet's key (the SPF-validated sender
+    domain, ``spf_key``); the auto-allowlist still counts the client network.
     """
-    found, _ = await greylist(store, cfg, client_ip, client_name, sender, recipient, now, mode)
+    found, _ = await greylist(store, cfg, client_ip, client_name, sender, recipient, now, mode, client_part)
     return found
 
 
@@ -545,6 +558,7 @@ async def greylist(
     recipient: str,
     now: float,
     mode: str = "frontend",
+    client_part: str | None = None,
 ) -> tuple[Result, Decision | None]:
     """:func:`check_greylist` with the triplet's :class:`Decision` (None
     when no triplet was decided: allowlisted, skipped, store failure), for
@@ -560,12 +574,14 @@ async def greylist(
         METRICS.greylist.labels(mode=mode, outcome="allowlisted").inc()
         return Result(CHECK, Outcome.PASS, why), None
     network = client_network(ip, cfg.ipv4_mask, cfg.ipv6_mask)
-    key = triplet_key(network, sender, recipient)
+    key = triplet_key(client_part or network, sender, recipient)
     try:
-        if cfg.auto_allowlist_clients:
-            entry, client = await store.get_greylist(key, network)
-        else:
-            entry, client = await store.get_triplet(key), None
+        entry, client, allowed = await store.get_greylist_allowed(key, network, ip)
+        if allowed is not None:
+            METRICS.greylist.labels(mode=mode, outcome="allowlisted").inc()
+            return Result(CHECK, Outcome.PASS, f"client allowlisted by operator ({allowed})"), None
+        if not cfg.auto_allowlist_clients:
+            client = None
         if auto_allowlisted(client, cfg):
             if counted := count_client(client, now, cfg):
                 await store.put_client(network, counted)
@@ -587,9 +603,11 @@ async def greylist(
     return Result(CHECK, Outcome.PASS, decision.reason), decision
 
 
-# smtpguard_greylist_total{mode,outcome}: the four outcomes admins chart.
-_METRIC_OUTCOME = {State.NEW: "new", State.TOO_LATE: "new", State.EXPIRED: "new", State.EARLY: "early",
-                   State.PASSED: "passed", State.KNOWN: "passed"}
+# smtpguard_greylist_total{mode,outcome}: a triplet greylisted (again) is
+# "new", its first pass "passed", a pass of a triplet that passed before
+# "known", so passed / new is the pass rate (smtpguard report's figure).
+_METRIC_OUTCOME = {State.NEW: "new", State.TOO_LATE: "new", State.EXPIRED: "new", State.EARLY: "early_retry",
+                   State.PASSED: "passed", State.KNOWN: "known"}
 
 
 def _store_failed(cfg: GreylistConfig, recipient: str, exc: StoreError) -> Result:

@@ -22,13 +22,13 @@ import asyncio
 import logging
 import time
 
-from .base import ClientNet, Clock, Store, StoreError, StoreStats, Triplet
+from .base import AllowedNet, ClientNet, Clock, Store, StoreError, StoreStats, Triplet
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["ClientNet", "Clock", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet", "open_store",
-           "sweep_forever"]
+__all__ = ["AllowedNet", "ClientNet", "Clock", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet",
+           "open_store", "sweep_forever"]
 
 #: default key prefix in Redis
 REDIS_PREFIX = "smtpguard:"

@@ -33,7 +33,10 @@ callers can apply ``on_store_error = accept | tempfail``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import math
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +74,16 @@ class ClientNet:
 
     count: int
     last_counted: float
+    expires: float
+
+
+@dataclass(frozen=True)
+class AllowedNet:
+    """A client network an operator allowlisted (``smtpguard greylist
+    allow``), any prefix length; ``expires`` is ``inf`` unless a TTL was
+    given."""
+
+    added: float
     expires: float
 
 
@@ -114,10 +127,46 @@ GREYLIST: Kind[Triplet] = Kind(
     (float, float, _optional_float, float),
 )
 CLIENTS: Kind[ClientNet] = Kind("clients", ClientNet, ("count", "last_counted", "expires"), (int, float, float))
-KINDS: tuple[Kind[Any], ...] = (GREYLIST, CLIENTS)
+#: keyed by the network in CIDR form (``10.0.0.0/8``); the record :data:`VERSION`
+#: changes with every edit, so a node reloads its copy only when needed
+ALLOWED: Kind[AllowedNet] = Kind("allowed", AllowedNet, ("added", "expires"), (float, float))
+KINDS: tuple[Kind[Any], ...] = (GREYLIST, CLIENTS, ALLOWED)
+VERSION = "#version"
 
 #: records handed to a backend per call by the bulk path
 PUT_BATCH = 1000
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class _AllowedNets:
+    """A node's copy of the ALLOWED networks: per IP version and prefix
+    length, the set of network addresses, so a lookup costs one dict probe
+    per prefix length in use, most specific first."""
+
+    def __init__(self, version: float | None = None, items: Iterable[tuple[str, AllowedNet]] = ()) -> None:
+        self.version = version
+        self._nets: dict[tuple[int, int], dict[int, tuple[str, float]]] = {}
+        for key, entry in items:
+            try:
+                net = ipaddress.ip_network(key)
+            except ValueError:
+                continue
+            self._nets.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = (key, entry.expires)
+        self._order = sorted(self._nets, key=lambda k: -k[1])
+
+    def match(self, ip: IPAddress, now: float) -> str | None:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        value, bits = int(ip), ip.max_prefixlen
+        for version, prefix in self._order:
+            if version != ip.version:
+                continue
+            found = self._nets[(version, prefix)].get(value >> (bits - prefix) << (bits - prefix))
+            if found is not None and found[1] > now:
+                return found[0]
+        return None
 
 
 class Store(ABC):
@@ -130,6 +179,7 @@ class Store(ABC):
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
+        self._allowed = _AllowedNets()  # this node's copy of the ALLOWED networks
 
     async def _call(self, op: Awaitable[T]) -> T:
         try:
@@ -174,6 +224,40 @@ class Store(ABC):
             None if triplet is None else GREYLIST.decode(triplet),
             None if client is None else CLIENTS.decode(client),
         )
+
+    async def get_greylist_allowed(
+        self, key: str, net: str, ip: IPAddress
+    ) -> tuple[Triplet | None, ClientNet | None, str | None]:
+        """:meth:`get_greylist` plus the operator-allowlisted network (CIDR)
+        that holds *ip*, or None.  The allowed networks are read in the same
+        round trip as a version tag only; this node's copy of them is
+        reloaded when the tag changed (an ``allow``/``delete`` anywhere)."""
+        triplet, client, version = await self._call(
+            self._get_rows([(GREYLIST, key), (CLIENTS, net), (ALLOWED, VERSION)], self.clock()))
+        tag = None if version is None else ALLOWED.decode(version).added
+        if tag != self._allowed.version:
+            self._allowed = _AllowedNets(tag, await self.list_allowed())
+        return (
+            None if triplet is None else GREYLIST.decode(triplet),
+            None if client is None else CLIENTS.decode(client),
+            self._allowed.match(ip, self.clock()),
+        )
+
+    async def put_allowed(self, net: str, entry: AllowedNet) -> None:
+        """Allowlist network *net* (CIDR, any prefix length)."""
+        await self._put(ALLOWED, [(net, entry)])
+        await self._bump_allowed()
+
+    async def delete_allowed(self, net: str) -> bool:
+        found = await self._call(self._delete(ALLOWED.name, net))
+        await self._bump_allowed()
+        return found
+
+    async def list_allowed(self) -> list[tuple[str, AllowedNet]]:
+        return [(k, a) for k, a in await self._list(ALLOWED, 1_000_000, "") if k != VERSION]
+
+    async def _bump_allowed(self) -> None:
+        await self._put(ALLOWED, [(VERSION, AllowedNet(random.random(), math.inf))])
 
     async def put_triplet(self, key: str, triplet: Triplet) -> None:
         await self._put(GREYLIST, [(key, triplet)])

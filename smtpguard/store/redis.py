@@ -183,7 +183,10 @@ class RedisStore(Store):
             for key, row in rows:
                 name = self._key(kind.name, key)
                 pipe.hset(name, mapping={c: "" if v is None else v for c, v in zip(kind.names, row, strict=True)})
-                pipe.pexpire(name, _ttl_ms(row[-1], now))
+                if math.isinf(row[-1]):  # an operator's allowlist entry without a TTL
+                    pipe.persist(name)
+                else:
+                    pipe.pexpire(name, _ttl_ms(row[-1], now))
             await pipe.execute()
 
     async def _delete(self, kind: str, key: str) -> bool:
@@ -211,7 +214,7 @@ class RedisStore(Store):
 
     async def _purge(self, now: float) -> int:
         removed = 0
-        scripts = {GREYLIST.name: self._purge_records, CLIENTS.name: self._purge_records, "cache": self._purge_tests}
+        scripts = {**{kind.name: self._purge_records for kind in KINDS}, "cache": self._purge_tests}
         for space, script in scripts.items():
             async for keys in self._scan(space, ""):
                 removed += int(await script(keys=keys, args=[now]))

@@ -3,8 +3,12 @@ a real Prometheus scraping a test instance, /healthz and /readyz."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import PrivatePrometheus, Samples, http_get, scrape, value
+from tests.integration.test_greylist_e2e import DELAY, GREYLIST, GREYLISTED, attempt, wait_past
 from tests.lab import PrivatePostfix, free_port, wait_until, which
 
 pytestmark = pytest.mark.postfix
@@ -92,7 +97,7 @@ def test_metrics_exact_counts(backend: PrivatePostfix, make_guard: Callable[...,
     assert value(before, "smtpguard_connections_total") == 0
     # Known label sets are exported at 0 from the start.
     for mode in ("frontend", "policy"):
-        for outcome in ("new", "early", "passed", "allowlisted"):
+        for outcome in ("new", "early_retry", "passed", "known", "allowlisted"):
             assert ("smtpguard_greylist_total", frozenset({("mode", mode), ("outcome", outcome)})) in before
     scripted_sessions(backend, g)
     s = wait_metric(g.metrics_port, "smtpguard_sessions_active", 0)
@@ -213,3 +218,54 @@ def test_readyz_not_ready_while_shutting_down(backend: PrivatePostfix, guard: Gu
     assert c.reply().startswith("250 2.0.0 Ok: queued as ")
     assert guard.proc.wait(30) == 0
     backend.wait_for_messages(1)
+
+
+def documented_query(question: str) -> str:
+    """The PromQL of a row of docs/metrics.md's "What to look at" table."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    m = re.search(rf"^\| {re.escape(question)} \| `([^`]+)` \|$", doc, re.M)
+    assert m, f"no row {question!r} in docs/metrics.md"
+    return m[1]
+
+
+@pytest.mark.prometheus
+def test_greylist_pass_rate_query_equals_smtpguard_report(backend: PrivatePostfix,
+                                                          make_guard: Callable[..., Guard], tmp_path: Path) -> None:
+    """The documented pass-rate query, on a real Prometheus scrape, gives
+    the figure `smtpguard report` prints for the same traffic (issue 14: a
+    known triplet once counted as passed, 230% against the report's 50%)."""
+    g = make_guard(backend.port, GREYLIST)
+    prom = PrivatePrometheus(tmp_path, [f"127.0.0.1:{g.metrics_port}"]).start()
+    try:
+        def scraped(expr: str, expected: float) -> bool:
+            result = prom.query(expr)
+            return bool(result) and float(result[0]["value"][1]) == expected
+
+        # Prometheus must hold the counters at 0 before the traffic, or increase() misses it.
+        wait_until(lambda: scraped('sum(smtpguard_greylist_total{outcome="new"})', 0), timeout=60, interval=0.5,
+                   what="prometheus to scrape smtpguard", on_timeout=prom.log)
+        for n in (1, 2, 3, 4):  # four triplets greylisted
+            assert attempt(g.port, f"127.0.{11 + n}.1", sender=f"a{n}@sender.test") == GREYLISTED
+        start = time.time()
+        assert attempt(g.port, "127.0.15.1", sender="a4@sender.test") == GREYLISTED  # an early retry
+        wait_past(start, DELAY)
+        assert attempt(g.port, "127.0.12.1", sender="a1@sender.test").startswith("250")  # passed
+        assert attempt(g.port, "127.0.13.1", sender="a2@sender.test").startswith("250")  # passed
+        assert attempt(g.port, "127.0.12.1", sender="a1@sender.test").startswith("250")  # known
+        backend.wait_for_messages(3)
+        wait_until(lambda: scraped('sum(smtpguard_greylist_total{outcome="known"})', 1), timeout=30, interval=0.5,
+                   what="the last decision in prometheus")
+        s = scrape(g.metrics_port)
+        assert {o: value(s, "smtpguard_greylist_total", mode="frontend", outcome=o) for o in
+                ("new", "early_retry", "passed", "known", "allowlisted")} == {
+            "new": 4, "early_retry": 1, "passed": 2, "known": 1, "allowlisted": 0}
+        [result] = prom.query(documented_query("greylist pass rate"))
+        from_prometheus = float(result["value"][1])
+        wait_until(lambda: g.log().count("DISCONNECT [127.0.12.1]") == 3, timeout=10, what="the last DISCONNECT")
+        r = subprocess.run([sys.executable, "-m", "smtpguard", "report", "--json", str(g.log_path)],
+                           capture_output=True, text=True, timeout=60, check=True)
+        report = json.loads(r.stdout)["greylist"]
+        assert (report["triplets"], report["passed"]) == (4, 2)
+        assert from_prometheus == pytest.approx(report["pass_rate"]) == 0.5
+    finally:
+        prom.stop()

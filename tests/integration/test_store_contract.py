@@ -10,6 +10,8 @@ socket and key prefixes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import math
 import os
 import shutil
 import signal
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from smtpguard.store import ClientNet, Store, StoreError, StoreStats, Triplet, open_store
+from smtpguard.store import AllowedNet, ClientNet, Store, StoreError, StoreStats, Triplet, open_store
 from smtpguard.store.base import PUT_BATCH
 from tests.lab import RedisServer, free_port
 
@@ -66,6 +68,39 @@ def passed(first: float, expires: float) -> Triplet:
 
 
 # ------------------------------------------------------------------ contract
+
+
+@pytest.mark.asyncio
+async def test_operator_allowlist_any_prefix_no_expiry_and_seen_by_another_node(store_url: str,
+                                                                                clock: FakeClock) -> None:
+    """Networks of any prefix length, stored exactly; no TTL = never expires;
+    a second node (another Store on the same backend) sees edits at once."""
+    a, b = await open_store(store_url, clock), await open_store(store_url, clock)
+    if store_url == "memory://":
+        b = a  # process memory is not shared
+    try:
+        key, ip = "10.5.6.0/a@example.org/b@example.net", ipaddress.ip_address("10.5.6.7")
+        assert (await b.get_greylist_allowed(key, "10.5.6.0", ip))[2] is None
+        await a.put_allowed("10.0.0.0/8", AllowedNet(T0, math.inf))
+        await a.put_allowed("192.0.2.128/25", AllowedNet(T0, T0 + 60))
+        await a.put_allowed("2001:db8::/32", AllowedNet(T0, math.inf))
+        assert (await b.get_greylist_allowed(key, "10.5.6.0", ip))[2] == "10.0.0.0/8"
+        net = "192.0.2.0"
+        assert (await b.get_greylist_allowed(key, net, ipaddress.ip_address("192.0.2.200")))[2] == "192.0.2.128/25"
+        assert (await b.get_greylist_allowed(key, net, ipaddress.ip_address("192.0.2.100")))[2] is None
+        assert (await b.get_greylist_allowed(key, "2001:db8:1::", ipaddress.ip_address("2001:db8:1::5")))[2] \
+            == "2001:db8::/32"
+        clock.advance(10 * 365 * 86400)  # years later: only the TTL entry is gone
+        assert (await b.get_greylist_allowed(key, "10.5.6.0", ip))[2] == "10.0.0.0/8"
+        assert (await b.get_greylist_allowed(key, net, ipaddress.ip_address("192.0.2.200")))[2] is None
+        await a.purge_expired()
+        assert [k for k, _ in await b.list_allowed()] == ["10.0.0.0/8", "2001:db8::/32"]
+        assert await a.delete_allowed("10.0.0.0/8") is True
+        assert (await b.get_greylist_allowed(key, "10.5.6.0", ip))[2] is None
+    finally:
+        if b is not a:
+            await b.close()
+        await a.close()
 
 
 @pytest.mark.asyncio

@@ -28,6 +28,7 @@ from smtpguard.checks.greylist import (
     triplet_key,
 )
 from smtpguard.config import ConfigError, load_section
+from smtpguard.metrics import GREYLIST_OUTCOMES, METRICS
 from smtpguard.store import ClientNet, Store, StoreError, Triplet, open_store
 from smtpguard.store.base import Kind, Row
 from smtpguard.store.memory import MemoryStore
@@ -213,6 +214,30 @@ async def test_check_greylist_sequence_and_reply() -> None:
     assert (await greylist(store, clock, sender="alice+other@EXAMPLE.org")).reason == "triplet known"
     assert (await greylist(store, clock, client="192.0.3.10")).reason == "new triplet"  # other network
     assert await store.get_client("192.0.2.0") == ClientNet(1, T0 + DELAY, T0 + DELAY + MAX_AGE)
+
+
+def outcomes() -> dict[str, float]:
+    return {o: METRICS.registry.get_sample_value("smtpguard_greylist_total", {"mode": "frontend", "outcome": o}) or 0.0
+            for o in GREYLIST_OUTCOMES}
+
+
+@pytest.mark.asyncio
+async def test_metric_outcomes_count_a_first_pass_apart_from_a_known_triplet() -> None:
+    """passed / new is the pass rate: a known triplet must not count as passed."""
+    clock = Clock()
+    store = await open_store("memory://", clock)
+    before = outcomes()
+    await greylist(store, clock)  # new
+    clock.now += 100
+    await greylist(store, clock)  # early retry
+    clock.now += DELAY
+    await greylist(store, clock)  # passed (first pass)
+    await greylist(store, clock)  # known
+    await greylist(store, clock)  # known
+    await greylist(store, clock, rcpt="postmaster@example.net")  # allowlisted
+    after = outcomes()
+    assert {o: after[o] - before[o] for o in after} == {
+        "new": 1, "early_retry": 1, "passed": 1, "known": 2, "allowlisted": 1}
 
 
 @pytest.mark.asyncio

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from smtpguard.checks.errors import ErrorsConfig
+from smtpguard.checks.greylist import GreylistConfig
 from smtpguard.config import Config
 from smtpguard.machine import (
     REQUESTS,
@@ -399,3 +400,134 @@ def test_disconnect_counts_like_postfix(caplog: pytest.LogCaptureFixture) -> Non
     m.finish()
     assert "lost connection after UNKNOWN from unknown[192.0.2.7]:40123" in caplog.text
     assert "DISCONNECT [192.0.2.7]:40123 ehlo=1 mail=1 rcpt=1 unknown=0/1 commands=3/4" in caplog.text
+
+
+# ------------------------------------------------------------ greylisting after Postfix (issue 14)
+
+GREY_CFG = dataclasses.replace(Config(), greylist=GreylistConfig(enabled=True))
+GREYLISTED = Verdict(Action.DEFER, Reply(450, "4.2.0", "<b@example.test>: Recipient address rejected: Greylisted, "
+                                                       "see http://postgrey.schweikert.ch/help/example.test.html"))
+RELAY_DENIED = "554 5.7.1 <x@other.example>: Relay access denied"
+MAIL_RCPT_B = "Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test> 2"
+
+
+def rcpt(address: str, then: str) -> list[Row]:
+    """A RCPT that passes the screening before Postfix; *then* is what comes next."""
+    return [(f"RCPT TO:<{address}>\r\n".encode(), ["Screen command"]), (OK, ["Screen rcpt"]), (OK, [then])]
+
+
+def test_postfix_refusing_a_recipient_is_answered_at_once_and_never_greylisted() -> None:
+    """A relay attempt (or an unknown user) gets Postfix's 5xx on the first
+    try: greylisting is not asked, so no triplet is stored for it."""
+    machine = run([
+        *ENVELOPE[:-6],
+        *rcpt("x@other.example", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<x@other.example> 2"]),
+        (up("250 2.1.0 Ok", RELAY_DENIED), [f"Send {RELAY_DENIED}"]),
+        *rcpt("y@other.example", "Screen relayed"),
+        (None, ["Upstream RCPT TO:<y@other.example> 1"]),
+        (up("450 4.7.1 <y@other.example>: Relay access denied"),
+         ["Send 450 4.7.1 <y@other.example>: Relay access denied"]),
+    ], GREY_CFG)
+    assert machine.session.rcpts == []
+
+
+def test_a_recipient_postfix_accepted_is_greylisted_and_postfix_is_reset_at_data() -> None:
+    machine = run([
+        *ENVELOPE[:-6],
+        *rcpt("b@example.test", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, [MAIL_RCPT_B]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Screen greylist"]),  # Postfix's 250 is held back
+        (GREYLISTED, [f"Send {GREYLISTED.reply}"]),
+        # No recipient is left: Postfix's transaction is reset, it never gets DATA.
+        (b"DATA\r\n", ["Screen command"]),
+        (OK, ["Upstream RSET 1"]),
+        (up("250 2.0.0 Ok"), ["Send 554 5.5.1 Error: no valid recipients"]),
+        # The client's transaction goes on (as in smtpd): the next recipient sends MAIL again.
+        *rcpt("b@example.test", "Screen relayed"),
+        (None, [MAIL_RCPT_B]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Screen greylist"]),
+        (GREYLISTED, [f"Send {GREYLISTED.reply}"]),
+        (b"QUIT\r\n", ["Screen command"]),
+        (OK, ["Send 221 2.0.0 Bye", "Close"]),
+    ], GREY_CFG)
+    assert machine.session.rcpts == []
+    assert machine.counts == {"EHLO": [1, 1], "MAIL": [1, 1], "RCPT": [0, 2], "DATA": [0, 1], "QUIT": [1, 1]}
+
+
+# Postfix accepts b and c; greylisting defers b and passes c; then DATA.
+MIXED: list[Row] = [
+        *ENVELOPE[:-6],
+        *rcpt("b@example.test", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, [MAIL_RCPT_B]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Screen greylist"]),
+        (GREYLISTED, [f"Send {GREYLISTED.reply}"]),
+        *rcpt("c@example.test", "Screen relayed"),
+        (None, ["Upstream RCPT TO:<c@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Screen greylist"]),
+        (OK, ["Send 250 2.1.5 Ok"]),
+        (b"DATA\r\n", ["Screen command"]),
+        (OK, ["Screen data"]),
+        (OK, ["Upstream RSET|MAIL FROM:<a@sender.test>|RCPT TO:<c@example.test> 3"]),
+]
+
+
+def test_a_greylisted_recipient_beside_an_accepted_one_never_gets_the_message() -> None:
+    """Postfix accepted both; greylisting deferred the first.  Before DATA
+    the upstream transaction is replayed without it (one pipelined write),
+    and the replies reach the client in order."""
+    machine = run([
+        *MIXED,
+        (up("250 2.0.0 Ok", "250 2.1.0 Ok", "250 2.1.5 Ok"), ["Upstream DATA 1"]),
+        (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"]),
+        (b"hello\r\n.\r\n", ["Upstream hello|. 1"]),
+        (up("250 2.0.0 Ok: queued as 4ABC"), ["Send 250 2.0.0 Ok: queued as 4ABC"]),
+        # The next transaction starts clean: no replay.
+        (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+        *rcpt("c@example.test", "Screen relayed"),
+        (None, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<c@example.test> 2"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok"), ["Screen greylist"]),
+        (OK, ["Send 250 2.1.5 Ok"]),
+        (b"DATA\r\n", ["Screen command"]),
+        (OK, ["Screen data"]),
+        (OK, ["Upstream DATA 1"]),
+    ], GREY_CFG)
+    assert machine.session.rcpts == ["c@example.test"]
+
+
+def test_postfix_refusing_a_replayed_recipient_fails_the_message_temporarily() -> None:
+    """What Postfix now refuses was already accepted for the client: nothing
+    is sent, the transaction ends with a 4xx so the client retries it all."""
+    machine = run([
+        *MIXED,
+        (up("250 2.0.0 Ok", "250 2.1.0 Ok", "452 4.5.3 Error: too many recipients"), ["Upstream RSET 1"]),
+        (up("250 2.0.0 Ok"), ["Send 451 4.3.0 Error: mail service changed its answer, try again later"]),
+    ], GREY_CFG)
+    assert machine.session.sender is None and machine.session.rcpts == []
+
+
+def test_greylisting_after_postfix_without_pipelining_upstream() -> None:
+    """No HELO from the client: Postfix got none from us either, so the
+    replay goes one command at a time."""
+    run([
+        (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+        *rcpt("b@example.test", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, ["Upstream MAIL FROM:<a@sender.test> 1"]),
+        (up("250 2.1.0 Ok"), ["Upstream RCPT TO:<b@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Screen greylist"]),
+        (GREYLISTED, [f"Send {GREYLISTED.reply}"]),
+        *rcpt("c@example.test", "Screen relayed"),
+        (None, ["Upstream RCPT TO:<c@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Screen greylist"]),
+        (OK, ["Send 250 2.1.5 Ok"]),
+        (b"DATA\r\n", ["Screen command"]),
+        (OK, ["Screen data"]),
+        (OK, ["Upstream RSET 1"]),
+        (up("250 2.0.0 Ok"), ["Upstream MAIL FROM:<a@sender.test> 1"]),
+        (up("250 2.1.0 Ok"), ["Upstream RCPT TO:<c@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Upstream DATA 1"]),
+    ], GREY_CFG)

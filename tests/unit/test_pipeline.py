@@ -311,19 +311,22 @@ async def test_greylisting_runs_last_per_recipient_on_a_fake_clock(tmp_path: Pat
     s.sender = "a@b.example"
     # Another check's reject wins: greylisting is not even consulted.
     assert code(await p.on_rcpt(s, "bob")) == (Action.REJECT, 504)
+    # on_rcpt is the screening before Postfix: it never greylists.
+    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
     assert (await store.stats()).greylist == 0
-    v = await p.on_rcpt(s, "c@d.example")
+    # on_greylist: after Postfix accepted the recipient.
+    v = await p.on_greylist(s, "c@d.example")
     assert code(v) == (Action.DEFER, 450) and "Greylisted" in str(v.reply)
     clock.now += 299
-    assert code(await p.on_rcpt(s, "c@d.example")) == (Action.DEFER, 450)  # early retry
+    assert code(await p.on_greylist(s, "c@d.example")) == (Action.DEFER, 450)  # early retry
     clock.now += 2
-    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
-    assert code(await p.on_rcpt(s, "e@d.example")) == (Action.DEFER, 450)  # per recipient
+    assert code(await p.on_greylist(s, "c@d.example")) == CONT
+    assert code(await p.on_greylist(s, "e@d.example")) == (Action.DEFER, 450)  # per recipient
     # A client the access table allowlisted is never greylisted.
     ok = session("192.0.2.99")
     await p.on_connect(ok, 1, 1)
     ok.sender = "a@b.example"
-    assert code(await p.on_rcpt(ok, "x@d.example")) == CONT
+    assert code(await p.on_greylist(ok, "x@d.example")) == CONT
 
 
 async def test_dnswl_client_is_not_greylisted() -> None:
@@ -332,5 +335,5 @@ async def test_dnswl_client_is_not_greylisted() -> None:
     await p.on_connect(s, 1, 1)
     s.dnswl = True  # what the DNSBL/DNSWL score at or below allowlist_threshold sets
     s.sender = "a@b.example"
-    assert code(await p.on_rcpt(s, "c@d.example")) == CONT
+    assert code(await p.on_greylist(s, "c@d.example")) == CONT
     assert (await store.stats()).greylist == 0

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtpguard.config import from_dict  # noqa: E402
 from smtpguard.dns import DnsResolver, reversed_ip  # noqa: E402
+from smtpguard.net import parse_ip  # noqa: E402
 from smtpguard.pipeline import Pipeline  # noqa: E402
 from smtpguard.session import Session  # noqa: E402
 from tests.lab import DnsServer  # noqa: E402
@@ -66,13 +67,13 @@ def hosts_file(path: Path, clients: int) -> None:
         if i % 3:
             lines.append(f"{ip} c{i}.bench.test")
         if i % 10 == 0:
-            lines.append(f"127.0.0.2 {reversed_ip(ip)}.zen.bench")
+            lines.append(f"127.0.0.2 {reversed_ip(parse_ip(ip))}.zen.bench")
     path.write_text("\n".join(lines) + "\n")
 
 
 async def screen(pipeline: Pipeline, ip: str, greet_wait: float) -> float:
     """One connection: connect, wait, banner; seconds after the wait."""
-    s = Session(ip, 40000, "127.0.0.1", 25)
+    s = Session(parse_ip(ip), 40000, "127.0.0.1", 25)
     await pipeline.on_connect(s, 1, 1)
     if greet_wait:
         await asyncio.sleep(greet_wait)

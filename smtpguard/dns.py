@@ -62,6 +62,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .metrics import METRICS
+from .net import IPAddress
 from .options import ConfigError, list_of, opt, parse_duration, parse_hostport, parse_int
 
 log = logging.getLogger("smtpguard")
@@ -137,7 +138,7 @@ class Resolver(Protocol):
 
     async def txt(self, name: str) -> DnsResult[str]: ...
 
-    async def ptr(self, ip: str) -> DnsResult[str]: ...
+    async def ptr(self, ip: IPAddress) -> DnsResult[str]: ...
 
     async def mx(self, name: str) -> DnsResult[MxRecord]: ...
 
@@ -161,21 +162,11 @@ class Backend(Protocol):
 # ---------------------------------------------------------------- addresses
 
 
-def client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Parse *ip*; an IPv4-mapped IPv6 address (``::ffff:1.2.3.4``) becomes
-    the IPv4 address, as Postfix does for logging, lookups and access checks.
-    Raises ValueError for something that is not an IP address."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def reversed_ip(ip: str) -> str:
+def reversed_ip(addr: IPAddress) -> str:
     """The reversed-address labels used below ``in-addr.arpa``/``ip6.arpa``
-    and DNSBL zones: ``1.2.3.4`` -> ``4.3.2.1``; IPv6 as 32 reversed nibbles;
-    IPv4-mapped IPv6 as IPv4."""
-    addr = client_ip(ip)
+    and DNSBL zones: ``1.2.3.4`` -> ``4.3.2.1``; IPv6 as 32 reversed nibbles
+    (an IPv4-mapped IPv6 address is IPv4 once :func:`~smtpguard.net.parse_ip`
+    parsed it)."""
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))
@@ -192,9 +183,9 @@ def valid_hostname(name: str) -> bool:
     return _HOSTNAME.fullmatch(name) is not None
 
 
-def reverse_name(ip: str) -> str:
+def reverse_name(ip: IPAddress) -> str:
     """The PTR question for *ip*: ``4.3.2.1.in-addr.arpa`` / ``....ip6.arpa``."""
-    zone = "in-addr.arpa" if client_ip(ip).version == 4 else "ip6.arpa"
+    zone = "in-addr.arpa" if ip.version == 4 else "ip6.arpa"
     return f"{reversed_ip(ip)}.{zone}"
 
 
@@ -344,9 +335,8 @@ class DnsResolver:
     async def txt(self, name: str) -> DnsResult[str]:
         return await self._lookup(name, "TXT")
 
-    async def ptr(self, ip: str) -> DnsResult[str]:
-        """PTR names for *ip* (IPv4-mapped IPv6 is looked up as IPv4).
-        Raises ValueError when *ip* is not an IP address."""
+    async def ptr(self, ip: IPAddress) -> DnsResult[str]:
+        """PTR names for *ip*."""
         return await self._lookup(reverse_name(ip), "PTR")
 
     async def mx(self, name: str) -> DnsResult[MxRecord]:

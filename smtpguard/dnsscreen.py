@@ -46,6 +46,7 @@ from .checks.domains import check_helo_hostname, check_sender_domain
 from .checks.rdns import ClientNames, lookup_client_names
 from .config import Config
 from .dns import TEMPFAIL, DnsResult, Resolver
+from .net import IPAddress
 from .tables import Table
 from .verdict import Result
 
@@ -76,11 +77,11 @@ class Lookups:
         self._dnsbl: dict[str, asyncio.Task[None]] = {}  # lookups still running
         self._client: asyncio.Task[None] | None = None
 
-    def ask_dnsbl(self, resolver: Resolver, config: DnsblConfig, ip: str) -> None:
+    def ask_dnsbl(self, resolver: Resolver, config: DnsblConfig, ip: IPAddress) -> None:
         for domain, name in dnsbl_names(config, ip).items():
             self._dnsbl[domain] = asyncio.create_task(self._answer(resolver, domain, name), name=f"dnsbl {ip}")
 
-    def ask_client(self, fetch: Callable[[], Awaitable[ClientFindings]], ip: str) -> None:
+    def ask_client(self, fetch: Callable[[], Awaitable[ClientFindings]], ip: IPAddress) -> None:
         self._client = asyncio.create_task(self._names(fetch), name=f"names {ip}")
 
     async def _answer(self, resolver: Resolver, domain: str, name: str) -> None:
@@ -95,7 +96,7 @@ class Lookups:
         finally:
             self._client = None
 
-    async def score(self, config: DnsblConfig, ip: str, timeout: float) -> DnsblScore:
+    async def score(self, config: DnsblConfig, ip: IPAddress, timeout: float) -> DnsblScore:
         """The score once every list answered or after *timeout* seconds;
         a list that has not answered by then counts as not listed (as a
         failed one), like postscreen's partial score after the greet wait."""
@@ -132,7 +133,7 @@ class DnsScreen:
         self.resolver = resolver
         self.override = rhsbl_override
 
-    def start(self, ip: str, allowlisted: bool, dnsbl: bool) -> Lookups | None:
+    def start(self, ip: IPAddress, allowlisted: bool, dnsbl: bool) -> Lookups | None:
         """At connect: start the lookups for client *ip* (None: none to
         make); the DNSBL score when *dnsbl* (``dnsbl`` is among the
         session's tests still to do: not PASS OLD, not allowlisted)."""
@@ -147,7 +148,7 @@ class DnsScreen:
             lookups.ask_client(functools.partial(self._client, resolver, ip, allowlisted), ip)
         return lookups
 
-    async def collect(self, pending: Lookups | None, ip: str, dnsbl: bool, deadline: float) -> ConnectFindings:
+    async def collect(self, pending: Lookups | None, ip: IPAddress, dnsbl: bool, deadline: float) -> ConnectFindings:
         """Before the final 220: what the connect-time lookups *pending*
         found; the DNSBL score (when *dnsbl*) counts the lists that answered
         by *deadline* (``time.monotonic()``, the end of the greet wait)."""
@@ -162,7 +163,7 @@ class DnsScreen:
             pending.cancel()
         return ConnectFindings(names, score, reverse_rhsbl)
 
-    async def _client(self, resolver: Resolver, ip: str, allowlisted: bool) -> ClientFindings:
+    async def _client(self, resolver: Resolver, ip: IPAddress, allowlisted: bool) -> ClientFindings:
         names = await lookup_client_names(resolver, ip)
         rhsbl = self.cfg.rhsbl
         if allowlisted or not (rhsbl.enabled and rhsbl.reverse_client_sites):

@@ -58,7 +58,6 @@ from . import handoff, logs, tls
 from .checks.limits import client_key
 from .clientinput import TOO_LONG, ClientInput
 from .config import Config
-from .dns import client_ip
 from .machine import (
     REQUESTS,
     AbortUpstream,
@@ -82,6 +81,7 @@ from .machine import (
     Upstream,
 )
 from .metrics import METRICS
+from .net import IPAddress, parse_ip, parse_ip_or_none
 from .pipeline import Pipeline
 from .relay import Upstream as UpstreamConnection
 from .relay import UpstreamError
@@ -184,7 +184,7 @@ class GuardProtocol(asyncio.Protocol):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        client, ours = (_address(peer[0]), peer[1]), (_address(local[0]), local[1])
+        client, ours = (parse_ip(peer[0]), peer[1]), (_address(local[0]), local[1])
         if self.cfg.server.proxy_protocol:
             proxied = await self._read_proxy(client, ours)
             if proxied is None:
@@ -342,7 +342,7 @@ class GuardProtocol(asyncio.Protocol):
         transport.pause_reading()  # what the client sends now stays in the kernel, for smtpd
         try:
             handoff.send(path, transport.get_extra_info("socket").fileno(),
-                         (s.client_ip, s.client_port), (s.server_ip, s.server_port))
+                         (s.client_addr, s.client_port), (s.server_ip, s.server_port))
         except OSError as exc:
             log.warning("cannot pass connection to service %s: %s", path, exc.strerror or exc)
             transport.resume_reading()
@@ -351,20 +351,16 @@ class GuardProtocol(asyncio.Protocol):
         self.pipeline.on_handoff(s, True)
         return True
 
-    async def _read_proxy(self, sender: tuple[str, int], ours: tuple[str, int]
-                          ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    async def _read_proxy(self, sender: tuple[IPAddress, int], ours: tuple[str, int]
+                          ) -> tuple[tuple[IPAddress, int], tuple[str, int]] | None:
         """PROXY protocol v1/v2 header from a trusted load balancer: the real
         client's and server's endpoints; None (and a log line) when the
         sender is not trusted or the header is missing, late or bad.  A
         ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, as health checks send,
         keeps the connection's own endpoints, as postscreen does."""
         cfg = self.cfg.server
-        where = logs.endpoint(*sender)
-        try:
-            trusted = any(client_ip(sender[0]) in net for net in cfg.proxy_trusted)
-        except ValueError:
-            trusted = False
-        if not trusted:
+        where = logs.endpoint(str(sender[0]), sender[1])
+        if not any(sender[0] in net for net in cfg.proxy_trusted):
             log.warning("PROXY protocol: connection from %s, which is not in server.proxy_trusted: closed", where)
             return None
         try:
@@ -384,9 +380,13 @@ class GuardProtocol(asyncio.Protocol):
             return None
         if data.src_addr is None or data.src_port is None or data.dst_addr is None or data.dst_port is None:
             return sender, ours  # LOCAL / UNKNOWN: not proxied
-        return (_address(str(data.src_addr)), data.src_port), (_address(str(data.dst_addr)), data.dst_port)
+        client = parse_ip_or_none(str(data.src_addr))
+        if client is None:
+            log.warning("PROXY protocol: bad header from %s: %s", where, "bad source address")
+            return None
+        return (client, data.src_port), (_address(str(data.dst_addr)), data.dst_port)
 
-    def _count_client(self, ip: str) -> None:
+    def _count_client(self, ip: IPAddress) -> None:
         """anvil's per-client count (IPv6 by /64); undone in connection_lost."""
         self._ip = key = client_key(ip)
         self.server.per_ip[key] = self.server.per_ip.get(key, 0) + 1
@@ -540,13 +540,11 @@ class GuardProtocol(asyncio.Protocol):
 
 
 def _address(ip: str) -> str:
-    """An address as Postfix writes it: canonical, IPv4-mapped IPv6 as IPv4."""
+    """Our own address as Postfix writes it: canonical, IPv4-mapped IPv6 as IPv4."""
     if ":" not in ip:  # IPv4 from the kernel or a PROXY header is canonical already
         return ip
-    try:
-        return str(client_ip(ip))
-    except ValueError:
-        return ip
+    addr = parse_ip_or_none(ip)
+    return ip if addr is None else str(addr)
 
 
 class Server:

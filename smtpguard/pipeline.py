@@ -90,7 +90,7 @@ from .checks.pipelining import check_pipelining
 from .checks.pregreet import check_pregreet
 from .checks.rdns import check_client_names
 from .config import Config
-from .dns import Resolver, client_ip
+from .dns import Resolver
 from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
@@ -172,7 +172,7 @@ class Pipeline:
             return v
         enabled = [t for t in CACHEABLE if getattr(cfg, t).enabled]
         if enabled:
-            cache = await self._get_cache(s.client_ip)
+            cache = await self._get_cache(s.client_addr)
             now = self.clock()
             s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
             if not s.todo:
@@ -193,10 +193,10 @@ class Pipeline:
         still have to see its recipients, nor an IPv6 client unless
         ``handoff.ipv6`` says Postfix takes them."""
         handoff = self.cfg.handoff
-        if not handoff.socket or (":" in s.client_ip and not handoff.ipv6):
+        if not handoff.socket or (s.client_ip.version == 6 and not handoff.ipv6):
             return False
         grey = self.cfg.greylist
-        return s.allowlisted or not grey.enabled or client_exempt(grey, client_ip(s.client_ip), "")
+        return s.allowlisted or not grey.enabled or client_exempt(grey, s.client_ip, "")
 
     def on_handoff(self, s: Session, passed: bool) -> None:
         """The listener passed the connection to Postfix; or it could not,
@@ -332,15 +332,11 @@ class Pipeline:
         grey = self.cfg.greylist
         if not grey.spf_key or resolver is None:
             return None
-        try:
-            ip = client_ip(s.client_ip)
-        except ValueError:
-            return None
-        if allowlisted(grey, ip, s.client_name, rcpt):
+        if allowlisted(grey, s.client_ip, s.client_name, rcpt):
             return None
         asked = (s.sender or "", s.helo or "")
         if s.spf is None or s.spf[0] != asked:
-            result = await spf.evaluate(resolver, str(ip), *asked)
+            result = await spf.evaluate(resolver, s.client_addr, *asked)
             METRICS.spf_results.labels(result=result.result).inc()
             s.spf = (asked, result)
         return s.spf[1]
@@ -363,7 +359,7 @@ class Pipeline:
         now = self.clock()
         for test in passed:
             self._count(Result(test, Outcome.PASS))
-            await self._put_cache(s.client_ip, test, now + getattr(self.cfg, test).ttl)
+            await self._put_cache(s.client_addr, test, now + getattr(self.cfg, test).ttl)
         s.todo = s.todo.difference(passed)
         self._pass_new(s)
 
@@ -380,14 +376,14 @@ class Pipeline:
         elif pass_ttl is not None:
             self._count(found)
             if test in s.todo:
-                await self._put_cache(s.client_ip, test, self.clock() + pass_ttl)
+                await self._put_cache(s.client_addr, test, self.clock() + pass_ttl)
                 s.todo = s.todo - {test}
                 self._pass_new(s)
         if found.outcome is not Outcome.FAIL:
             return CONTINUE
         if test not in s.failed:
             s.failed.add(test)
-            await self._put_cache(s.client_ip, test, 0.0)
+            await self._put_cache(s.client_addr, test, 0.0)
         v = found.verdict
         return v if v.action is Action.DROP else CONTINUE
 

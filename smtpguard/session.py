@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from . import logs
 from .dnsscreen import Lookups
+from .net import IPAddress
 from .relay import ClientIdentity
 from .spf import SpfResult
 from .verdict import Result, Verdict
@@ -19,7 +20,7 @@ from .verdict import Result, Verdict
 
 @dataclass(slots=True)  # slots: one per connection, thousands may be idle
 class Session:
-    client_ip: str
+    client_ip: IPAddress  # parsed once, at accept (smtpguard.net.parse_ip)
     client_port: int
     server_ip: str
     server_port: int
@@ -54,22 +55,27 @@ class Session:
         return "ESMTP" if self.esmtp else "SMTP"
 
     @property
+    def client_addr(self) -> str:
+        """The client's address as text, as Postfix writes it (``192.0.2.7``, ``2001:db8::7``)."""
+        return str(self.client_ip)
+
+    @property
     def in_transaction(self) -> bool:
         return self.sender is not None
 
     @property
     def peer(self) -> str:
         """``[a]:p`` as postscreen writes the client."""
-        return logs.endpoint(self.client_ip, self.client_port)
+        return logs.endpoint(self.client_addr, self.client_port)
 
     @property
     def who(self) -> str:
         """``name[a]:p`` as smtpd writes the client."""
-        return logs.client(self.client_name, self.client_ip, self.client_port)
+        return logs.client(self.client_name, self.client_addr, self.client_port)
 
     def identity(self) -> ClientIdentity:
         name = None if self.client_name == "unknown" else self.client_name
-        return ClientIdentity(self.client_ip, self.client_port, name, self.helo, self.proto)
+        return ClientIdentity(self.client_addr, self.client_port, name, self.helo, self.proto)
 
     def reset_transaction(self) -> None:
         self.delayed.pop("mail", None)

@@ -62,7 +62,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from .dns import client_ip
+from .net import IPAddress, parse_ip_or_none
 from .options import ConfigError
 from .verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
 
@@ -492,7 +492,7 @@ def _first(table: Table, keys: Keys) -> str | None:
 def _domain_keys(domain: str) -> Iterator[tuple[str, bool]]:
     """*domain*, then its parent domains down to the TLD (not for addresses)."""
     yield domain, False
-    if domain.startswith("[") or _ip(domain) is not None:
+    if domain.startswith("[") or parse_ip_or_none(domain) is not None:
         return
     name = domain
     while (dot := name.find(".", 1)) >= 0 and name[dot + 1:]:
@@ -500,25 +500,17 @@ def _domain_keys(domain: str) -> Iterator[tuple[str, bool]]:
         yield name, True
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return client_ip(text)
-    except ValueError:
-        return None
-
-
 def lookup_helo(table: Table, helo: str) -> str | None:
     """check_helo_access: the HELO name, then its parent domains."""
     return _first(table, _domain_keys(helo))
 
 
-def lookup_client(table: Table, address: str, name: str | None = None) -> str | None:
+def lookup_client(table: Table, address: IPAddress, name: str | None = None) -> str | None:
     """check_client_access: host *name* and its parent domains (skipped when
     None), then the IP address and its truncations (``1.2.3.4``, ``1.2.3``,
     ``1.2``, ``1``; IPv6 cut at each ``:`` of the compressed form)."""
     keys: list[tuple[str, bool]] = list(_domain_keys(name)) if name else []
-    addr = _ip(address)
-    text = str(addr) if addr is not None else address
+    text = str(address)
     keys.append((text, False))
     delim = ":" if ":" in text else "."
     while delim in text:

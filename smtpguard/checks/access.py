@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..net import IPAddress
 from ..options import one_of, opt, parse_bool, parse_str
 from ..tables import CLIENT, Table, access_check, check_access_spec, lookup_client
 from ..verdict import ACTIONS, Result
@@ -47,7 +48,7 @@ class AccessConfig:
         check_access_spec("client_table", self.client_table)
 
 
-def check_client_access(cfg: AccessConfig, table: Table | None, ip: str, name: str = "unknown") -> Result:
+def check_client_access(cfg: AccessConfig, table: Table | None, ip: IPAddress, name: str = "unknown") -> Result:
     """The client's entry in *table* (the opened ``client_table``)."""
     if not cfg.enabled or table is None:
         return skip(NAME, "no table")

@@ -60,7 +60,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dns import DnsResult, Resolver, client_ip, reversed_ip, valid_hostname
+from ..dns import DnsResult, Resolver, reversed_ip, valid_hostname
+from ..net import IPAddress
 from ..options import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..tables import AccessKind, Table, check_access_spec, lookup_helo, parse_action
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
@@ -274,7 +275,7 @@ class DnsblScore:
         return best
 
 
-def score_answers(config: DnsblConfig, ip: str, answers: Mapping[str, DnsResult[str]]) -> DnsblScore:
+def score_answers(config: DnsblConfig, ip: IPAddress, answers: Mapping[str, DnsResult[str]]) -> DnsblScore:
     """Combine the A lookups *answers* (keyed by site domain) into a score."""
     hits = []
     for site in config.sites:
@@ -289,16 +290,16 @@ def score_answers(config: DnsblConfig, ip: str, answers: Mapping[str, DnsResult[
         ttls = [r.ttl for d, r in answers.items() if d not in listing]
     ttl = min(max(min(ttls, default=0), config.min_ttl), config.max_ttl)
     failed = tuple(d for d, r in answers.items() if not r.status.definite)
-    return DnsblScore(str(client_ip(ip)), total, tuple(hits), failed, int(ttl))
+    return DnsblScore(str(ip), total, tuple(hits), failed, int(ttl))
 
 
-def dnsbl_names(config: DnsblConfig, ip: str) -> dict[str, str]:
+def dnsbl_names(config: DnsblConfig, ip: IPAddress) -> dict[str, str]:
     """The question for each distinct site domain: ``{domain: "4.3.2.1.domain"}``."""
     reverse = reversed_ip(ip)
     return {site.domain: f"{reverse}.{site.domain}" for site in config.sites}
 
 
-async def lookup_dnsbl(resolver: Resolver, config: DnsblConfig, ip: str) -> DnsblScore:
+async def lookup_dnsbl(resolver: Resolver, config: DnsblConfig, ip: IPAddress) -> DnsblScore:
     """Look *ip* up in every configured list, in parallel, and score it."""
     names = dnsbl_names(config, ip)
     results = await asyncio.gather(*(resolver.a(name) for name in names.values()))

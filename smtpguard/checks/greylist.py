@@ -529,7 +529,7 @@ def greylist_reply(cfg: GreylistConfig, recipient: str, wait: float) -> Reply:
 async def check_greylist(
     store: Store,
     cfg: GreylistConfig,
-    client_ip: str,
+    ip: IPAddress,
     client_name: str,
     sender: str,
     recipient: str,
@@ -545,14 +545,14 @@ async def check_greylist(
     the client network in the triplet's key (the SPF-validated sender
     domain, ``spf_key``); the auto-allowlist still counts the client network.
     """
-    found, _ = await greylist(store, cfg, client_ip, client_name, sender, recipient, now, mode, client_part)
+    found, _ = await greylist(store, cfg, ip, client_name, sender, recipient, now, mode, client_part)
     return found
 
 
 async def greylist(
     store: Store,
     cfg: GreylistConfig,
-    client_ip: str,
+    ip: IPAddress,
     client_name: str,
     sender: str,
     recipient: str,
@@ -565,10 +565,6 @@ async def greylist(
     the policy service's ``%s`` and ``X-Greylist`` header."""
     if not cfg.enabled:
         return Result(CHECK, Outcome.SKIP, "disabled"), None
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return Result(CHECK, Outcome.SKIP, f"no client IP address ({client_ip!r})"), None
     why = allowlisted(cfg, ip, client_name, recipient)
     if why:
         METRICS.greylist.labels(mode=mode, outcome="allowlisted").inc()

@@ -43,12 +43,11 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..dns import client_ip, valid_hostname
+from ..dns import valid_hostname
+from ..net import IPAddress, parse_ip_or_none
 from ..options import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..tables import HELO, Table, access_check, check_access_spec, lookup_helo
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 INVALID_HOSTNAME_CODE = 501  # invalid_hostname_reject_code
 NON_FQDN_CODE = 504  # non_fqdn_reject_code
@@ -98,18 +97,11 @@ def strip_trailing_dot(name: str) -> str:
     return name[:-1] if len(name) > 1 and name.endswith(".") and not name.endswith("..") else name
 
 
-def _ip(text: str) -> IPAddress | None:
-    try:
-        return client_ip(text)
-    except ValueError:
-        return None
-
-
 @functools.lru_cache(maxsize=64)
 def _our_ips(addresses: tuple[str, ...]) -> frozenset[IPAddress]:
     """The addresses we listen on and are reached at, parsed once (they
     are the same few for every session); unspecified ones left out."""
-    return frozenset(a for a in map(_ip, addresses) if a is not None and not a.is_unspecified)
+    return frozenset(a for a in map(parse_ip_or_none, addresses) if a is not None and not a.is_unspecified)
 
 
 # What can go to Postfix as the client's HELO (XCLIENT HELO= and our EHLO):
@@ -136,7 +128,7 @@ def literal_address(helo: str) -> IPAddress | None:
         return None
     inner = helo[1:-1]
     if inner[:5].lower() == "ipv6:":
-        addr = _ip(inner[5:])
+        addr = parse_ip_or_none(inner[5:])
         return addr if addr is not None and ":" in inner[5:] else None
     try:
         return ipaddress.IPv4Address(inner)
@@ -146,7 +138,7 @@ def literal_address(helo: str) -> IPAddress | None:
 
 def bare_address(helo: str) -> IPAddress | None:
     """The address when *helo* is an unbracketed IP address, else None."""
-    return _ip(strip_trailing_dot(helo)) if "%" not in helo else None
+    return parse_ip_or_none(strip_trailing_dot(helo)) if "%" not in helo else None
 
 
 def _literal_check(check: str, helo: str, action: str) -> Result:
@@ -199,14 +191,16 @@ def reject_bare_ip_helo(helo: str | None, action: str = "enforce") -> Result:
     return Result(check, Outcome.PASS, "not a bare IP address")
 
 
-def reject_literal_mismatch(helo: str | None, client: str, action: str = "enforce") -> Result:
+def reject_literal_mismatch(helo: str | None, client: IPAddress | None, action: str = "enforce") -> Result:
     """``554 5.7.1 <[1.2.3.4]>: Helo command rejected: Address literal does
-    not match your IP address``; invalid literals are reject_invalid's."""
+    not match your IP address``; invalid literals are reject_invalid's.
+    *client* is None when the client's address is unknown (a policy request
+    without a valid ``client_address``)."""
     check = "helo_literal_mismatch"
     claimed = literal_address(helo) if helo is not None else None
     if helo is None or claimed is None:
         return _skip(check, "no valid address literal")
-    if claimed == _ip(client):
+    if claimed == client:
         return Result(check, Outcome.PASS, "literal matches client address")
     text = "Address literal does not match your IP address"
     return _fail(check, action, _rejected(554, "5.7.1", helo, text))
@@ -214,7 +208,7 @@ def reject_literal_mismatch(helo: str | None, client: str, action: str = "enforc
 
 def reject_impersonation(
     helo: str | None,
-    client: str,
+    client: IPAddress | None,
     *,
     hostname: str,
     our_domains: Iterable[str] = (),
@@ -227,9 +221,8 @@ def reject_impersonation(
     check = "helo_impersonation"
     if helo is None:
         return _skip(check, "no HELO")
-    peer = _ip(client)
     ours = _our_ips(tuple(our_addresses))
-    if peer is not None and (peer.is_loopback or peer in ours):
+    if client is not None and (client.is_loopback or client in ours):
         return _skip(check, "client is local")
     claimed = literal_address(helo) or bare_address(helo)
     if claimed is not None:
@@ -252,7 +245,7 @@ def check_helo_access(helo: str | None, table: Table, action: str = "enforce") -
 def check_helo(
     config: HeloConfig,
     helo: str | None,
-    client: str,
+    client: IPAddress | None,
     *,
     hostname: str,
     our_addresses: Iterable[str] = (),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..dns import client_ip
+from ..net import IPAddress
 from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
 from ..verdict import Action, Outcome, Reply, Result, Verdict
 from ._common import passed, skip
@@ -42,26 +42,20 @@ class LimitsConfig:
     )
 
 
-def too_many(ip: str) -> Reply:
+def too_many(ip: IPAddress) -> Reply:
     return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
 
 
-def exempt(cfg: LimitsConfig, ip: str) -> bool:
-    if not cfg.exceptions:  # the usual case: no address to parse per connection
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in cfg.exceptions)
+def exempt(cfg: LimitsConfig, ip: IPAddress) -> bool:
+    return any(ip in net for net in cfg.exceptions)
 
 
-def _over(check: str, cfg: LimitsConfig, ip: str, reason: str) -> Result:
+def _over(check: str, cfg: LimitsConfig, ip: IPAddress, reason: str) -> Result:
     verdict = Verdict(Action.DROP, too_many(ip)) if cfg.action == "drop" else Verdict(Action.CONTINUE)
     return Result(check, Outcome.FAIL, reason, verdict)
 
 
-def _limit(check: str, cfg: LimitsConfig, ip: str, value: int, limit: int, counted: str, exceeded: str) -> Result:
+def _limit(check: str, cfg: LimitsConfig, ip: IPAddress, value: int, limit: int, counted: str, exceeded: str) -> Result:
     """The shape both anvil limits share: off, exempt, within, or over."""
     if not cfg.enabled or not limit:
         return skip(check, "disabled")
@@ -72,20 +66,20 @@ def _limit(check: str, cfg: LimitsConfig, ip: str, value: int, limit: int, count
     return _over(check, cfg, ip, exceeded)
 
 
-def check_connection_count(cfg: LimitsConfig, ip: str, count: int, who: str) -> Result:
+def check_connection_count(cfg: LimitsConfig, ip: IPAddress, count: int, who: str) -> Result:
     """*count*: this process's connections from *ip*, this one included."""
     return _limit("connection_count", cfg, ip, count, cfg.connection_count_limit, f"{count} connections",
                   f"Connection concurrency limit exceeded: {count} from {who} for service smtp")
 
 
-def check_connection_rate(cfg: LimitsConfig, ip: str, rate: int, who: str) -> Result:
+def check_connection_rate(cfg: LimitsConfig, ip: IPAddress, rate: int, who: str) -> Result:
     """*rate*: connections from *ip* in the last ``rate_time_unit``, this one included."""
     return _limit("connection_rate", cfg, ip, rate, cfg.connection_rate_limit,
                   f"{rate} connections per {cfg.rate_time_unit:g}s",
                   f"Connection rate limit exceeded: {rate} from {who} for service smtp")
 
 
-def rate_enabled(cfg: LimitsConfig, ip: str) -> bool:
+def rate_enabled(cfg: LimitsConfig, ip: IPAddress) -> bool:
     """Whether the rate counter must be consulted at all (a store round trip)."""
     return cfg.enabled and cfg.connection_rate_limit > 0 and not exempt(cfg, ip)
 
@@ -95,12 +89,9 @@ def rate_enabled(cfg: LimitsConfig, ip: str) -> bool:
 IPV6_PREFIX = 64
 
 
-def client_key(ip: str) -> str:
+def client_key(ip: IPAddress) -> str:
     """What connection count and rate are kept under: the IPv4 address, or
     the IPv6 address's /64 network (``2001:db8:1:2::``)."""
-    if ":" not in ip:  # IPv4 (or no address): itself, without parsing it per connection
-        return ip
-    try:
-        return client_network(client_ip(ip), 32, IPV6_PREFIX)
-    except ValueError:
-        return ip
+    if ip.version == 4:
+        return str(ip)
+    return client_network(ip, 32, IPV6_PREFIX)

@@ -44,7 +44,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dns import Resolver, Status, client_ip, valid_hostname
+from ..dns import Resolver, Status, valid_hostname
+from ..net import IPAddress
 from ..options import ConfigError, one_of, opt, parse_bool
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
 
@@ -103,10 +104,9 @@ class ClientNames:
     name_status: NameStatus  # OK, TEMP, PERM or FORGED
 
 
-async def lookup_client_names(resolver: Resolver, ip: str) -> ClientNames:
-    """Reverse and verified name of *ip*; see the module docstring."""
-    addr = client_ip(ip)
-    ptr = await resolver.ptr(str(addr))
+async def lookup_client_names(resolver: Resolver, addr: IPAddress) -> ClientNames:
+    """Reverse and verified name of *addr*; see the module docstring."""
+    ptr = await resolver.ptr(addr)
     if ptr.status is Status.TEMPFAIL:
         return ClientNames(str(addr), "unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP)
     names = [n for n in ptr.answers if valid_hostname(n)][:MAX_PTR_NAMES]

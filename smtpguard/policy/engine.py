@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import ipaddress
 import logging
 import re
 import time
@@ -53,7 +52,7 @@ from ..checks.access import check_client_access
 from ..checks.addresses import RECIPIENT, SENDER, check_address
 from ..checks.dnsbl import RhsblTarget, check_rhsbl, dnsbl_result, lookup_dnsbl
 from ..checks.domains import check_helo_hostname, check_sender_domain
-from ..checks.greylist import State, greylist, greylist_text
+from ..checks.greylist import CHECK, State, greylist, greylist_text
 from ..checks.helo import check_helo
 from ..checks.rdns import ClientNames, NameStatus, check_client_names
 from ..config import Config, ConfigError
@@ -202,11 +201,14 @@ class PolicyEngine:
     # ------------------------------------------------------------ the checks
 
     async def _client_access(self, req: PolicyRequest) -> Result | None:
+        ip = req.client_ip
+        if ip is None:
+            return None
         return check_client_access(self.sections["client_access"], self.tables["client"],
-                                   req.get("client_address"), req.get("client_name", "unknown") or "unknown")
+                                   ip, req.get("client_name", "unknown") or "unknown")
 
     async def _dnsbl(self, req: PolicyRequest) -> Result | None:
-        ip = _ip(req)
+        ip = req.client_ip
         if ip is None:
             return None
         cfg = self.sections["dnsbl"]
@@ -215,7 +217,7 @@ class PolicyEngine:
     async def _client_name(self, req: PolicyRequest) -> Result | None:
         """Postfix has looked the names up: ``unknown`` is all it says
         (no temporary/permanent distinction), taken as no usable name."""
-        ip = _ip(req)
+        ip = req.client_ip
         if ip is None:
             return None
         reverse, name = req.get("reverse_client_name") or "unknown", req.get("client_name") or "unknown"
@@ -224,7 +226,7 @@ class PolicyEngine:
             name_status = NameStatus.OK
         else:  # a reverse name that does not resolve back: forged (or a DNS failure Postfix does not tell)
             name_status = NameStatus.FORGED if reverse_status is NameStatus.OK else NameStatus.PERM
-        names = ClientNames(ip, reverse, reverse_status, name, name_status)
+        names = ClientNames(str(ip), reverse, reverse_status, name, name_status)
         return check_client_names(names, self.sections["client_name"])
 
     async def _rhsbl_reverse_client(self, req: PolicyRequest) -> Result | None:
@@ -234,7 +236,7 @@ class PolicyEngine:
         helo = req.get("helo_name")
         if not helo:
             return None
-        return check_helo(self.sections["helo"], helo, req.get("client_address"), hostname=self.cfg.server.hostname,
+        return check_helo(self.sections["helo"], helo, req.client_ip, hostname=self.cfg.server.hostname,
                           our_addresses=(req.get("server_address"), *self._our_addresses), table=self.tables["helo"])
 
     async def _helo_hostname(self, req: PolicyRequest) -> Result | None:
@@ -276,8 +278,12 @@ class PolicyEngine:
         if not rcpt:
             return None
         cfg = self.sections["greylist"]
-        found, decision = await greylist(self.store, cfg, req.get("client_address"), req.get("client_name"),
-                                         req.get("sender"), rcpt, self.clock(), mode="policy")
+        ip = req.client_ip
+        if ip is None:
+            found, decision = Result(CHECK, Outcome.SKIP, f"no client IP address ({req.get('client_address')!r})"), None
+        else:
+            found, decision = await greylist(self.store, cfg, ip, req.get("client_name"),
+                                             req.get("sender"), rcpt, self.clock(), mode="policy")
         self._count(found)
         word = "greylist" if found.outcome is Outcome.FAIL else found.outcome.value
         log.info("policy: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
@@ -325,13 +331,6 @@ def _reply_answer(r: Reply, found: Result) -> Answer:
 
 def _enabled(section: Section) -> Section:
     return dataclasses.replace(section, enabled=True) if hasattr(section, "enabled") else section
-
-
-def _ip(req: PolicyRequest) -> str | None:
-    try:
-        return str(ipaddress.ip_address(req.get("client_address")))
-    except ValueError:
-        return None
 
 
 def _utf8(req: PolicyRequest) -> bool:

@@ -32,8 +32,10 @@ an 8-bit value survives into the log as ``?``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+from ..net import IPAddress, parse_ip_or_none
 from ..text import printable
 
 #: The attributes Postfix 3.x sends (SMTPD_POLICY_README, "Protocol description").
@@ -69,6 +71,11 @@ class PolicyRequest:
 
     def get(self, name: str, default: str = "") -> str:
         return self.attrs.get(name, default)
+
+    @functools.cached_property
+    def client_ip(self) -> IPAddress | None:
+        """``client_address`` parsed (once), None when it is not an IP address."""
+        return parse_ip_or_none(self.get("client_address"))
 
     @property
     def state(self) -> str:

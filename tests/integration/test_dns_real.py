@@ -32,6 +32,7 @@ from smtpguard.checks.domains import (
 from smtpguard.checks.rdns import ClientNameConfig, NameStatus, check_client_names, lookup_client_names
 from smtpguard.config import load_section
 from smtpguard.dns import DnsConfig, DnsResolver, MxRecord, Status
+from smtpguard.net import parse_ip
 from smtpguard.verdict import Action, Outcome, Reply
 from tests.lab import DnsServer
 
@@ -97,8 +98,8 @@ async def test_answers_and_statuses(resolver: DnsResolver) -> None:
     assert (a.status, a.answers, a.ttl) == (Status.OK, ("192.0.2.10",), 300)
     assert (await resolver.aaaa("mail.good.test")).status is Status.NODATA
     assert (await resolver.a("nowhere.test")).status is Status.NXDOMAIN
-    assert (await resolver.ptr(GOOD)).answers == ("mail.good.test",)
-    assert (await resolver.ptr("::ffff:" + GOOD)).answers == ("mail.good.test",)
+    assert (await resolver.ptr(parse_ip(GOOD))).answers == ("mail.good.test",)
+    assert (await resolver.ptr(parse_ip("::ffff:" + GOOD))).answers == ("mail.good.test",)
     assert (await resolver.txt("66.2.0.192.zen.test")).answers == ("Listed: see https://zen.test/66",)
     assert (await resolver.mx("mx.test")).answers == (MxRecord(10, "mail.mx.test"),)
     assert (await resolver.mx("nullmx.test")).answers == (MxRecord(0, "."),)
@@ -137,7 +138,7 @@ async def test_cache_and_in_flight_sharing(server: DnsServer, resolver: DnsResol
 @pytest.mark.asyncio
 async def test_listed_client(resolver: DnsResolver) -> None:
     config = dnsbl_config(threshold=3)
-    score = await lookup_dnsbl(resolver, config, LISTED)
+    score = await lookup_dnsbl(resolver, config, parse_ip(LISTED))
     result = dnsbl_result(score, config, f"[{LISTED}]:40000")
     assert (score.total, score.failed) == (3, ("slow.test",))
     assert result.outcome is Outcome.FAIL and result.verdict.action is Action.REJECT
@@ -150,14 +151,14 @@ async def test_listed_client(resolver: DnsResolver) -> None:
 
 @pytest.mark.asyncio
 async def test_listed_ipv4_mapped_client(resolver: DnsResolver) -> None:
-    score = await lookup_dnsbl(resolver, dnsbl_config(), "::ffff:" + LISTED)
+    score = await lookup_dnsbl(resolver, dnsbl_config(), parse_ip("::ffff:" + LISTED))
     assert (score.ip, score.total) == (LISTED, 3)
 
 
 @pytest.mark.asyncio
 async def test_dnswl_client_with_negative_weight(resolver: DnsResolver) -> None:
     config = dnsbl_config(allowlist_threshold=-1)
-    score = await lookup_dnsbl(resolver, config, ALLOWED)
+    score = await lookup_dnsbl(resolver, config, parse_ip(ALLOWED))
     result = dnsbl_result(score, config)
     assert score.total == -1
     assert (result.outcome, result.verdict.action) == (Outcome.PASS, Action.PASS)
@@ -166,8 +167,9 @@ async def test_dnswl_client_with_negative_weight(resolver: DnsResolver) -> None:
 
 @pytest.mark.asyncio
 async def test_dnsbl_lookups_run_in_parallel(resolver: DnsResolver) -> None:
+    config = dnsbl_config(sites=[*SITES, "slow.test=127.0.0.3", "slow2.slow.test"])
     started = time.monotonic()
-    await lookup_dnsbl(resolver, dnsbl_config(sites=[*SITES, "slow.test=127.0.0.3", "slow2.slow.test"]), "192.0.2.99")
+    await lookup_dnsbl(resolver, config, parse_ip("192.0.2.99"))
     assert time.monotonic() - started < LIFETIME + 0.5  # two slow lists cost one lifetime, not two
 
 
@@ -185,13 +187,13 @@ async def test_dnsbl_lookups_run_in_parallel(resolver: DnsResolver) -> None:
     ],
 )
 async def test_client_names(resolver: DnsResolver, ip: str, reverse: str, name: str, name_status: NameStatus) -> None:
-    names = await lookup_client_names(resolver, ip)
+    names = await lookup_client_names(resolver, parse_ip(ip))
     assert (names.reverse_name, names.name, names.name_status) == (reverse, name, name_status)
 
 
 @pytest.mark.asyncio
 async def test_client_without_ptr_is_deferred(resolver: DnsResolver) -> None:
-    result = check_client_names(await lookup_client_names(resolver, NO_PTR), ClientNameConfig(enabled=True))
+    result = check_client_names(await lookup_client_names(resolver, parse_ip(NO_PTR)), ClientNameConfig(enabled=True))
     assert result.verdict.action is Action.DEFER
     assert result.verdict.reply == Reply(
         450, "4.7.1", f"Client host rejected: cannot find your reverse hostname, [{NO_PTR}]"
@@ -200,7 +202,7 @@ async def test_client_without_ptr_is_deferred(resolver: DnsResolver) -> None:
 
 @pytest.mark.asyncio
 async def test_client_whose_ptr_does_not_resolve_back(resolver: DnsResolver) -> None:
-    names = await lookup_client_names(resolver, FORGED)
+    names = await lookup_client_names(resolver, parse_ip(FORGED))
     assert check_client_names(names, ClientNameConfig(enabled=True)).outcome is Outcome.PASS
     config = ClientNameConfig(enabled=True, require="fcrdns", reject_code=550)
     result = check_client_names(names, config)
@@ -210,7 +212,7 @@ async def test_client_whose_ptr_does_not_resolve_back(resolver: DnsResolver) -> 
 
 @pytest.mark.asyncio
 async def test_client_with_fcrdns(resolver: DnsResolver) -> None:
-    names = await lookup_client_names(resolver, GOOD)
+    names = await lookup_client_names(resolver, parse_ip(GOOD))
     result = check_client_names(names, ClientNameConfig(enabled=True, require="fcrdns", reject_code=550))
     assert (result.outcome, result.verdict.action) == (Outcome.PASS, Action.CONTINUE)
 

@@ -14,6 +14,7 @@ import pytest
 from smtpguard.admin import Admin
 from smtpguard.checks.greylist import GreylistConfig, check_greylist
 from smtpguard.config import Config
+from smtpguard.net import parse_ip
 from smtpguard.store import ClientNet, MemoryStore
 from smtpguard.verdict import Outcome
 
@@ -39,7 +40,7 @@ def setup(auto: int = 5) -> tuple[Admin, MemoryStore, Clock, io.StringIO]:
 
 
 async def greylisted(admin: Admin, ip: str) -> bool:
-    result = await check_greylist(admin.store, admin.cfg.greylist, ip, "unknown", "a@sender.test",
+    result = await check_greylist(admin.store, admin.cfg.greylist, parse_ip(ip), "unknown", "a@sender.test",
                                   "b@example.test", admin.clock())
     return result.outcome is Outcome.FAIL
 

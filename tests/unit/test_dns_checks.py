@@ -46,6 +46,7 @@ from smtpguard.dns import (
     reversed_ip,
     valid_hostname,
 )
+from smtpguard.net import parse_ip
 from smtpguard.tables import open_access_table
 from smtpguard.verdict import Action, Outcome, Reply
 
@@ -118,30 +119,30 @@ FAILED = DnsResult[str](Status.TEMPFAIL)
 
 
 def test_reversed_ipv4() -> None:
-    assert reversed_ip("192.0.2.1") == "1.2.0.192"
-    assert reverse_name("192.0.2.1") == "1.2.0.192.in-addr.arpa"
+    assert reversed_ip(parse_ip("192.0.2.1")) == "1.2.0.192"
+    assert reverse_name(parse_ip("192.0.2.1")) == "1.2.0.192.in-addr.arpa"
 
 
 def test_reversed_ipv6_nibbles() -> None:
-    assert reversed_ip("2001:db8::1") == "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
-    assert reverse_name("2001:db8::1").endswith(".8.b.d.0.1.0.0.2.ip6.arpa")
+    assert reversed_ip(parse_ip("2001:db8::1")) == "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
+    assert reverse_name(parse_ip("2001:db8::1")).endswith(".8.b.d.0.1.0.0.2.ip6.arpa")
 
 
 def test_ipv4_mapped_ipv6_is_ipv4() -> None:
-    assert reversed_ip("::ffff:192.0.2.1") == "1.2.0.192"
-    assert reverse_name("::ffff:192.0.2.1") == "1.2.0.192.in-addr.arpa"
+    assert reversed_ip(parse_ip("::ffff:192.0.2.1")) == "1.2.0.192"
+    assert reverse_name(parse_ip("::ffff:192.0.2.1")) == "1.2.0.192.in-addr.arpa"
 
 
 def test_not_an_ip_is_a_value_error() -> None:
     with pytest.raises(ValueError):
-        reversed_ip("mail.example.com")
+        reversed_ip(parse_ip("mail.example.com"))
 
 
 @pytest.mark.asyncio
 async def test_dnsbl_asks_each_domain_once_with_reversed_address() -> None:
     zone = FakeZone()
     config = DnsblConfig(sites=tuple(parse_site(s) for s in ("zen.test*2", "zen.test=127.0.0.4", "bl.test")))
-    await lookup_dnsbl(resolver(zone), config, "::ffff:192.0.2.1")
+    await lookup_dnsbl(resolver(zone), config, parse_ip("::ffff:192.0.2.1"))
     assert sorted(zone.calls) == [("1.2.0.192.bl.test", "A"), ("1.2.0.192.zen.test", "A")]
 
 
@@ -149,8 +150,8 @@ async def test_dnsbl_asks_each_domain_once_with_reversed_address() -> None:
 async def test_dnsbl_ipv6_query_name() -> None:
     zone = FakeZone()
     config = DnsblConfig(sites=(parse_site("v6.test"),))
-    await lookup_dnsbl(resolver(zone), config, "2001:db8::2")
-    assert zone.calls == [(f"{reversed_ip('2001:db8::2')}.v6.test", "A")]
+    await lookup_dnsbl(resolver(zone), config, parse_ip("2001:db8::2"))
+    assert zone.calls == [(f"{reversed_ip(parse_ip('2001:db8::2'))}.v6.test", "A")]
 
 
 def test_valid_hostname() -> None:
@@ -284,7 +285,7 @@ ZEN_REPLY = ok("127.0.0.2", "127.0.0.4", "127.0.0.10", ttl=60)
     ],
 )
 def test_score_single_list(sites: str, reply: DnsResult[str], total: int) -> None:
-    assert score_answers(config_for(sites), "10.2.3.4", {"zen.test": reply}).total == total
+    assert score_answers(config_for(sites), parse_ip("10.2.3.4"), {"zen.test": reply}).total == total
 
 
 @pytest.mark.parametrize(
@@ -298,20 +299,20 @@ def test_score_single_list(sites: str, reply: DnsResult[str], total: int) -> Non
     ],
 )
 def test_score_two_lists(sites: str, zen: DnsResult[str], foo: DnsResult[str], total: int, ttl: int) -> None:
-    result = score_answers(config_for(sites), "10.2.3.4", {"zen.test": zen, "foo.test": foo})
+    result = score_answers(config_for(sites), parse_ip("10.2.3.4"), {"zen.test": zen, "foo.test": foo})
     assert (result.total, result.ttl) == (total, ttl)
 
 
 def test_ttl_is_clamped() -> None:
     config = config_for("zen.test", min_ttl=60.0, max_ttl=3600.0)
-    assert score_answers(config, "10.0.0.1", {"zen.test": ok("127.0.0.2", ttl=5)}).ttl == 60
-    assert score_answers(config, "10.0.0.1", {"zen.test": ok("127.0.0.2", ttl=86400)}).ttl == 3600
-    assert score_answers(config, "10.0.0.1", {"zen.test": DnsResult(Status.NODATA, (), 900)}).ttl == 900
+    assert score_answers(config, parse_ip("10.0.0.1"), {"zen.test": ok("127.0.0.2", ttl=5)}).ttl == 60
+    assert score_answers(config, parse_ip("10.0.0.1"), {"zen.test": ok("127.0.0.2", ttl=86400)}).ttl == 3600
+    assert score_answers(config, parse_ip("10.0.0.1"), {"zen.test": DnsResult(Status.NODATA, (), 900)}).ttl == 900
 
 
 def test_failed_lookup_counts_as_not_listed_and_is_reported() -> None:
     config = config_for("zen.test*2, slow.test*5", min_ttl=60.0)
-    result = score_answers(config, "10.0.0.1", {"zen.test": NX, "slow.test": FAILED})
+    result = score_answers(config, parse_ip("10.0.0.1"), {"zen.test": NX, "slow.test": FAILED})
     assert (result.total, result.failed, result.ttl) == (0, ("slow.test",), 60)
     assert dnsbl_result(result, config).reason == "DNSBL rank 0 for [10.0.0.1] (slow.test=lookup failed)"
 
@@ -319,7 +320,7 @@ def test_failed_lookup_counts_as_not_listed_and_is_reported() -> None:
 def test_listed_client_is_rejected_naming_the_heaviest_list() -> None:
     config = config_for("bl.test, zen.test=127.0.0.[2..11]*3, wl.test*-1", threshold=3)
     score = score_answers(
-        config, "::ffff:192.0.2.1", {"bl.test": ok("127.0.0.2"), "zen.test": ok("127.0.0.4"), "wl.test": NX}
+        config, parse_ip("::ffff:192.0.2.1"), {"bl.test": ok("127.0.0.2"), "zen.test": ok("127.0.0.4"), "wl.test": NX}
     )
     result = dnsbl_result(score, config, "[192.0.2.1]:4711")
     assert result.outcome is Outcome.FAIL
@@ -334,21 +335,22 @@ def test_reply_map_and_reply_template() -> None:
         reply_map=(("secret.zen.test", "zen.test"),),
         reply="Blocked: [$client_address] is on $rbl_domain (rank $rank)",
     )
-    result = dnsbl_result(score_answers(config, "10.0.0.9", {"secret.zen.test": ok("127.0.0.2")}), config)
+    result = dnsbl_result(score_answers(config, parse_ip("10.0.0.9"), {"secret.zen.test": ok("127.0.0.2")}), config)
     assert result.verdict.reply is not None
     assert result.verdict.reply.text == "Blocked: [10.0.0.9] is on zen.test (rank 2)"
 
 
 def test_below_threshold_passes() -> None:
     config = config_for("zen.test, bl.test", threshold=2)
-    result = dnsbl_result(score_answers(config, "10.0.0.1", {"zen.test": ok("127.0.0.2"), "bl.test": NX}), config)
+    score = score_answers(config, parse_ip("10.0.0.1"), {"zen.test": ok("127.0.0.2"), "bl.test": NX})
+    result = dnsbl_result(score, config)
     assert (result.outcome, result.verdict.action) == (Outcome.PASS, Action.CONTINUE)
 
 
 @pytest.mark.parametrize(("threshold", "action"), [(-2, Action.PASS), (-3, Action.CONTINUE), (0, Action.CONTINUE)])
 def test_allowlist_threshold(threshold: int, action: Action) -> None:
     config = config_for("wl.test*-2", allowlist_threshold=threshold)
-    result = dnsbl_result(score_answers(config, "10.0.0.1", {"wl.test": ok("127.0.0.2")}), config)
+    result = dnsbl_result(score_answers(config, parse_ip("10.0.0.1"), {"wl.test": ok("127.0.0.2")}), config)
     assert (result.outcome, result.verdict.action) == (Outcome.PASS, action)
 
 
@@ -358,7 +360,7 @@ def test_allowlist_threshold(threshold: int, action: Action) -> None:
 )
 def test_dnsbl_actions(action: str, expected: Action) -> None:
     config = config_for("zen.test", action=action)
-    result = dnsbl_result(score_answers(config, "10.0.0.1", {"zen.test": ok("127.0.0.2")}), config)
+    result = dnsbl_result(score_answers(config, parse_ip("10.0.0.1"), {"zen.test": ok("127.0.0.2")}), config)
     assert (result.outcome, result.verdict.action) == (Outcome.FAIL, expected)
 
 
@@ -446,7 +448,7 @@ PTR_ZONE = {
     ("5.2.0.192.in-addr.arpa", "PTR"): ["slow.test"],
     ("6.2.0.192.in-addr.arpa", "PTR"): ["first.test", "second.test"],
     ("second.test", "A"): ["192.0.2.6"],
-    (reverse_name("2001:db8::25"), "PTR"): ["v6.good.test"],
+    (reverse_name(parse_ip("2001:db8::25")), "PTR"): ["v6.good.test"],
     ("v6.good.test", "AAAA"): ["2001:db8:0::25"],
     ("v6.good.test", "A"): ["192.0.2.25"],
 }
@@ -472,7 +474,7 @@ async def test_client_names(
     ip: str, reverse: str, reverse_status: NameStatus, name: str, name_status: NameStatus
 ) -> None:
     zone = FakeZone(PTR_ZONE, broken=["slow.test", "8.2.0.192.in-addr.arpa"])
-    names = await lookup_client_names(resolver(zone), ip)
+    names = await lookup_client_names(resolver(zone), parse_ip(ip))
     assert (names.reverse_name, names.reverse_status, names.name, names.name_status) == (
         reverse,
         reverse_status,
@@ -484,7 +486,7 @@ async def test_client_names(
 @pytest.mark.asyncio
 async def test_fcrdns_asks_only_the_client_address_family() -> None:
     zone = FakeZone(PTR_ZONE)
-    await lookup_client_names(resolver(zone), "2001:db8::25")
+    await lookup_client_names(resolver(zone), parse_ip("2001:db8::25"))
     assert ("v6.good.test", "A") not in zone.calls and ("v6.good.test", "AAAA") in zone.calls
 
 
@@ -524,7 +526,7 @@ async def test_fcrdns_asks_only_the_client_address_family() -> None:
     ],
 )
 async def test_client_name_check(ip: str, config: dict[str, object], action: Action, reply: Reply | None) -> None:
-    names = await lookup_client_names(resolver(FakeZone(PTR_ZONE, broken=["slow.test"])), ip)
+    names = await lookup_client_names(resolver(FakeZone(PTR_ZONE, broken=["slow.test"])), parse_ip(ip))
     result = check_client_names(names, load_section(ClientNameConfig, {"enabled": True, **config}, "client_name"))
     assert result.verdict.action is action
     if reply is not None:

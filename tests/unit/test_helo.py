@@ -20,6 +20,7 @@ from smtpguard.checks.helo import (
     require_helo,
 )
 from smtpguard.config import ConfigError, load_section
+from smtpguard.net import parse_ip
 from smtpguard.tables import Table, open_access_table
 from smtpguard.verdict import Action, Outcome, Result
 
@@ -140,7 +141,7 @@ MISMATCH = "Helo command rejected: Address literal does not match your IP addres
     ],
 )
 def test_reject_literal_mismatch(helo: str | None, client: str, expected: tuple[Outcome, str | None]) -> None:
-    assert outcome(reject_literal_mismatch(helo, client)) == expected
+    assert outcome(reject_literal_mismatch(helo, parse_ip(client))) == expected
 
 
 @pytest.mark.parametrize(
@@ -168,7 +169,8 @@ def test_reject_literal_mismatch(helo: str | None, client: str, expected: tuple[
 )
 def test_reject_impersonation(helo: str | None, client: str, expected: tuple[Outcome, str | None]) -> None:
     result = reject_impersonation(
-        helo, client, hostname=HOSTNAME, our_domains=("example.com", "Example.NET"), our_addresses=OUR_ADDRESSES
+        helo, parse_ip(client), hostname=HOSTNAME, our_domains=("example.com", "Example.NET"),
+        our_addresses=OUR_ADDRESSES,
     )
     assert outcome(result) == expected
 
@@ -248,7 +250,7 @@ def run(helo: str | None, client: str = CLIENT, table: Table | None = None, **se
     return check_helo(
         HeloConfig(**settings),  # type: ignore[arg-type]
         helo,
-        client,
+        parse_ip(client),
         hostname=HOSTNAME,
         our_addresses=OUR_ADDRESSES,
         table=table,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from smtpguard.config import Config, from_dict
+from smtpguard.net import parse_ip
 from smtpguard.pipeline import Pipeline
 from smtpguard.session import Session
 from smtpguard.store import MemoryStore
@@ -32,7 +33,7 @@ def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, Memor
 
 
 def session(ip: str = "192.0.2.7") -> Session:
-    return Session(ip, 40123, "198.51.100.1", 25)
+    return Session(parse_ip(ip), 40123, "198.51.100.1", 25)
 
 
 def code(v: Verdict) -> tuple[Action, int | None]:

@@ -11,6 +11,7 @@ import pytest
 
 from smtpguard.config import ConfigError, from_dict
 from smtpguard.dns import DnsConfig, DnsResolver
+from smtpguard.net import parse_ip
 from smtpguard.pipeline import Pipeline
 from smtpguard.session import Session
 from smtpguard.store import MemoryStore
@@ -42,7 +43,7 @@ def make(data: dict[str, Any] | None = None, zone: FakeZone | None = None) -> tu
 
 
 def session(ip: str) -> Session:
-    return Session(ip, 40123, "198.51.100.1", 25)
+    return Session(parse_ip(ip), 40123, "198.51.100.1", 25)
 
 
 async def connect(p: Pipeline, ip: str) -> Session:

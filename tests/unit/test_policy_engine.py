@@ -144,6 +144,13 @@ async def test_metrics_labelled_policy() -> None:
     assert METRICS.greylist.labels(mode="policy", outcome="new")._value.get() == before + 1
 
 
+async def test_greylist_skips_a_client_address_that_is_no_ip_address(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="smtpguard"):
+        answer = await engine(GREY).decide(request(client_address="unix:socket"))
+    assert answer.action == "DUNNO"
+    assert "policy: skip, reason=no client IP address ('unix:socket'), client=unknown[unix:socket]" in caplog.text
+
+
 async def test_greylist_log_line(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="smtpguard"):
         await engine(GREY).decide(request(client_name="mx.sender.example", client_port="40123"))

@@ -17,6 +17,7 @@ from smtpguard.checks.nonsmtp import NonSmtpConfig, check_non_smtp
 from smtpguard.checks.pipelining import PipeliningConfig, check_pipelining
 from smtpguard.checks.pregreet import PregreetConfig, check_pregreet
 from smtpguard.config import Config, ConfigError, from_dict, load_section
+from smtpguard.net import parse_ip
 from smtpguard.tables import open_access_table
 from smtpguard.verdict import Action, Outcome, Result
 
@@ -177,7 +178,7 @@ TOO_MANY = (Outcome.FAIL, Action.DROP, "421 4.7.0 Error: too many connections fr
     (LimitsConfig(enabled=False), 51, SKIP),
 ])
 def test_connection_count(cfg: LimitsConfig, count: int, expected: tuple[Any, ...]) -> None:
-    r = check_connection_count(cfg, "192.0.2.7", count, PEER)
+    r = check_connection_count(cfg, parse_ip("192.0.2.7"), count, PEER)
     assert summary(r) == expected
     if r.outcome is Outcome.FAIL:
         assert r.reason == f"Connection concurrency limit exceeded: {count} from {PEER} for service smtp"
@@ -189,7 +190,7 @@ def test_connection_count(cfg: LimitsConfig, count: int, expected: tuple[Any, ..
     (LimitsConfig(connection_rate_limit=10), 11, TOO_MANY),
 ])
 def test_connection_rate(cfg: LimitsConfig, rate: int, expected: tuple[Any, ...]) -> None:
-    assert summary(check_connection_rate(cfg, "192.0.2.7", rate, PEER)) == expected
+    assert summary(check_connection_rate(cfg, parse_ip("192.0.2.7"), rate, PEER)) == expected
 
 
 def test_parse_network_rejects_junk() -> None:
@@ -215,11 +216,11 @@ def test_client_access_cidr(tmp_path: Path, ip: str, cfg: AccessConfig, expected
     path = tmp_path / "access.cidr"
     path.write_text("198.51.100.2 dunno\n198.51.100.0/24 permit\n192.0.2.0/24 reject\n"
                     "203.0.113.0/24 421 busy\n203.0.114.0/24 DEFER later\n")
-    assert summary(check_client_access(cfg, open_access_table(f"cidr:{path}"), ip)) == expected
+    assert summary(check_client_access(cfg, open_access_table(f"cidr:{path}"), parse_ip(ip))) == expected
 
 
 def test_client_access_without_table_skips() -> None:
-    assert summary(check_client_access(AccessConfig(), None, "192.0.2.7")) == SKIP
+    assert summary(check_client_access(AccessConfig(), None, parse_ip("192.0.2.7"))) == SKIP
 
 
 def test_every_check_section_has_the_same_shape() -> None:

@@ -10,6 +10,7 @@ import spf as pyspf
 
 from smtpguard.config import from_dict
 from smtpguard.dns import DnsConfig, DnsResolver
+from smtpguard.net import parse_ip
 from smtpguard.pipeline import Pipeline
 from smtpguard.session import Session
 from smtpguard.spf import evaluate
@@ -95,7 +96,7 @@ def make(extra: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, Memo
 
 
 async def attempt(p: Pipeline, ip: str, sender: str, rcpt: str = "bob@example.test") -> Action:
-    s = Session(ip, 40000, "198.51.100.1", 25)
+    s = Session(parse_ip(ip), 40000, "198.51.100.1", 25)
     await p.on_connect(s, 1, 1)
     s.helo, s.sender = "out.example", sender
     assert (await p.on_rcpt(s, rcpt)).action is Action.CONTINUE

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from smtpguard.config import ConfigError
+from smtpguard.net import parse_ip
 from smtpguard.tables import (
     CLIENT,
     CONFIG_ERROR,
@@ -115,7 +116,7 @@ endif
 def test_postscreen_access_cidr(tmp_path: Path, ip: str, value: str, kind: AccessKind) -> None:
     table = open_access_table("cidr:" + write(tmp_path, POSTSCREEN_ACCESS))
     assert not table.fixed
-    found = lookup_client(table, ip)
+    found = lookup_client(table, parse_ip(ip))
     assert found == value
     assert parse_action(found).kind is kind
 
@@ -315,15 +316,16 @@ def keys_tried(fixed: bool, lookup: Callable[[Table], str | None]) -> list[str]:
         (lambda t: lookup_address(t, "postmaster"), ["postmaster", "postmaster@"], ["postmaster"]),
         (lambda t: lookup_address(t, "a@[192.0.2.1]"), ["a@[192.0.2.1]", "[192.0.2.1]", "a@"], ["a@[192.0.2.1]"]),
         (
-            lambda t: lookup_client(t, "192.0.2.1", "mail.example.com"),
+            lambda t: lookup_client(t, parse_ip("192.0.2.1"), "mail.example.com"),
             ["mail.example.com", "example.com", "com", "192.0.2.1", "192.0.2", "192.0", "192"],
             ["mail.example.com", "192.0.2.1"],
         ),
-        (lambda t: lookup_client(t, "2001:db8::1"), ["2001:db8::1", "2001:db8:", "2001:db8", "2001"],
+        (lambda t: lookup_client(t, parse_ip("2001:db8::1")), ["2001:db8::1", "2001:db8:", "2001:db8", "2001"],
          ["2001:db8::1"]),
-        (lambda t: lookup_client(t, "2001:DB8:0::1"), ["2001:db8::1", "2001:db8:", "2001:db8", "2001"],
+        (lambda t: lookup_client(t, parse_ip("2001:DB8:0::1")), ["2001:db8::1", "2001:db8:", "2001:db8", "2001"],
          ["2001:db8::1"]),
-        (lambda t: lookup_client(t, "::ffff:192.0.2.1"), ["192.0.2.1", "192.0.2", "192.0", "192"], ["192.0.2.1"]),
+        (lambda t: lookup_client(t, parse_ip("::ffff:192.0.2.1")), ["192.0.2.1", "192.0.2", "192.0", "192"],
+         ["192.0.2.1"]),
         (lambda t: lookup_helo(t, "mx.example.com."), ["mx.example.com.", "example.com.", "com."],
          ["mx.example.com."]),
         (lambda t: lookup_helo(t, "192.0.2.1"), ["192.0.2.1"], ["192.0.2.1"]),

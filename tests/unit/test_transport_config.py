@@ -13,6 +13,7 @@ from smtpguard import cli
 from smtpguard.checks.greylist import client_network
 from smtpguard.checks.limits import client_key
 from smtpguard.config import ConfigError, from_dict
+from smtpguard.net import parse_ip
 from smtpguard.tls import TlsConfig, build_context, describe
 
 
@@ -126,7 +127,7 @@ def test_proxy_keys() -> None:
     ("::1", "::"),
 ])
 def test_connection_limits_count_ipv6_by_64(ip: str, key: str) -> None:
-    assert client_key(ip) == key
+    assert client_key(parse_ip(ip)) == key
 
 
 def test_greylist_keys_ipv6_by_64() -> None:

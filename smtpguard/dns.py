@@ -46,7 +46,6 @@ import asyncio
 import enum
 import ipaddress
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -170,17 +169,6 @@ def reversed_ip(addr: IPAddress) -> str:
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))
-
-
-_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"(?=.{{1,255}}$)(?=.*[^0-9.])(?:{_LABEL}\.)*{_LABEL}")
-
-
-def valid_hostname(name: str) -> bool:
-    """Postfix's valid_hostname(): labels of 1-63 letters, digits, ``_`` and
-    inner ``-``, at most 255 characters, not all numeric (so ``1.2.3.4`` is
-    no host name), no leading, trailing or doubled dot."""
-    return _HOSTNAME.fullmatch(name) is not None
 
 
 def reverse_name(ip: IPAddress) -> str:

@@ -1,4 +1,5 @@
-"""IP addresses as smtpguard carries them: parsed once, then typed.
+"""IP addresses as smtpguard carries them (parsed once, then typed), and
+the one host name validator.
 
 The listener parses the client's address with :func:`parse_ip` when it
 accepts the connection (or reads a PROXY header); from there on the
@@ -7,12 +8,18 @@ tables get an :data:`IPAddress`, never the text again.  Text is made where a
 line is written (logs, XCLIENT, store keys): ``str(ip)``, the canonical form
 Postfix writes too.
 
+:func:`valid_hostname` is the only host name syntax check: PTR names, HELO
+names, DNSBL/RHSBL domains, configured host names and allowlist entries all
+go through it, each caller saying which of Postfix's rules it waives.
+
 Imports nothing of smtpguard's, so every module can build on it.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,3 +42,26 @@ def parse_ip_or_none(text: str) -> IPAddress | None:
         return parse_ip(text)
     except ValueError:
         return None
+
+
+@functools.cache
+def _hostname_pattern(underscore: bool, lengths: bool, numeric: bool) -> re.Pattern[str]:
+    chars = "A-Za-z0-9_-" if underscore else "A-Za-z0-9-"
+    label = f"(?!-)[{chars}]{{1,63}}(?<!-)" if lengths else f"(?!-)[{chars}]+(?<!-)"
+    checks = ("(?=.{1,255}$)" if lengths else "") + ("" if numeric else "(?=.*[^0-9.])")
+    return re.compile(f"{checks}(?:{label}\\.)*{label}")
+
+
+def valid_hostname(name: str, *, underscore: bool = True, lengths: bool = True, numeric: bool = False) -> bool:
+    """Postfix's valid_hostname(): dot-separated labels of letters, digits,
+    ``_`` and inner ``-``, no leading, trailing or doubled dot, labels of at
+    most 63 and names of at most 255 characters, not all numeric (so
+    ``1.2.3.4`` is no host name).
+
+    Callers that deliberately accept other names say so: *underscore* False
+    refuses ``_`` (a name of ours that goes into replies and banners,
+    RFC 1123); *lengths* False drops the length limits and *numeric* True
+    accepts all-numeric names (settings and allowlist entries whose
+    acceptance must not change: they never were held to those limits, and a
+    numeric entry is told apart from an address before this check)."""
+    return _hostname_pattern(underscore, lengths, numeric).fullmatch(name) is not None

@@ -11,7 +11,8 @@ adds the key and raises :class:`ConfigError`.
 Durations are written like Postfix's (``300s``, ``5m``, ``2d``, a bare number
 is seconds); sizes as bytes with optional ``k``/``m``/``g`` suffix.
 
-This module imports nothing of smtpguard's, so any module may import it.
+This module imports nothing of smtpguard's but :mod:`smtpguard.net` (which
+imports nothing), so any module may import it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from .net import valid_hostname
 
 T = TypeVar("T")
 
@@ -91,8 +94,11 @@ def parse_str(value: Any) -> str:
 
 
 def parse_hostname(value: Any) -> str:
+    """A host name of ours (``server.hostname``, ``helo.our_domains``): no
+    ``_``, since it goes into our banner and replies; no length limits and
+    all-numeric names accepted, as always (see :func:`~smtpguard.net.valid_hostname`)."""
     text = parse_str(value)
-    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", text):
+    if not valid_hostname(text, underscore=False, lengths=False, numeric=True):
         raise ValueError(f'expected a host name like mx.example.com, got "{text}"')
     return text
 

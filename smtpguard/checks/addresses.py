@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import tables
-from ..dns import valid_hostname
+from ..net import valid_hostname
 from ..options import one_of, opt, parse_bool, parse_str
 from ..tables import Table, access_check, check_access_spec, lookup_address
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for

@@ -60,8 +60,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dns import DnsResult, Resolver, reversed_ip, valid_hostname
-from ..net import IPAddress
+from ..dns import DnsResult, Resolver, reversed_ip
+from ..net import IPAddress, valid_hostname
 from ..options import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..tables import AccessKind, Table, check_access_spec, lookup_helo, parse_action
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import METRICS
+from ..net import valid_hostname
 from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..store import ClientNet, Store, StoreError, Triplet
 from ..verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
@@ -157,7 +158,6 @@ def _regexp(entry: str, where: str) -> re.Pattern[str] | None:
         raise ValueError(f"{where}: bad regular expression {entry}: {exc}") from None
 
 
-_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 _PARTIAL_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}")
 
 
@@ -200,7 +200,7 @@ class ClientAllowlist:
                 networks.append(_network(".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}", where))
             elif re.fullmatch(r"[\d./]+", entry) or ":" in entry:
                 networks.append(_network(entry, where))
-            elif _HOSTNAME.fullmatch(entry.lower().strip(".")):
+            elif valid_hostname(entry.lower().strip("."), lengths=False, numeric=True):
                 names.add(entry.lower().strip("."))
             else:
                 raise ValueError(f"{where}: not a host name, IP address, network or /regexp/: {entry}")

@@ -31,7 +31,7 @@ returns the first failure -- the order of a typical
 7. ``reject_non_fqdn`` -- reject_non_fqdn_helo_hostname: not a valid host
    name with a dot; literals are checked like reject_invalid.
 
-Host names are checked with :func:`smtpguard.dns.valid_hostname` (Postfix's
+Host names are checked with :func:`smtpguard.net.valid_hostname` (Postfix's
 valid_hostname; one trailing dot is ignored, as smtpd does).
 """
 
@@ -43,8 +43,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..dns import valid_hostname
-from ..net import IPAddress, parse_ip_or_none
+from ..net import IPAddress, parse_ip_or_none, valid_hostname
 from ..options import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..tables import HELO, Table, access_check, check_access_spec, lookup_helo
 from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for

@@ -44,8 +44,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dns import Resolver, Status, valid_hostname
-from ..net import IPAddress
+from ..dns import Resolver, Status
+from ..net import IPAddress, valid_hostname
 from ..options import ConfigError, one_of, opt, parse_bool
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
 

@@ -44,9 +44,8 @@ from smtpguard.dns import (
     is_null_mx,
     reverse_name,
     reversed_ip,
-    valid_hostname,
 )
-from smtpguard.net import parse_ip
+from smtpguard.net import parse_ip, valid_hostname
 from smtpguard.tables import open_access_table
 from smtpguard.verdict import Action, Outcome, Reply
 
@@ -163,6 +162,15 @@ def test_valid_hostname() -> None:
     assert not valid_hostname("-bad.example")
     assert not valid_hostname("a..b")
     assert not valid_hostname("x" * 64 + ".example")
+
+
+def test_valid_hostname_waivers() -> None:
+    """What a caller may waive: ``_`` (our own names), the lengths and the
+    all-numeric rule (settings and allowlist entries)."""
+    assert not valid_hostname("_spf.example.com", underscore=False)
+    assert valid_hostname("x" * 64 + ".example", lengths=False)
+    assert valid_hostname("192.0.2.1", numeric=True)
+    assert not valid_hostname("-bad.example", underscore=False, lengths=False, numeric=True)
 
 
 # ---------------------------------------------------------------- filters and sites

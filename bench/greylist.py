@@ -49,9 +49,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtpguard import spf  # noqa: E402
-from smtpguard.checks.greylist import GreylistConfig, check_greylist, client_network, triplet_key  # noqa: E402
+from smtpguard.checks.greylist import GreylistConfig, check_greylist, triplet_key  # noqa: E402
 from smtpguard.dns import DnsConfig, DnsResolver  # noqa: E402
-from smtpguard.net import parse_ip  # noqa: E402
+from smtpguard.net import client_network, parse_ip  # noqa: E402
 from smtpguard.store import Store, Triplet, open_store  # noqa: E402
 
 CFG = GreylistConfig(enabled=True)  # off by default in a configuration

@@ -69,7 +69,8 @@ def request(i: int, n: int) -> bytes:
 async def preload(url: str, n: int) -> None:
     import ipaddress
 
-    from smtpguard.checks.greylist import client_network, triplet_key
+    from smtpguard.checks.greylist import triplet_key
+    from smtpguard.net import client_network
 
     store = await open_store(url)
     now = time.time()

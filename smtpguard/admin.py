@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from .checks.greylist import client_network
 from .config import Config
+from .net import client_network
 from .options import parse_duration
 from .store import AllowedNet, Store, open_store
 

@@ -36,6 +36,18 @@ def parse_ip(text: str) -> IPAddress:
     return addr
 
 
+def client_network(ip: IPAddress, ipv4_mask: int, ipv6_mask: int) -> str:
+    """The address masked to its network, as text: the client part of a
+    greylisting key (postgrey's ``do_client_substitutions`` with
+    ``--ipv4cidr``/``--ipv6cidr``: ``192.0.2.77`` -> ``192.0.2.0``), and the
+    key an IPv6 client's connections are counted under (its /64).  An
+    IPv4-mapped IPv6 address counts as the IPv4 address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    host_bits = ip.max_prefixlen - (ipv4_mask if ip.version == 4 else ipv6_mask)
+    return str(type(ip)(int(ip) >> host_bits << host_bits))
+
+
 def parse_ip_or_none(text: str) -> IPAddress | None:
     """:func:`parse_ip`, None for text that is not an IP address."""
     try:

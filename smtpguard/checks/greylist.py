@@ -51,15 +51,12 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import METRICS
-from ..net import valid_hostname
+from ..net import IPAddress, IPNetwork, client_network, valid_hostname
 from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..store import ClientNet, Store, StoreError, Triplet
 from ..verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
 
 CHECK = "greylist"
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: postgrey counts at most one pass per client and hour for the auto-allowlist
 AWL_INTERVAL = 3600.0
@@ -71,17 +68,6 @@ DEFAULT_TEXT = "Greylisted, see http://postgrey.schweikert.ch/help/%r.html"
 
 
 # ------------------------------------------------------------------ keys
-
-
-def client_network(ip: IPAddress, ipv4_mask: int, ipv6_mask: int) -> str:
-    """The client part of the key: the address masked to its network, as
-    postgrey's ``do_client_substitutions`` with ``--ipv4cidr``/``--ipv6cidr``
-    (``192.0.2.77`` -> ``192.0.2.0``).  An IPv4-mapped IPv6 address counts
-    as the IPv4 address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    host_bits = ip.max_prefixlen - (ipv4_mask if ip.version == 4 else ipv6_mask)
-    return str(type(ip)(int(ip) >> host_bits << host_bits))
 
 
 _SRS0 = re.compile(r"srs0[=+-][^=]*=[^=]*=([^=]+)=(.+)")

@@ -18,11 +18,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..net import IPAddress
+from ..net import IPAddress, client_network
 from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
 from ..verdict import Action, Outcome, Reply, Result, Verdict
 from ._common import passed, skip
-from .greylist import client_network
 
 
 @dataclass(frozen=True)

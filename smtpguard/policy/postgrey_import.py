@@ -33,7 +33,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..checks.greylist import GreylistConfig, client_network
+from ..checks.greylist import GreylistConfig
+from ..net import client_network
 from ..store import ClientNet, Store, Triplet
 
 _ESCAPE = re.compile(rb"\\(\\|[0-9a-fA-F]{2})")

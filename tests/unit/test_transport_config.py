@@ -10,10 +10,9 @@ import pytest
 import trustme
 
 from smtpguard import cli
-from smtpguard.checks.greylist import client_network
 from smtpguard.checks.limits import client_key
 from smtpguard.config import ConfigError, from_dict
-from smtpguard.net import parse_ip
+from smtpguard.net import client_network, parse_ip
 from smtpguard.tls import TlsConfig, build_context, describe
 
 

@@ -44,6 +44,7 @@ import os
 import socket
 import sys
 import time
+from typing import Literal
 
 from .config import LogConfig
 from .text import printable
@@ -142,13 +143,19 @@ def client(name: str, host: str, port: int | str | None = None) -> str:
     return f"{name}[{host}]" + (f":{port}" if port is not None else "")
 
 
+Disposition = Literal["reject", "reject_warning", "warn"]
+
+
 def noqueue(reply: str, stage: str, who: str, sender: str | None, rcpt: str | None,
-            proto: str, helo: str | None) -> str:
-    """smtpd's ``NOQUEUE: reject:`` line (format fail2ban's postfix filter reads)."""
+            proto: str, helo: str | None, disposition: Disposition = "reject") -> str:
+    """smtpd's ``NOQUEUE: reject:`` line (format fail2ban's postfix filter
+    reads); *disposition* ``reject_warning`` for a reject that
+    ``warn_if_reject`` (``action = "ignore"``) turned into a warning, ``warn``
+    for an access table's ``WARN``."""
     parts = [f"from=<{sender or ''}>"] if sender is not None else []
     if rcpt is not None:
         parts.append(f"to=<{rcpt}>")
     parts.append(f"proto={proto}")
     if helo:
         parts.append(f"helo=<{helo}>")
-    return f"NOQUEUE: reject: {stage} from {who}: {reply}; {' '.join(parts)}"
+    return f"NOQUEUE: {disposition}: {stage} from {who}: {reply}; {' '.join(parts)}"

@@ -71,7 +71,6 @@ client the access table allowlisted, or a DNSWL client (score at or below
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -488,22 +487,15 @@ class Pipeline:
         elif found.check in _WARNING_LINE:
             log.warning("%s", found.reason)
         elif found.verdict.action is Action.CONTINUE:  # action = ignore: warn_if_reject
-            stage = _stage(s, phase)
-            line = logs.noqueue(found.reason, stage, s.who, s.sender, None, s.proto, s.helo)
-            log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: reject_warning:", 1))
-
+            log.info("%s", logs.noqueue(found.reason, _stage(s, phase), s.who, s.sender, None, s.proto, s.helo,
+                                        "reject_warning"))
 
     def _warn(self, s: Session, found: Result, phase: str) -> None:
         """An access table's ``WARN text``: smtpd's ``NOQUEUE: warn:`` line."""
-        if "WARN" not in found.reason.upper():
-            return
-        for m in _WARN.finditer(found.reason):
-            rcpt = m.group(1) if phase == "rcpt" else None
-            line = logs.noqueue(m.group(2) or "", _stage(s, phase), s.who, s.sender, rcpt, s.proto, s.helo)
-            log.info("%s", line.replace("NOQUEUE: reject:", "NOQUEUE: warn:", 1))
-
-
-_WARN = re.compile(r"<([^>]*)>: WARN(?:\s+([^;]*))?", re.IGNORECASE)
+        for warning in found.warnings:
+            rcpt = warning.name if phase == "rcpt" else None
+            log.info("%s", logs.noqueue(warning.text, _stage(s, phase), s.who, s.sender, rcpt, s.proto, s.helo,
+                                        "warn"))
 
 
 def _client_results(cfg: Config, found: ConnectFindings) -> list[Result]:

@@ -64,7 +64,7 @@ from typing import Protocol
 
 from .net import IPAddress, parse_ip_or_none
 from .options import ConfigError
-from .verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
+from .verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, Warn, verdict_for
 
 Validator = Callable[[str], None]
 
@@ -663,8 +663,8 @@ def access_reply(action: AccessAction, kind: str, name: str) -> Reply:
 def access_check(check: str, action: str, value: str | None, kind: str, name: str) -> Result:
     """The :class:`Result` of an access table lookup that returned *value*.
 
-    No match and DUNNO/WARN are ``SKIP`` (the caller goes on; a WARN's text
-    is in the reason), OK is ``PASS``, REJECT/DEFER/NNN are ``FAIL``.  The
+    No match and DUNNO/WARN are ``SKIP`` (the caller goes on; a WARN is in
+    the result's ``warnings``), OK is ``PASS``, REJECT/DEFER/NNN are ``FAIL``.  The
     check's configured *action* applies as for any check, except that a
     table's 4xx stays a deferral and 421/521 hang up.  A result smtpguard
     cannot carry out gets smtpd's ``451 4.3.5 Server configuration error``
@@ -680,7 +680,9 @@ def access_check(check: str, action: str, value: str | None, kind: str, name: st
     reason = f"<{name}>: {value}"
     if found.kind is AccessKind.OK:
         return Result(check, Outcome.PASS, reason)
-    if found.kind in (AccessKind.DUNNO, AccessKind.WARN):
+    if found.kind is AccessKind.WARN:
+        return Result(check, Outcome.SKIP, reason, warnings=(Warn(name, found.text),))
+    if found.kind is AccessKind.DUNNO:
         return Result(check, Outcome.SKIP, reason)
     reply = access_reply(found, kind, name)
     if action == "ignore":

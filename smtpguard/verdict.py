@@ -78,13 +78,25 @@ CONTINUE = Verdict(Action.CONTINUE)
 
 
 @dataclass(frozen=True)
+class Warn:
+    """An access table's ``WARN text`` for *name* (the client, HELO name or
+    address looked up): smtpd logs it as ``NOQUEUE: warn:`` and goes on."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Result:
-    """A check's finding: which check, outcome, reason (for the log), verdict."""
+    """A check's finding: which check, outcome, reason (for the log), verdict,
+    and the access-table warnings met on the way (kept as they are, not in
+    *reason*'s text, for the ``NOQUEUE: warn:`` lines)."""
 
     check: str
     outcome: Outcome
     reason: str = ""
     verdict: Verdict = CONTINUE
+    warnings: tuple[Warn, ...] = ()
 
 
 REPLIES: dict[str, Reply] = {

@@ -37,7 +37,7 @@ from .. import tables
 from ..net import valid_hostname
 from ..options import one_of, opt, parse_bool, parse_str
 from ..tables import Table, access_check, check_access_spec, lookup_address
-from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
+from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, Warn, verdict_for
 from .helo import NON_FQDN_CODE, literal_address, strip_trailing_dot
 
 
@@ -170,12 +170,14 @@ def check_address(
     if config.strict_syntax and (found := check_address_syntax(address, role, action, utf8)).outcome is Outcome.FAIL:
         return found
     notes: list[str] = []
+    warnings: tuple[Warn, ...] = ()
     if table is not None:
         found = check_address_access(address, role, table, action, config.recipient_delimiter)
         if found.outcome is not Outcome.SKIP:
             return found
         notes.append(found.reason)
+        warnings = found.warnings
     non_fqdn = config.reject_non_fqdn_sender if role is SENDER else config.reject_non_fqdn_recipient
     if non_fqdn and (found := reject_non_fqdn_address(address, role, action, utf8)).outcome is Outcome.FAIL:
         return found
-    return Result(check, Outcome.PASS, "; ".join([f"<{address}> passed", *notes]))
+    return Result(check, Outcome.PASS, "; ".join([f"<{address}> passed", *notes]), warnings=warnings)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from ..net import IPAddress, parse_ip_or_none, valid_hostname
 from ..options import list_of, one_of, opt, parse_bool, parse_hostname, parse_str
 from ..tables import HELO, Table, access_check, check_access_spec, lookup_helo
-from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, verdict_for
+from ..verdict import ACTIONS, REPLIES, Outcome, Reply, Result, Warn, verdict_for
 
 INVALID_HOSTNAME_CODE = 501  # invalid_hostname_reject_code
 NON_FQDN_CODE = 504  # non_fqdn_reject_code
@@ -252,7 +252,7 @@ def check_helo(
 ) -> Result:
     """Run the enabled HELO checks in order: the first failure, an access
     table's OK, or a PASS whose reason carries the access table's finding
-    (no match, DUNNO or WARN text).  *table* is the opened ``access_table``
+    (no match, DUNNO or WARN text) and the table's WARN in its ``warnings``.  *table* is the opened ``access_table``
     (:func:`smtpguard.tables.open_access_table`)."""
     if not config.enabled:
         return _skip("helo", "disabled")
@@ -262,11 +262,13 @@ def check_helo(
     if helo is None:
         return _skip("helo", "no HELO")
     notes: list[str] = []
+    warnings: tuple[Warn, ...] = ()
     if table is not None:
         found = check_helo_access(helo, table, action)
         if found.outcome is not Outcome.SKIP:
             return found
         notes.append(found.reason)
+        warnings = found.warnings
     checks: tuple[tuple[bool, Callable[[], Result]], ...] = (
         (config.reject_impersonation, lambda: reject_impersonation(
             helo, client, hostname=hostname, our_domains=config.our_domains,
@@ -279,4 +281,4 @@ def check_helo(
     for enabled, run in checks:
         if enabled and (result := run()).outcome is Outcome.FAIL:
             return result
-    return Result("helo", Outcome.PASS, "; ".join([f"<{helo}> passed", *notes]))
+    return Result("helo", Outcome.PASS, "; ".join([f"<{helo}> passed", *notes]), warnings=warnings)

@@ -277,6 +277,25 @@ async def test_access_warn_logs_smtpd_warn_lines(tmp_path: Path, caplog: pytest.
     ]
 
 
+async def test_access_warn_text_is_not_parsed_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The WARN text reaches the log whole (a ``;`` in it included), and
+    client text that looks like a WARN (a quoted local part) is no warning."""
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    rcpts = tmp_path / "rcpts"
+    rcpts.write_text("watched@example.net WARN watched; tell abuse\n")
+    p, _, _ = make({"addresses": {"recipient_access_table": f"texthash:{rcpts}"}})
+    s = session()
+    s.helo, s.esmtp = "mx.example.org", True
+    s.sender = '"x>: WARN forged"@example.org'
+    assert code(await p.on_mail(s)) == CONT
+    assert code(await p.on_rcpt(s, "watched@example.net")) == CONT
+    lines = [r.getMessage() for r in caplog.records if "warn:" in r.getMessage()]
+    assert lines == [
+        "NOQUEUE: warn: RCPT from unknown[192.0.2.7]:40123: watched; tell abuse; "
+        'from=<"x>: WARN forged"@example.org> to=<watched@example.net> proto=ESMTP helo=<mx.example.org>',
+    ]
+
+
 class BrokenStore:
     async def get_cache(self, ip: str) -> dict[str, float]:
         raise ConnectionError("redis down")

@@ -64,7 +64,7 @@ from typing import Protocol
 
 from .net import IPAddress, parse_ip_or_none
 from .options import ConfigError
-from .verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, Warn, verdict_for
+from .verdict import Action, Outcome, Reply, Result, Verdict, Warn, verdict_for
 
 Validator = Callable[[str], None]
 
@@ -685,12 +685,4 @@ def access_check(check: str, action: str, value: str | None, kind: str, name: st
     if found.kind is AccessKind.DUNNO:
         return Result(check, Outcome.SKIP, reason)
     reply = access_reply(found, kind, name)
-    if action == "ignore":
-        verdict = CONTINUE
-    elif found.disconnect:
-        verdict = Verdict(Action.DROP, reply)
-    elif reply.is_temporary:
-        verdict = Verdict(Action.DEFER, reply)
-    else:
-        verdict = verdict_for(action, reply)
-    return Result(check, Outcome.FAIL, str(reply), verdict)
+    return Result(check, Outcome.FAIL, str(reply), verdict_for(action, reply, as_given=True))

@@ -142,16 +142,28 @@ REPLIES: dict[str, Reply] = {
 ACTIONS = ("ignore", "enforce", "drop", "tempfail")
 
 
-def verdict_for(action: str, reply: Reply) -> Verdict:
-    """Turn a failed check's configured *action* into a verdict.
+def verdict_for(action: str, reply: Reply, *, as_given: bool = False) -> Verdict:
+    """Turn a failed check's configured *action* into a verdict: the one
+    place the actions are mapped.
 
     ``ignore`` logs and counts only (postscreen's ignore, Postfix's
     ``warn_if_reject``); ``enforce`` rejects with the check's 5xx *reply*
-    (the session decides when: postscreen delivers it at RCPT); ``drop`` sends
-    521 and hangs up; ``tempfail`` sends the 4xx form of *reply*.
+    (the session decides when: postscreen delivers it at RCPT), and defers
+    with a 4xx one (Postfix's 450 defaults are no rejections); ``drop``
+    sends 521 (*reply*'s text) and hangs up; ``tempfail`` sends the 4xx
+    form of *reply*.
+
+    *as_given*: *reply*'s own code decides, whatever the action but
+    ``ignore``: 421 and 521 hang up, any other 4xx defers (an access table's
+    result, as smtpd does; anvil's and the error limits' 421; a DNS
+    failure's 450, a failed store's 451).
     """
     if action == "ignore":
         return CONTINUE
+    if as_given and reply.code in (421, 521):
+        return Verdict(Action.DROP, reply)
+    if reply.is_temporary and (as_given or action == "enforce"):
+        return Verdict(Action.DEFER, reply)
     if action == "enforce":
         return Verdict(Action.REJECT, reply)
     if action == "drop":

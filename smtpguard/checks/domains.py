@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 from ..dns import Resolver, Status, is_null_mx
 from ..options import opt, parse_bool
-from ..verdict import Outcome, Reply, Result
-from .rdns import DnsCheckConfig, dns_error_result, failure_verdict, parse_reply_code, reply
+from ..verdict import Outcome, Reply, Result, verdict_for
+from .rdns import DnsCheckConfig, dns_error_result, parse_reply_code, reply
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _verdict(check: str, config: DnsCheckConfig, status: Status, failure: Reply,
     if status is Status.TEMPFAIL:
         temporary = reply(450, failure.status, failure.text)
         return dns_error_result(check, config.action, config.on_dns_error, temporary, f"{reason}: DNS lookup failed")
-    return Result(check, Outcome.FAIL, f"{reason}: {status.value}", failure_verdict(config.action, failure))
+    return Result(check, Outcome.FAIL, f"{reason}: {status.value}", verdict_for(config.action, failure))
 
 
 async def check_sender_domain(resolver: Resolver, config: SenderDomainConfig, sender: str) -> Result:
@@ -90,10 +90,10 @@ async def check_sender_domain(resolver: Resolver, config: SenderDomainConfig, se
     if mx.ok:
         if is_null_mx(mx.answers):
             nullmx = reply(550, "5.7.27", f"{prefix}: Domain {domain} does not accept mail (nullMX)")
-            return Result(check, Outcome.FAIL, f"{domain}: null MX", failure_verdict(config.action, nullmx))
+            return Result(check, Outcome.FAIL, f"{domain}: null MX", verdict_for(config.action, nullmx))
         if any(r.host == "." for r in mx.answers):
             malformed = reply(config.reject_code, "4.1.8", f"{prefix}: Malformed DNS server reply")
-            return Result(check, Outcome.FAIL, f"{domain}: MX to the root", failure_verdict(config.action, malformed))
+            return Result(check, Outcome.FAIL, f"{domain}: MX to the root", verdict_for(config.action, malformed))
         return Result(check, Outcome.PASS, f"{domain} has MX")
     status = mx.status if mx.status is Status.NXDOMAIN else _best(mx.status, await _address_status(resolver, domain))
     if status is Status.OK:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int
-from ..verdict import Action, Outcome, Reply, Result, Verdict
+from ..verdict import Outcome, Reply, Result, verdict_for
 from ._common import passed, skip
 
 
@@ -52,8 +52,7 @@ def error_delay(cfg: ErrorsConfig, errors: int) -> float:
 
 
 def _limit(check: str, cfg: ErrorsConfig, reply: Reply, reason: str) -> Result:
-    verdict = Verdict(Action.DROP, reply) if cfg.action == "drop" else Verdict(Action.CONTINUE)
-    return Result(check, Outcome.FAIL, reason, verdict)
+    return Result(check, Outcome.FAIL, reason, verdict_for(cfg.action, reply, as_given=True))
 
 
 def check_error_limit(cfg: ErrorsConfig, errors: int, hostname: str, command: str, who: str) -> Result:

@@ -54,7 +54,7 @@ from ..metrics import METRICS
 from ..net import IPAddress, IPNetwork, client_network, valid_hostname
 from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..store import ClientNet, Store, StoreError, Triplet
-from ..verdict import CONTINUE, Action, Outcome, Reply, Result, Verdict, verdict_for
+from ..verdict import CONTINUE, Outcome, Reply, Result, verdict_for
 
 CHECK = "greylist"
 
@@ -596,6 +596,7 @@ def _store_failed(cfg: GreylistConfig, recipient: str, exc: StoreError) -> Resul
     """``on_store_error``: accept the recipient, or defer it like Postfix
     does on a failed table lookup (``451 4.3.0 ... Temporary lookup failure``)."""
     verdict = CONTINUE
-    if cfg.on_store_error == "tempfail" and cfg.action != "ignore":
-        verdict = Verdict(Action.DEFER, Reply(451, "4.3.0", f"<{recipient}>: Temporary lookup failure"))
+    if cfg.on_store_error == "tempfail":
+        failure = Reply(451, "4.3.0", f"<{recipient}>: Temporary lookup failure")
+        verdict = verdict_for(cfg.action, failure, as_given=True)
     return Result(CHECK, Outcome.SKIP, f"state store failed ({exc}): {cfg.on_store_error}", verdict)

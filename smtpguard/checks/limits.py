@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..net import IPAddress, client_network
 from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_network
-from ..verdict import Action, Outcome, Reply, Result, Verdict
+from ..verdict import Outcome, Reply, Result, verdict_for
 from ._common import passed, skip
 
 
@@ -50,8 +50,7 @@ def exempt(cfg: LimitsConfig, ip: IPAddress) -> bool:
 
 
 def _over(check: str, cfg: LimitsConfig, ip: IPAddress, reason: str) -> Result:
-    verdict = Verdict(Action.DROP, too_many(ip)) if cfg.action == "drop" else Verdict(Action.CONTINUE)
-    return Result(check, Outcome.FAIL, reason, verdict)
+    return Result(check, Outcome.FAIL, reason, verdict_for(cfg.action, too_many(ip), as_given=True))
 
 
 def _limit(check: str, cfg: LimitsConfig, ip: IPAddress, value: int, limit: int, counted: str, exceeded: str) -> Result:

@@ -32,7 +32,7 @@ failure never rejects for good: with ``on_dns_error = "tempfail"`` (Postfix)
 it gets 450, with ``"skip"`` the check is skipped.
 
 :class:`DnsCheckConfig` (action, reject_code, on_dns_error), :func:`reply`,
-:func:`failure_verdict`, :func:`dns_error_result` and :func:`parse_reply_code`
+:func:`dns_error_result` and :func:`parse_reply_code`
 are shared with the other DNS-based checks (:mod:`smtpguard.checks.domains`).
 """
 
@@ -47,7 +47,7 @@ from typing import Any
 from ..dns import Resolver, Status
 from ..net import IPAddress, valid_hostname
 from ..options import ConfigError, one_of, opt, parse_bool
-from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
+from ..verdict import ACTIONS, Outcome, Reply, Result, verdict_for
 
 MAX_PTR_NAMES = 4  # PTR names tried for FCrDNS; more is an attack, not a setup
 
@@ -67,19 +67,11 @@ def reply(code: int, status: str, text: str) -> Reply:
     return Reply(code, f"{code // 100}{status[1:]}", text)
 
 
-def failure_verdict(action: str, failure: Reply) -> Verdict:
-    """:func:`verdict_for`, except that a 4xx *failure* stays a deferral
-    under ``enforce`` (Postfix's 450 defaults are not rejections)."""
-    if failure.is_temporary and action == "enforce":
-        return Verdict(Action.DEFER, failure)
-    return verdict_for(action, failure)
-
-
 def dns_error_result(check: str, action: str, on_dns_error: str, failure: Reply, reason: str) -> Result:
     """The result when DNS failed: skipped, or deferred with *failure* (a 450)."""
-    if on_dns_error == "skip" or action == "ignore":
+    if on_dns_error == "skip":
         return Result(check, Outcome.SKIP, reason)
-    return Result(check, Outcome.SKIP, reason, Verdict(Action.DEFER, failure))
+    return Result(check, Outcome.SKIP, reason, verdict_for(action, failure, as_given=True))
 
 
 class NameStatus(enum.Enum):
@@ -172,4 +164,4 @@ def check_client_names(names: ClientNames, config: ClientNameConfig) -> Result:
         NameStatus.PERM: f"no usable PTR record for [{names.ip}]",
         NameStatus.FORGED: f"{names.reverse_name} does not resolve to address {names.ip}",
     }[status]
-    return Result(check, Outcome.FAIL, reason, failure_verdict(config.action, reply(config.reject_code, dsn, text)))
+    return Result(check, Outcome.FAIL, reason, verdict_for(config.action, reply(config.reject_code, dsn, text)))

@@ -166,15 +166,14 @@ class PolicyEngine:
             if found is None:  # not applicable (no HELO name yet, ...)
                 continue
             self._count(found)
-            v = found.verdict
-            if found.outcome is Outcome.FAIL and v.action is Action.CONTINUE:  # action = ignore
-                warned = warned or Answer(f"WARN {_text(found.reason)}", "warn", found)
+            answer = _answer(found)
+            if answer is not None and answer.kind == "warn":
+                warned = warned or answer
                 self._log("warn", found, req)
                 continue
-            if v.action is Action.PASS or (found.outcome is Outcome.PASS and name == "client_access"):
+            if found.verdict.action is Action.PASS or (found.outcome is Outcome.PASS and name == "client_access"):
                 break  # allowlisted: no more of our checks
-            if v.action in (Action.REJECT, Action.DEFER, Action.DROP) and v.reply is not None:
-                answer = _reply_answer(v.reply, found)
+            if answer is not None:
                 self._log(answer.kind, found, req)
                 return answer
         return prepend or warned or DUNNO
@@ -289,16 +288,14 @@ class PolicyEngine:
         log.info("policy: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",
                  word, found.reason, who(req), req.get("sender"), rcpt)
         pol = self.cfg.policy
-        v = found.verdict
-        if found.outcome is Outcome.FAIL and decision is not None:
-            if v.action is Action.CONTINUE:  # action = ignore
-                return Answer(f"WARN greylist: {_text(found.reason)}", "warn", found)
+        if found.outcome is Outcome.FAIL and decision is not None and found.verdict.action is not Action.CONTINUE:
             text = greylist_text(cfg, rcpt, decision.wait)
             dsn = "" if text[:1].isdigit() else "4.2.0 "  # postgrey: 4.2.0 unless the text has a code
             kind = "defer" if pol.greylist_action[0].isdigit() else pol.greylist_action.lower()
             return Answer(f"{pol.greylist_action} {dsn}{_text(text)}", kind, found)
-        if v.action is Action.DEFER and v.reply is not None:  # the store failed: on_store_error = tempfail
-            return _reply_answer(v.reply, found)
+        answer = _answer(found, "greylist: ")  # action = ignore; the store failed (on_store_error = tempfail)
+        if answer is not None:
+            return answer
         passed = decision is not None and decision.state is State.PASSED
         if passed and pol.greylist_header and self._first_for_instance(req.get("instance")):
             return Answer(f"PREPEND {self._header(decision.delayed if decision else 0.0)}", "prepend", found)
@@ -319,6 +316,19 @@ class PolicyEngine:
         date = time.strftime("%a, %d %b %Y %H:%M:%S %Z", time.localtime(self.clock()))
         return (self.cfg.policy.greylist_header.replace("%t", str(int(delayed))).replace("%v", VERSION)
                 .replace("%h", self.cfg.server.hostname).replace("%d", date))
+
+
+def _answer(found: Result, label: str = "") -> Answer | None:
+    """A result's verdict as an access(5) action, or None when it decides
+    nothing: a failure under ``action = "ignore"`` (verdict CONTINUE) is
+    ``WARN [label]reason`` (warn_if_reject); a REJECT, DEFER or DROP is its
+    reply (:func:`_reply_answer`)."""
+    v = found.verdict
+    if found.outcome is Outcome.FAIL and v.action is Action.CONTINUE:
+        return Answer(f"WARN {label}{_text(found.reason)}", "warn", found)
+    if v.action in (Action.REJECT, Action.DEFER, Action.DROP) and v.reply is not None:
+        return _reply_answer(v.reply, found)
+    return None
 
 
 def _reply_answer(r: Reply, found: Result) -> Answer:

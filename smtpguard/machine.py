@@ -76,7 +76,7 @@ from .envelope import EnvelopeError, parse_mail, parse_rcpt
 from .metrics import METRICS, reject_reason
 from .relay import UpstreamError, UpstreamReply
 from .session import Session
-from .verdict import REPLIES, Action, Reply, Verdict
+from .verdict import REPLIES, Action, Reply, ScreenTest, Verdict
 
 log = logging.getLogger("smtpguard")
 
@@ -386,7 +386,7 @@ class SessionMachine:
                 self.handed_off = True  # Postfix's smtpd has the connection; ours closes
                 raise _Hangup
         greeting = cfg.server.greeting
-        if "pregreet" in s.todo and cfg.pregreet.greet_wait > 0:
+        if ScreenTest.PREGREET in s.todo and cfg.pregreet.greet_wait > 0:
             # Pregreet: the first line of a multi-line banner, then wait.
             self._send(f"220-{greeting}\r\n".encode())
             greeted = yield GreetWait(cfg.pregreet.greet_wait, cfg.pregreet.action == "drop")

@@ -97,15 +97,15 @@ from .spf import SpfResult
 from .store import MemoryStore, Store
 from .tables import Table, open_access_table
 from .text import ascii_upper
-from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
+from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, ScreenTest, Verdict
 
 log = logging.getLogger("smtpguard")
 
 # Tests kept in the allowlist cache, each with its section's enabled (and
 # ttl, except dnsbl, whose TTL comes from the DNS answers).
-CACHEABLE = ("pregreet", "dnsbl", "pipelining", "non_smtp", "bare_newline")
+CACHEABLE = tuple(ScreenTest)
 # The ones that pass when the first recipient passes screening.
-_IN_SESSION = ("pipelining", "non_smtp", "bare_newline")
+_IN_SESSION = (ScreenTest.PIPELINING, ScreenTest.NON_SMTP, ScreenTest.BARE_NEWLINE)
 # Checks whose reason is their own log line (postscreen/anvil style).
 _OWN_LINE = frozenset({*CACHEABLE, "errors", "command_count"})
 _WARNING_LINE = frozenset({"connection_count", "connection_rate"})
@@ -184,7 +184,7 @@ class Pipeline:
 
     def _start_lookups(self, s: Session) -> None:
         """Step 6: the connect-time DNS lookups, kept in ``s.lookups``."""
-        s.lookups = self.dns.start(s.client_ip, s.allowlisted, "dnsbl" in s.todo)
+        s.lookups = self.dns.start(s.client_ip, s.allowlisted, ScreenTest.DNSBL in s.todo)
 
     def _hands_off(self, s: Session) -> bool:
         """Step 5 with ``[handoff] socket``: may this allowlisted or PASS OLD
@@ -219,7 +219,7 @@ class Pipeline:
         verdicts are kept for RCPT.  Only DROP acts now."""
         pending, s.lookups = s.lookups, None
         deadline = s.started + self.cfg.pregreet.greet_wait
-        found = await self.dns.collect(pending, s.client_ip, "dnsbl" in s.todo, deadline)
+        found = await self.dns.collect(pending, s.client_ip, ScreenTest.DNSBL in s.todo, deadline)
         if found.names is not None:
             s.client_name = found.names.name
         if found.dnsbl is not None:
@@ -261,16 +261,16 @@ class Pipeline:
                 return self._decide(s, found, "connect")
         todo = s.todo - s.failed  # a failed test is logged and acted on once
         peer = s.peer
-        if "non_smtp" in todo:
+        if ScreenTest.NON_SMTP in todo:
             v = await self._protocol_test(s, check_non_smtp(cfg.non_smtp, line, previous or "CONNECT", peer))
             if v.action is Action.DROP:
                 return v
-        if "bare_newline" in todo:
+        if ScreenTest.BARE_NEWLINE in todo:
             v = await self._protocol_test(s, check_bare_newline(cfg.bare_newline, line, command, peer))
             if v.action is Action.DROP:
                 return v
         # Always, as reject_unauth_pipelining (see the module docstring).
-        if cfg.pipelining.enabled and "pipelining" not in s.failed:
+        if cfg.pipelining.enabled and ScreenTest.PIPELINING not in s.failed:
             v = await self._protocol_test(s, check_pipelining(cfg.pipelining, command, s.advertised, pending, peer))
             if v.action is Action.DROP:
                 return v
@@ -369,7 +369,7 @@ class Pipeline:
         verdict for RCPT whatever delay_reject says.  *pass_ttl*: a test
         decided once per session (pregreet, dnsbl), whose pass is cached
         now for that long; the per-command tests pass in on_relayed."""
-        test = found.check
+        test = ScreenTest(found.check)
         if found.outcome is not Outcome.PASS:
             self._keep(s, found)
         elif pass_ttl is not None:

@@ -15,7 +15,7 @@ from .dnsscreen import Lookups
 from .net import IPAddress
 from .relay import ClientIdentity
 from .spf import SpfResult
-from .verdict import Result, Verdict
+from .verdict import Result, ScreenTest, Verdict
 
 
 @dataclass(slots=True)  # slots: one per connection, thousands may be idle
@@ -43,8 +43,8 @@ class Session:
     # greylisting count as passed; smtpd-style restrictions still apply.
     dnswl: bool = False
     lookups: Lookups | None = None  # connect-time DNS lookups in progress (smtpguard.dnsscreen)
-    todo: frozenset[str] = frozenset()  # cacheable tests still to pass
-    failed: set[str] = field(default_factory=set)  # tests failed in this session
+    todo: frozenset[ScreenTest] = frozenset()  # cacheable tests still to pass
+    failed: set[ScreenTest] = field(default_factory=set)  # tests failed in this session
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT
     screened: bool = False  # a recipient passed screening: the screening phase is over
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)

@@ -56,6 +56,20 @@ class Action(enum.Enum):
     DROP = "drop"  # 521 (or the reply given) and hang up
 
 
+class ScreenTest(enum.StrEnum):
+    """postscreen's tests whose pass the allowlist cache keeps (its
+    ``PSC_TINDX``), in its order.  The one source of their names: the
+    session's tests to do and failed, the cache's keys (so stored data stays
+    as it was: a member *is* its string), the check names in log lines and
+    the metrics' ``check`` label; each also names its configuration section."""
+
+    PREGREET = "pregreet"
+    DNSBL = "dnsbl"
+    PIPELINING = "pipelining"
+    NON_SMTP = "non_smtp"
+    BARE_NEWLINE = "bare_newline"
+
+
 class Outcome(enum.Enum):
     """What a check found, independent of what is done about it."""
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import one_of, opt, parse_bool, parse_duration
-from ..verdict import ACTIONS, Result
+from ..verdict import ACTIONS, Result, ScreenTest
 from ._common import PROTOCOL_ERROR, failed, passed, skip
 
-NAME = "bare_newline"
+NAME = ScreenTest.BARE_NEWLINE
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from ..dns import DnsResult, Resolver, reversed_ip
 from ..net import IPAddress, valid_hostname
 from ..options import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
 from ..tables import AccessKind, Table, check_access_spec, lookup_helo, parse_action
-from ..verdict import ACTIONS, Action, Outcome, Reply, Result, Verdict, verdict_for
+from ..verdict import ACTIONS, Action, Outcome, Reply, Result, ScreenTest, Verdict, verdict_for
 
 # ---------------------------------------------------------------- filters
 
@@ -316,10 +316,10 @@ def dnsbl_result(dnsbl: DnsblScore, config: DnsblConfig, peer: str | None = None
         text = string.Template(config.reply).substitute(
             client_address=dnsbl.ip, rbl_domain=config.reply_name(top.site.domain), rank=dnsbl.total
         )
-        return Result("dnsbl", Outcome.FAIL, reason, verdict_for(config.action, Reply(550, "5.7.1", text)))
+        return Result(ScreenTest.DNSBL, Outcome.FAIL, reason, verdict_for(config.action, Reply(550, "5.7.1", text)))
     if config.allowlist_threshold < 0 and dnsbl.total <= config.allowlist_threshold:
-        return Result("dnsbl", Outcome.PASS, f"{reason}, allowlisted", Verdict(Action.PASS))
-    return Result("dnsbl", Outcome.PASS, reason)
+        return Result(ScreenTest.DNSBL, Outcome.PASS, f"{reason}, allowlisted", Verdict(Action.PASS))
+    return Result(ScreenTest.DNSBL, Outcome.PASS, reason)
 
 
 # ---------------------------------------------------------------- RHSBL

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..options import list_of, one_of, opt, parse_bool, parse_duration, parse_str
-from ..verdict import ACTIONS, Result
+from ..verdict import ACTIONS, Result, ScreenTest
 from ._common import PROTOCOL_ERROR, escape, failed, passed, skip
 
-NAME = "non_smtp"
+NAME = ScreenTest.NON_SMTP
 _HEADER = re.compile(rb"[!-9;-~]+:")  # a header field name and its colon, no space before it
 
 

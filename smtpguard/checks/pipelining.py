@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import one_of, opt, parse_bool, parse_duration
-from ..verdict import ACTIONS, Result
+from ..verdict import ACTIONS, Result, ScreenTest
 from ._common import PROTOCOL_ERROR, escape, failed, passed, skip
 
-NAME = "pipelining"
+NAME = ScreenTest.PIPELINING
 
 # RFC 2920 section 3.1: these may appear anywhere in a pipelined group;
 # every other command must be the last one of its group.

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..options import one_of, opt, parse_bool, parse_duration
-from ..verdict import ACTIONS, Result
+from ..verdict import ACTIONS, Result, ScreenTest
 from ._common import PROTOCOL_ERROR, escape, failed, passed, skip
 
-NAME = "pregreet"
+NAME = ScreenTest.PREGREET
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from smtpguard.machine import (
     Unread,
     Upstream,
 )
+from smtpguard.net import parse_ip
 from smtpguard.relay import UpstreamError, UpstreamReply
 from smtpguard.session import Session
 from smtpguard.verdict import CONTINUE, Action, Reply, Verdict
@@ -74,7 +75,7 @@ Row = tuple[Any, Sequence[str]]
 
 def run(rows: Sequence[Row], cfg: Config | None = None, tls: bool = False,
         session: Session | None = None) -> SessionMachine:
-    machine = SessionMachine(cfg or Config(), session or Session("192.0.2.7", 40123, "192.0.2.1", 25), tls,
+    machine = SessionMachine(cfg or Config(), session or Session(parse_ip("192.0.2.7"), 40123, "192.0.2.1", 25), tls,
                              clock=lambda: 100.0)
     for event, expected in rows:
         fresh = isinstance(event, bytes) and not machine.busy  # a command line, not a body chunk
@@ -171,7 +172,7 @@ def test_a_command_check_drops_before_the_command_is_read() -> None:
 
 
 def test_the_command_screen_sees_the_pipelined_input() -> None:
-    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    machine = SessionMachine(Config(), Session(parse_ip("192.0.2.7"), 1, "192.0.2.1", 25), False)
     [screen] = machine.command(b"EHLO x\r\n", b"MAIL FROM:<a@b>\r\n")
     assert screen == Screen(Stage.COMMAND, line=b"EHLO x\r\n", command="EHLO", pending=b"MAIL FROM:<a@b>\r\n")
     [screen] = machine.answer(OK)
@@ -190,7 +191,7 @@ def test_error_sleep_is_armed_past_the_soft_limit() -> None:
 
 
 def test_an_overlong_line_is_answered_at_once() -> None:
-    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    machine = SessionMachine(Config(), Session(parse_ip("192.0.2.7"), 1, "192.0.2.1", 25), False)
     assert [show(a) for a in machine.line_too_long()] == ["Send 500 5.5.2 Error: command line too long"]
 
 
@@ -284,7 +285,7 @@ def test_failed_tls_handshake_ends_the_session() -> None:
 
 
 def test_requests_and_answers_must_alternate() -> None:
-    machine = SessionMachine(Config(), Session("192.0.2.7", 1, "192.0.2.1", 25), False)
+    machine = SessionMachine(Config(), Session(parse_ip("192.0.2.7"), 1, "192.0.2.1", 25), False)
     with pytest.raises(RuntimeError):
         machine.answer(OK)
     machine.command(b"NOOP\r\n")
@@ -308,7 +309,7 @@ PREGREET_DUE = "pregreet"
 def greeting_machine(todo: frozenset[str] = frozenset(), greet_wait: float = 6.0) -> SessionMachine:
     cfg = Config()
     cfg = dataclasses.replace(cfg, pregreet=dataclasses.replace(cfg.pregreet, greet_wait=greet_wait))
-    s = Session("192.0.2.7", 40123, "192.0.2.1", 25, started=90.0)
+    s = Session(parse_ip("192.0.2.7"), 40123, "192.0.2.1", 25, started=90.0)
     s.todo = todo
     return SessionMachine(cfg, s, False, clock=lambda: 100.0)
 

@@ -29,7 +29,7 @@ class FakePipeline:
 
 
 def failures() -> float:
-    return METRICS.reloads.labels(result="failure")._value.get()
+    return METRICS.registry.get_sample_value("smtpguard_config_reloads_total", {"result": "failure"}) or 0.0
 
 
 async def test_table_error_refuses_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -69,7 +69,7 @@ async def test_success_switches_and_keeps_the_store(tmp_path: Path) -> None:
     assert isinstance(server.pipeline, FakePipeline) and server.pipeline.cfg is server.cfg
     assert server.pipeline is not old and server.pipeline.store is old.store
     assert reloader.generation == 2
-    assert METRICS.config_last_reload_success._value.get() == 1
+    assert METRICS.registry.get_sample_value("smtpguard_config_last_reload_successful") == 1
 
 
 async def test_listen_change_is_kept_until_restart(tmp_path: Path) -> None:

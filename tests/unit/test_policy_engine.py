@@ -140,7 +140,8 @@ async def test_policy_greylists_when_the_front_end_does_not() -> None:
 
 async def test_metrics_labelled_policy() -> None:
     def new() -> float:
-        return METRICS.registry.get_sample_value("smtpguard_greylist_total", {"mode": "policy", "outcome": "new"}) or 0.0
+        labels = {"mode": "policy", "outcome": "new"}
+        return METRICS.registry.get_sample_value("smtpguard_greylist_total", labels) or 0.0
 
     before = new()
     await engine(GREY).decide(request(client_address="192.0.2.99", recipient="m@example.test"))

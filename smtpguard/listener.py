@@ -200,6 +200,8 @@ class GuardProtocol(asyncio.Protocol):
         cancelled = False
         try:
             await self._drive(m.connect())
+            if m.greeted:
+                self._reset_timeout(m.timeout)  # the first command's full time, after the greet wait
             while not m.closed and self.transport is not None:
                 await self.drain()
                 if self.server.closing and not s.in_transaction:

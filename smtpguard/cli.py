@@ -5,8 +5,8 @@
 ``[policy] listen`` is set; ``policy`` runs the policy service alone (no
 SMTP listener, see :mod:`smtpguard.policy`); SIGHUP reloads the configuration file,
 its tables and the TLS certificate (:mod:`smtpguard.reload`).  ``check-config``
-validates a file and prints a one-line summary, or the error naming the key,
-with exit status 1.  ``greylist`` and ``cache`` are the operator commands on
+validates a file and prints every error and warning, each with its line and
+key, then a one-line summary; exit status 1 on errors only.  ``greylist`` and ``cache`` are the operator commands on
 the state store (:mod:`smtpguard.admin`).  Without ``-c`` the embedded
 defaults are used.
 """
@@ -42,8 +42,15 @@ log = logging.getLogger("smtpguard")
 DEFAULT_POLICY_LISTEN = Endpoint(inet=HostPort("127.0.0.1", 10023))
 
 
-def _load(path: str | None) -> Config:
-    return config_mod.load(path) if path else Config()
+def _load(path: str | None) -> tuple[Config, list[config_mod.Problem]]:
+    """The configuration and its warnings; errors raise ConfigError."""
+    if not path:
+        return Config(), []
+    cfg, problems = config_mod.check(path)
+    if cfg is None:
+        config_mod.load(path)  # raises the errors as load() words them
+    assert cfg is not None
+    return cfg, problems
 
 
 def summary(cfg: Config) -> str:
@@ -180,6 +187,36 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
     await _finish(ops, sweeper, store)
 
 
+def check_config(path: str | None) -> int:
+    """``check-config``: every error and warning, each with its line and key
+    (``smtpguard.toml:14: greylist.delay: ...``) on stderr; exit 1 on errors only."""
+    if path is None:
+        cfg: Config | None = Config()
+        problems: list[config_mod.Problem] = []
+    else:
+        cfg, problems = config_mod.check(path)
+    if cfg is not None:
+        try:
+            policy_engine.validate(cfg)
+        except ConfigError as exc:
+            problems.append(config_mod.Problem(exc.key, exc.problem))
+            cfg = None
+    for problem in problems:
+        print(problem.format(path), file=sys.stderr)
+    errors = sum(not p.warning for p in problems)
+    warnings = len(problems) - errors
+    counted = f"{_plural(errors, 'error')}, {_plural(warnings, 'warning')}"
+    if cfg is None:
+        print(f"smtpguard: {path}: {counted}", file=sys.stderr)
+        return 1
+    print(f"smtpguard: configuration OK: {summary(cfg)}" + (f" ({_plural(warnings, 'warning')})" if warnings else ""))
+    return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,19 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report":
         return report.main(args.logs, args.top, args.json, args.syslog_name)
+    if args.command == "check-config":
+        return check_config(args.config)
     try:
-        cfg = _load(args.config)
+        cfg, warnings = _load(args.config)
     except ConfigError as exc:
         print(f"smtpguard: error: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check-config":
-        try:
-            policy_engine.validate(cfg)
-        except ConfigError as exc:
-            print(f"smtpguard: error: {exc}", file=sys.stderr)
-            return 1
-        print(f"smtpguard: configuration OK: {summary(cfg)}")
-        return 0
     if args.command in ("greylist", "cache"):
         try:
             return asyncio.run(admin.run(cfg, args))
@@ -217,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smtpguard: error: state store {cfg.state.url}: {exc}", file=sys.stderr)
             return 1
     logs.setup(cfg.log)
+    for warning in warnings:
+        log.warning("%s", warning.format(args.config))
     try:
         asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, args.config))
     except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf

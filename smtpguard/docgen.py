@@ -25,7 +25,7 @@ from typing import Any
 
 from .config import Config
 from .metrics import METRICS
-from .options import HostPort, parse_duration
+from .options import HostPort
 
 #: What each key does, for keys whose ``opt()`` carries no ``doc``; Markdown.
 #: ``tests/unit/test_docgen.py`` fails for a key that has neither.
@@ -95,7 +95,8 @@ DESCRIPTIONS: dict[str, str] = {
                            "`cidr:/etc/postfix/postscreen_access.cidr`, "
                            "`texthash:`, `regexp:`, `pcre:`. `OK`/`permit` allowlists, `REJECT`/`DEFER` decide, "
                            "`DUNNO` goes on.",
-    "dnsbl.enabled": "Look clients up in `sites`.",
+    "dnsbl.enabled": "Look clients up in `sites`. Setting `sites` turns it on (as a non-empty "
+                     "`postscreen_dnsbl_sites` does); `false` with sites set keeps it off, with a warning.",
     "dnsbl.action": _ACTION,
     "dnsbl.sites": "DNSBLs and DNSWLs with filter and weight: `zen.spamhaus.org*3`, "
                    "`b.barracudacentral.org=127.0.0.[2..11]*2`, `list.dnswl.org=127.0.[0..255].[1..3]*-2`; "
@@ -214,6 +215,7 @@ TYPES: dict[str, str] = {
     "smtpguard.checks.dnsbl.parse_reply_template": "reply text (`$client_address`, `$rbl_domain`, `$rank`)",
     "smtpguard.checks.dnsbl.parse_reply_map": "table of `\"listed domain\" = \"name shown\"`",
     "smtpguard.checks.greylist._text": "one line of text",
+    "smtpguard.checks.greylist.parse_postgrey_days": "duration (`30s`, `5m`, `2d`)",
     "smtpguard.checks.greylist.parse_client_allowlist": "file name or list of file names",
     "smtpguard.checks.greylist.parse_recipient_allowlist": "file name or list of file names",
     "smtpguard.handoff.parse_socket_path": "absolute path, or `\"\"` for off",
@@ -385,8 +387,8 @@ def configuration() -> str:
         "",
         "One TOML file (`smtpguard serve -c /etc/smtpguard/smtpguard.toml`),"
         " one table per section. Every key is optional; the default is used when it is absent."
-        " `smtpguard check-config -c FILE` validates a file and names the key of the first error"
-        " (`greylist.delay: ...`). SIGHUP re-reads the file (see"
+        " `smtpguard check-config -c FILE` reports every error and warning in the file, each with its line"
+        " and key (`smtpguard.toml:14: greylist.delay: ...`). SIGHUP re-reads the file (see"
         " [operations](operations.md#hot-reload)); `server.listen` and `metrics.listen` need a restart.",
         "",
         "Durations are written like Postfix's: `300s`, `5m`, `2h`, `2d`, `1w`, or a bare number of seconds"
@@ -414,8 +416,8 @@ def configuration() -> str:
                 equivalent_cell = f"`{_cell(equivalent)}`" if equivalent and " " not in equivalent else _cell(
                     equivalent) or "—"
                 default = _default(kf)
-                shown = duration(default) if kf.metadata["parse"] is parse_duration else toml_value(default)
                 kind = key_type(key, kf.metadata["parse"]) or "?"
+                shown = duration(default) if kind.startswith("duration") else toml_value(default)
                 lines.append(f"| `{kf.name}` | {_cell(kind)} | "
                              f"`{_cell(shown)}` | {equivalent_cell} | {_cell(description(key, kf))} |")
             lines.append("")

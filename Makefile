@@ -18,7 +18,7 @@ venv: $(BIN)/smtpguard
 ## SQLite state in ./state/), or on CONFIG=path/to/smtpguard.toml.
 run: venv
 	@mkdir -p state
-	$(BIN)/smtpguard serve $(if $(CONFIG),-c $(CONFIG))
+	$(BIN)/smtpguard serve -c $(or $(CONFIG),/dev/null)
 
 sysdeps:
 	bash tests/sysdeps.sh

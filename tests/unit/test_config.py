@@ -99,7 +99,7 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     good.write_text('[upstream]\naddress = "127.0.0.1:10026"\n')
     assert cli.main(["check-config", "-c", str(good)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("smtpguard: configuration OK:") and "upstream 127.0.0.1:10026" in out
+    assert out.startswith(f"smtpguard: {good}: configuration OK:") and "upstream 127.0.0.1:10026" in out
     assert len(out.strip().splitlines()) == 1
     bad = tmp_path / "bad.toml"
     bad.write_text('[upstream]\naddress = "localhost"\n')
@@ -167,7 +167,7 @@ def test_warnings_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert cli.main(["check-config", "-c", str(path)]) == 0
     out = capsys.readouterr()
     assert out.err.startswith(f"{path}{warning}"), out.err
-    assert out.out.startswith("smtpguard: configuration OK:") and "(1 warning)" in out.out
+    assert out.out.startswith(f"smtpguard: {path}: configuration OK:") and "(1 warning)" in out.out
 
 
 def test_retry_window_in_postgrey_days_is_an_error_and_a_hint(tmp_path: Path,

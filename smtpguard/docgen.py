@@ -89,12 +89,15 @@ DESCRIPTIONS: dict[str, str] = {
     "limits.rate_time_unit": "The period the connection rate is counted over.",
     "limits.exceptions": "Client networks the limits do not apply to.",
     "access.enabled": "Look clients up in `client_table` at connect.",
+    "access.mynetworks": "The networks `permit_mynetworks` in `client_table` permits (Postfix's "
+                         "`mynetworks`; the default is `mynetworks_style = host` on loopback).",
     "access.action": "What a client the table rejects gets (see `enforce`/`drop`/`tempfail`/`ignore` above); "
                      "a table's 4xx always defers and 421/521 always hang up.",
-    "access.client_table": "A Postfix access table looked up for the client address: "
-                           "`cidr:/etc/postfix/postscreen_access.cidr`, "
-                           "`texthash:`, `regexp:`, `pcre:`. `OK`/`permit` allowlists, `REJECT`/`DEFER` decide, "
-                           "`DUNNO` goes on.",
+    "access.client_table": "Postfix access tables looked up for the client address, in order; the first "
+                           "answer decides and `DUNNO` ends the list, as in postscreen: `permit_mynetworks` "
+                           "(the `mynetworks` key), `cidr:/etc/postfix/postscreen_access.cidr`, "
+                           "`texthash:`, `regexp:`, `pcre:`. `OK`/`permit` allowlists, `REJECT`/`DEFER` decide. "
+                           "Unlike postscreen's default, `permit_mynetworks` applies only when listed.",
     "dnsbl.enabled": "Look clients up in `sites`. Setting `sites` turns it on (as a non-empty "
                      "`postscreen_dnsbl_sites` does); `false` with sites set keeps it off, with a warning.",
     "dnsbl.action": _ACTION,
@@ -218,6 +221,7 @@ TYPES: dict[str, str] = {
     "smtpguard.checks.greylist.parse_postgrey_days": "duration (`30s`, `5m`, `2d`)",
     "smtpguard.checks.greylist.parse_client_allowlist": "file name or list of file names",
     "smtpguard.checks.greylist.parse_recipient_allowlist": "file name or list of file names",
+    "smtpguard.checks.access.parse_access_list": "list of `permit_mynetworks` and `type:/path` tables",
     "smtpguard.handoff.parse_socket_path": "absolute path, or `\"\"` for off",
     "smtpguard.policy.settings.parse_endpoints": "`HOST:PORT` or `unix:/path`, or a list of them",
     "smtpguard.policy.settings.parse_checks": "list of `check[@STATE,STATE]`",
@@ -231,7 +235,6 @@ KEY_TYPES: dict[str, str] = {
     "tls.cert_file": "file path",
     "tls.key_file": "file path",
     "tls.chain_file": "file path",
-    "access.client_table": "Postfix table (`type:/path`)",
     "helo.access_table": "Postfix table (`type:/path`)",
     "addresses.sender_access_table": "Postfix table (`type:/path`)",
     "addresses.recipient_access_table": "Postfix table (`type:/path`)",

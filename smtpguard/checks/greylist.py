@@ -156,7 +156,7 @@ def _regexp(entry: str, where: str) -> re.Pattern[str] | None:
 
 
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
-_PARTIAL_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}")
+_PARTIAL_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}\.?")  # postgrey's 192.0.2 and 192.0.2. (/24)
 
 
 def _suffixes(name: str) -> Iterator[str]:
@@ -194,7 +194,7 @@ class ClientAllowlist:
             if pattern is not None:
                 patterns.append(pattern)
             elif _PARTIAL_IPV4.fullmatch(entry):
-                octets = entry.split(".")
+                octets = entry.rstrip(".").split(".")
                 networks.append(_network(".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}", where))
             elif re.fullmatch(r"[\d./]+", entry) or ":" in entry:
                 networks.append(_network(entry, where))

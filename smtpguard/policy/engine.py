@@ -122,6 +122,7 @@ class PolicyEngine:
         self.store = p.store  # type: ignore[attr-defined]
         self.clock: Callable[[], float] = p.clock  # type: ignore[attr-defined]
         self.tables = p.tables  # type: ignore[attr-defined]
+        self.client_access = p.client_access  # type: ignore[attr-defined]
         self.resolver = p.dns.resolver  # type: ignore[attr-defined]
         cfg = self.cfg
         if self.resolver is None and any(c.name in _DNS_CHECKS for c in cfg.policy.checks):
@@ -189,7 +190,7 @@ class PolicyEngine:
     # ------------------------------------------------------------ the checks
 
     async def _client_access(self, req: PolicyRequest) -> Result | None:
-        return check_client_access(self.sections["client_access"], self.tables["client"],
+        return check_client_access(self.sections["client_access"], self.client_access,
                                    req.get("client_address"), req.get("client_name", "unknown") or "unknown")
 
     async def _dnsbl(self, req: PolicyRequest) -> Result | None:

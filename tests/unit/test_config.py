@@ -198,3 +198,15 @@ def test_key_lines() -> None:
                              'nameservers=["127.0.0.1"]\n[ "greylist" ]\ndelay = 3\n')
     assert lines == {"a": 1, "server": 2, "server.listen": 3, "server.hostname": 6, "dns": 7,
                      "dns.nameservers": 8, "greylist": 9, "greylist.delay": 10}
+
+
+@pytest.mark.parametrize("key", [("access", "client_table"), ("helo", "access_table"),
+                                 ("addresses", "sender_access_table")])
+def test_a_table_without_type_is_an_error_naming_the_types(tmp_path: Path, key: tuple[str, str]) -> None:
+    cidr = tmp_path / "postscreen_access.cidr"
+    cidr.write_text("192.168.0.0/16 reject\n")
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({key[0]: {key[1]: str(cidr)}})
+    message = str(info.value)
+    assert message.startswith(f"{key[0]}.{key[1]}: {cidr}: no table type: write type:{cidr}, e.g. cidr:{cidr}")
+    assert "texthash" in message and "pcre" in message

@@ -259,7 +259,9 @@ class LogConfig:
     service_name: str = field(
         default="smtpd", metadata=opt(parse_str, "master.cf service name (the part after syslog_name/)")
     )
-    output: str = field(default="stderr", metadata=opt(one_of("stderr", "syslog"), "maillog_file"))
+    output: str = field(
+        default="stderr", metadata=opt(one_of("stderr", "syslog", "journal", "auto"), "maillog_file / syslog")
+    )
 
 
 @dataclass(frozen=True)

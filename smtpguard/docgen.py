@@ -67,7 +67,10 @@ DESCRIPTIONS: dict[str, str] = {
                        "as Postfix's `syslog_name`.",
     "log.service_name": "Second part of the program name; `smtpd` keeps pflogsumm and fail2ban working "
                         "unchanged; `\"\"` logs as `syslog_name[pid]` alone.",
-    "log.output": "`stderr` (Postfix `maillog_file` format, for containers), `syslog` (/dev/log, facility mail).",
+    "log.output": "`stderr` (Postfix `maillog_file` format, for containers and files), `syslog` (/dev/log, "
+                  "facility mail), `journal` (journald's native protocol: the journal keeps time and host, the "
+                  "identifier is the program name, so fail2ban's `backend = systemd` matches), `auto` (`journal` "
+                  "when started by systemd with stderr to the journal, else `stderr`).",
     "tls.security_level": "`may`: offer STARTTLS when a certificate is set; `encrypt`: also refuse MAIL before "
                           "STARTTLS (never on a public MX); `none`: no STARTTLS.",
     "tls.cert_file": "PEM certificate (may hold the key and chain too); `\"\"`: no STARTTLS.",

@@ -22,6 +22,14 @@ def test_generated_docs_are_current(what: str, path: str) -> None:
         f"docs/{path} is stale: python -m smtpguard.docgen {what} > docs/{path}")
 
 
+def test_man_page_is_current() -> None:
+    from smtpguard import manpage
+
+    assert (DOCS / "smtpguard.8").read_text() == manpage.manpage(), (
+        "docs/smtpguard.8 is stale: python -m smtpguard.manpage > docs/smtpguard.8")
+    assert ".B show\\-config" in manpage.manpage() and ".B greylist stats" in manpage.manpage()
+
+
 def test_every_key_is_documented() -> None:
     text = docgen.configuration()
     for f in dataclasses.fields(Config):

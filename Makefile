@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test venv sysdeps lint bench clean wheelhouse compose-test docs
+.PHONY: run test venv sysdeps lint bench clean wheelhouse compose-test docs install
 
 $(BIN)/smtpguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ venv: $(BIN)/smtpguard
 ## SQLite state in ./state/), or on CONFIG=path/to/smtpguard.toml.
 run: venv
 	@mkdir -p state
-	$(BIN)/smtpguard serve $(if $(CONFIG),-c $(CONFIG))
+	$(BIN)/smtpguard serve -c $(or $(CONFIG),/dev/null)
 
 sysdeps:
 	bash tests/sysdeps.sh
@@ -58,6 +58,24 @@ docs: venv
 	$(BIN)/python -m smtpguard.docgen configuration > docs/configuration.md
 	$(BIN)/python -m smtpguard.docgen metrics > docs/metrics-reference.md
 	$(BIN)/python deploy/grafana/make_dashboard.py > deploy/grafana/dashboards/smtpguard.json
+	$(BIN)/python -m smtpguard.manpage > docs/smtpguard.8
+
+## Install into PREFIX (a virtualenv of its own, /opt/smtpguard) and put the sample configuration
+## (kept if present), the systemd unit, the man page and the documentation in their FHS places
+## under DESTDIR (e.g. make install DESTDIR=/tmp/root for a package build).
+PREFIX ?= /opt/smtpguard
+DESTDIR ?=
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/pip install -q .
+	install -d $(DESTDIR)/etc/smtpguard $(DESTDIR)/lib/systemd/system $(DESTDIR)/usr/share/man/man8 \
+	  $(DESTDIR)/usr/share/doc/smtpguard/docs
+	test -e $(DESTDIR)/etc/smtpguard/smtpguard.toml || \
+	  install -m 0644 deploy/smtpguard.example.toml $(DESTDIR)/etc/smtpguard/smtpguard.toml
+	install -m 0644 deploy/systemd/smtpguard.service $(DESTDIR)/lib/systemd/system/smtpguard.service
+	install -m 0644 docs/smtpguard.8 $(DESTDIR)/usr/share/man/man8/smtpguard.8
+	install -m 0644 README.md CHANGELOG.md $(DESTDIR)/usr/share/doc/smtpguard/
+	install -m 0644 docs/*.md $(DESTDIR)/usr/share/doc/smtpguard/docs/
 
 clean:
 	rm -rf $(VENV) state build .pytest_cache .mypy_cache .ruff_cache

@@ -29,14 +29,35 @@ teardown() {
 }
 trap teardown EXIT
 
+# The base images must be here already (nothing is pulled in this lab); podman-compose's build
+# returns 0 even when a podman build in it failed, so a missing base would only show up later
+# as "container was not created".  Say so first, with the way to provide it.
+for base in $(sed -n 's/^FROM[[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' deploy/Dockerfile deploy/*/Dockerfile | sort -u); do
+  podman image exists "$base" || {
+    log "base image $base is not available locally, and it cannot be pulled here:"
+    log "  build it with: bash ../shared/tools/container-setup.sh (builds it from Debian packages),"
+    log "  or load a saved copy: podman load -i FILE.tar && podman tag IMAGE $base"
+    exit 1
+  }
+done
+
 log "building images (SMTP on 127.0.0.1:$SMTP_PORT, Prometheus on 127.0.0.1:$PROMETHEUS_PORT)"
-out=$(mktemp)
-"${COMPOSE[@]}" build "${SERVICES[@]}" >"$out" 2>&1 || { tail -30 "$out" >&2; exit 1; }
+built=$(mktemp) out=$(mktemp)
+build_failed() {  # the build's own error lines, not just the tail of its output
+  log "$1; the build said:"
+  grep -iE '^(error|Error:)|: error|failed|no such|not found|unable to' "$built" | tail -20 >&2 || true
+  log "(last lines of the build output)"; tail -15 "$built" >&2
+  exit 1
+}
+"${COMPOSE[@]}" build "${SERVICES[@]}" >"$built" 2>&1 || build_failed "podman-compose build failed"
+# podman-compose build exits 0 when a podman build in it failed: look for the errors themselves.
+! grep -qE '^Error: |exit code: [1-9]|returned non-zero' "$built" || build_failed "an image build failed"
 "${COMPOSE[@]}" up -d --no-build "${SERVICES[@]}" >"$out" 2>&1 || { tail -30 "$out" >&2; exit 1; }
 for s in "${SERVICES[@]}"; do
-  podman container exists "${PROJECT}_${s}_1" || { log "container for $s was not created:"; tail -30 "$out" >&2; exit 1; }
+  podman container exists "${PROJECT}_${s}_1" || { log "container for $s was not created:"; tail -30 "$out" >&2
+    build_failed "no container for $s"; }
 done
-rm -f "$out"
+rm -f "$out" "$built"
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local limit=$1 what=$2; shift 2

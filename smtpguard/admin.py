@@ -210,7 +210,8 @@ def _duration(text: str) -> float:
 def add_parsers(sub: Any) -> None:
     """The ``greylist`` and ``cache`` sub-commands (each takes -c and --json)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
+    common.add_argument("-c", "--config",
+                        help="TOML configuration file (default: $SMTPGUARD_CONFIG, else /etc/smtpguard/smtpguard.toml)")
     common.add_argument("--json", action="store_true", help="print JSON")
 
     def leaf(parent: Any, name: str, text: str) -> Any:

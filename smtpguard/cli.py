@@ -5,10 +5,15 @@
 ``[policy] listen`` is set; ``policy`` runs the policy service alone (no
 SMTP listener, see :mod:`smtpguard.policy`); SIGHUP reloads the configuration file,
 its tables and the TLS certificate (:mod:`smtpguard.reload`).  ``check-config``
-validates a file and prints a one-line summary, or the error naming the key,
-with exit status 1.  ``greylist`` and ``cache`` are the operator commands on
-the state store (:mod:`smtpguard.admin`).  Without ``-c`` the embedded
-defaults are used.
+validates a file and prints every error and warning, each with its line and
+key, then a one-line summary; exit status 1 on errors only.  ``greylist`` and ``cache`` are the operator commands on
+the state store (:mod:`smtpguard.admin`); ``show-config [-n]`` prints the
+effective configuration (:mod:`smtpguard.showconfig`, ``postconf [-n]``).
+
+Every command that reads the configuration reads ``-c FILE``, else
+``$SMTPGUARD_CONFIG``, else ``/etc/smtpguard/smtpguard.toml`` (and says
+which when it was not given with ``-c``); ``-c /dev/null`` runs on the
+embedded defaults.  Output to a pipe closed early (``| head``) ends quietly.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
-from . import admin, logs, report
+from . import admin, logs, report, showconfig
 from . import config as config_mod
 from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
@@ -38,12 +45,52 @@ from .store import Store, StoreError, open_store, sweep_forever
 
 log = logging.getLogger("smtpguard")
 
+#: The configuration file when neither -c nor $SMTPGUARD_CONFIG names one.
+DEFAULT_CONFIG = "/etc/smtpguard/smtpguard.toml"
+CONFIG_HELP = f"TOML configuration file (default: $SMTPGUARD_CONFIG, else {DEFAULT_CONFIG})"
+
 #: postgrey's port, where ``smtpguard policy`` listens unless [policy] listen says
 DEFAULT_POLICY_LISTEN = Endpoint(inet=HostPort("127.0.0.1", 10023))
 
 
-def _load(path: str | None) -> Config:
-    return config_mod.load(path) if path else Config()
+def config_path(given: str | None) -> tuple[str, str]:
+    """The configuration file to read and where its name came from
+    (``""`` for -c, else why it was chosen)."""
+    if given:
+        return given, ""
+    env = os.environ.get("SMTPGUARD_CONFIG")
+    if env:
+        return env, "from $SMTPGUARD_CONFIG"
+    return DEFAULT_CONFIG, "the default; -c FILE or $SMTPGUARD_CONFIG names another"
+
+
+def _missing_database(url: str, must_exist: bool) -> str:
+    """Why an operator command must not open the SQLite database of *url*
+    (it would create an empty one and report on it), or ``""``."""
+    if not (must_exist and url.startswith("sqlite:///")):
+        return ""
+    path = url.removeprefix("sqlite:///")
+    if os.path.exists(path):
+        return ""
+    relative = "" if os.path.isabs(path) else " (a relative path: from the current directory)"
+    return f"no database at {os.path.abspath(path)}{relative}; smtpguard serve creates it"
+
+
+def version() -> str:
+    try:
+        return metadata.version("smtpguard")
+    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+def _load(path: str) -> tuple[Config | None, list[config_mod.Problem]]:
+    """The configuration (None, after printing the errors) and its warnings."""
+    cfg, problems = config_mod.check(path)
+    if cfg is None:
+        for problem in problems:
+            if not problem.warning:
+                print(f"smtpguard: error: {problem.format(path)}", file=sys.stderr)
+    return cfg, [p for p in problems if p.warning]
 
 
 def summary(cfg: Config) -> str:
@@ -180,45 +227,97 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
     await _finish(ops, sweeper, store)
 
 
+def check_config(path: str) -> int:
+    """``check-config``: every error and warning, each with its line and key
+    (``smtpguard.toml:14: greylist.delay: ...``) on stderr; exit 1 on errors only."""
+    cfg, problems = config_mod.check(path)
+    if cfg is not None:
+        try:
+            policy_engine.validate(cfg)
+        except ConfigError as exc:
+            problems.append(config_mod.Problem(exc.key, exc.problem))
+            cfg = None
+    for problem in problems:
+        print(problem.format(path), file=sys.stderr)
+    errors = sum(not p.warning for p in problems)
+    warnings = len(problems) - errors
+    counted = f"{_plural(errors, 'error')}, {_plural(warnings, 'warning')}"
+    if cfg is None:
+        print(f"smtpguard: {path}: {counted}", file=sys.stderr)
+        return 1
+    print(f"smtpguard: {path}: configuration OK: {summary(cfg)}"
+          + (f" ({_plural(warnings, 'warning')})" if warnings else ""))
+    return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `smtpguard cache list | head`: the reader has gone, as for any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, what the shell reports for a tool killed by it
+    return status
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (also read by the man page generator, :mod:`smtpguard.manpage`)."""
+    top = argparse.ArgumentParser(prog="smtpguard", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"smtpguard {version()}")
+    sub = top.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the SMTP front end (and [policy] listen, when set)"),
                        ("policy", "run the Postfix policy service alone (check_policy_service)"),
-                       ("check-config", "validate a configuration file")):
+                       ("check-config", "report every error and warning of the configuration file"),
+                       ("show-config", "print the effective configuration as TOML (postconf)")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
+        p.add_argument("-c", "--config", help=CONFIG_HELP)
+        if name == "show-config":
+            p.add_argument("-n", dest="changed", action="store_true",
+                           help="only what differs from the defaults (postconf -n)")
     admin.add_parsers(sub)
     rp = sub.add_parser("report", help="summarise smtpguard's log (pflogsumm-like)")
     rp.add_argument("logs", nargs="*", metavar="LOG", help="log files (.gz too); default or '-': stdin")
     rp.add_argument("-n", "--top", type=int, default=10, help="lines in each top list (default 10)")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.add_argument("--syslog-name", help="read only lines of this program (e.g. postfix-smtpguard)")
-    args = parser.parse_args(argv)
+    return top
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "report":
         return report.main(args.logs, args.top, args.json, args.syslog_name)
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        print(f"smtpguard: error: {exc}", file=sys.stderr)
-        return 1
+    path, why = config_path(args.config)
+    if why and args.command not in ("serve", "policy"):  # those say it in their start-up line
+        print(f"smtpguard: configuration {path} ({why})", file=sys.stderr)
     if args.command == "check-config":
-        try:
-            policy_engine.validate(cfg)
-        except ConfigError as exc:
-            print(f"smtpguard: error: {exc}", file=sys.stderr)
-            return 1
-        print(f"smtpguard: configuration OK: {summary(cfg)}")
+        return check_config(path)
+    cfg, warnings = _load(path)
+    if cfg is None:
+        return 1
+    if args.command == "show-config":
+        sys.stdout.write(showconfig.render(cfg, args.changed, path))
         return 0
     if args.command in ("greylist", "cache"):
+        missing = _missing_database(cfg.state.url, args.action != "import-postgrey")
+        if missing:
+            print(f"smtpguard: error: state store {cfg.state.url}: {missing}", file=sys.stderr)
+            return 1
         try:
             return asyncio.run(admin.run(cfg, args))
         except StoreError as exc:
             print(f"smtpguard: error: state store {cfg.state.url}: {exc}", file=sys.stderr)
             return 1
     logs.setup(cfg.log)
+    log.info("configuration %s%s", path, f" ({why})" if why else "")
+    for warning in warnings:
+        log.warning("%s", warning.format(path))
     try:
-        asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, args.config))
+        asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, path))
     except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
         log.critical("cannot start: %s", exc)
         return 1

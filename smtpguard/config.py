@@ -5,8 +5,8 @@ default and, in ``metadata``, a *parser* (``field(default=..., metadata=
 opt(parse_duration, "postscreen_greet_wait"))``; the parsers are in
 :mod:`smtpguard.options`).  :func:`load_section` walks the fields, feeds each
 TOML value through its parser and raises :class:`ConfigError` naming the
-dotted key (``greylist.delay: ...``) for the first bad value or for any key
-the section does not declare.  Sections are declared next to the concern
+dotted key (``greylist.delay: ...``) for every bad value and for any key
+the section does not declare (all of them, :class:`ConfigErrors`).  Sections are declared next to the concern
 that uses them (each check's in its module under :mod:`smtpguard.checks`)
 and only assembled here, in :class:`Config`; :func:`load` reads the file and
 builds the whole tree.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .handoff import HandoffConfig
 from .options import ConfigError as ConfigError  # re-exported: load() raises it
 from .options import HostPort as HostPort  # re-exported: the type of the address settings
 from .options import (
+    collect_warnings,
     list_of,
     one_of,
     opt,
@@ -65,31 +67,108 @@ Section = TypeVar("Section", bound="DataclassInstance")
 
 # ---------------------------------------------------------------- loading
 
-def load_section(cls: type[Section], table: Any, prefix: str) -> Section:
-    """Build dataclass *cls* from TOML *table*; errors name ``prefix.key``."""
+@dataclass(frozen=True)
+class Problem:
+    """One error or warning found in a configuration: its dotted key, what is
+    wrong and, when read from a file, the line of the key (or its section)."""
+
+    key: str
+    problem: str
+    warning: bool = False
+    line: int | None = None
+
+    def format(self, source: str | None = None) -> str:
+        """``smtpguard.toml:14: greylist.delay: ...`` (``warning: `` before the key for a warning)."""
+        where = f"{source}:{self.line}: " if source and self.line else f"{source}: " if source else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{'warning: ' if self.warning else ''}{key}{self.problem}"
+
+
+class ConfigErrors(ConfigError):
+    """Every error of a configuration (``problems``: errors and warnings);
+    ``str()`` joins the errors with ``; ``."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        errors = [p for p in problems if not p.warning]
+        super().__init__(errors[0].key, "; ".join(
+            [errors[0].problem] + [f"{p.key}: {p.problem}" for p in errors[1:]]))
+        self.problems = problems
+
+
+class Report:
+    """Collects the problems of one load; :func:`load_section` and
+    :func:`from_dict` go on after an error so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, key: str, problem: str, warning: bool = False) -> None:
+        self.problems.append(Problem(key, problem, warning))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if not p.warning]
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.problems)
+
+
+def load_section(cls: type[Section], table: Any, prefix: str, report: Report | None = None) -> Section:
+    """Build dataclass *cls* from TOML *table*; problems name ``prefix.key``.
+
+    With a *report*, every problem goes into it and a section with errors
+    comes back with its defaults; without one, errors raise
+    :class:`ConfigErrors` (all of them).  A section may have ``imply(values)``
+    (values implied by others, before construction) and ``validate()``
+    (checks across keys; may :func:`~smtpguard.options.warn`)."""
+    if report is None:
+        report = Report()
+        obj = load_section(cls, table, prefix, report)
+        report.raise_errors()
+        return obj
     if not isinstance(table, Mapping):
-        raise ConfigError(prefix, f"expected a table [{prefix}], got {table!r}")
+        report.add(prefix, f"expected a table [{prefix}], got {table!r}")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    failed = False
     for key, raw in table.items():
         f = fields.get(key)
         if f is None:
-            raise ConfigError(f"{prefix}.{key}", "unknown key")
+            report.add(f"{prefix}.{key}", "unknown key")
+            failed = True
+            continue
         parse = f.metadata.get("parse")
         if parse is None:  # a nested section
-            values[key] = load_section(_section_type(f), raw, f"{prefix}.{key}")
+            before = len(report.errors)
+            values[key] = load_section(_section_type(f), raw, f"{prefix}.{key}", report)
+            failed = failed or len(report.errors) > before
             continue
-        try:
-            values[key] = parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}.{key}", str(exc)) from None
+        with collect_warnings() as warnings:
+            try:
+                values[key] = parse(raw)
+            except ValueError as exc:
+                report.add(f"{prefix}.{key}", str(exc))
+                failed = True
+        for _, message in warnings:
+            report.add(f"{prefix}.{key}", message, warning=True)
+    if failed:
+        return cls()
+    imply = getattr(cls, "imply", None)
+    if imply is not None:
+        imply(values)
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        try:
-            validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{prefix}.{exc.key}", exc.problem) from None
+        with collect_warnings() as warnings:
+            try:
+                validate()
+            except ConfigError as exc:
+                report.add(f"{prefix}.{exc.key}", exc.problem)
+                obj = cls()
+        for key, message in warnings:
+            report.add(f"{prefix}.{key}" if key else prefix, message, warning=True)
     return obj
 
 
@@ -180,7 +259,9 @@ class LogConfig:
     service_name: str = field(
         default="smtpd", metadata=opt(parse_str, "master.cf service name (the part after syslog_name/)")
     )
-    output: str = field(default="stderr", metadata=opt(one_of("stderr", "syslog"), "maillog_file"))
+    output: str = field(
+        default="stderr", metadata=opt(one_of("stderr", "syslog", "journal", "auto"), "maillog_file / syslog")
+    )
 
 
 @dataclass(frozen=True)
@@ -220,27 +301,90 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-def from_dict(data: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from an already parsed TOML document."""
+def from_dict(data: Mapping[str, Any], report: Report | None = None) -> Config:
+    """Build a :class:`Config` from an already parsed TOML document (see
+    :func:`load_section` for *report*)."""
+    if report is None:
+        report = Report()
+        cfg = from_dict(data, report)
+        report.raise_errors()
+        return cfg
     root = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
     for key, table in data.items():
         f = root.get(key)
         if f is None:
-            raise ConfigError(key, "unknown section")
-        values[key] = load_section(_section_type(f), table, key)
+            report.add(key, "unknown section")
+            continue
+        values[key] = load_section(_section_type(f), table, key, report)
     return Config(**values)
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a TOML configuration file."""
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+_HEADER = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"\s*([A-Za-z0-9_\-]+(?:\s*\.\s*[A-Za-z0-9_\-]+)*)\s*=")
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Where each ``section.key`` (and each ``section``) of a TOML document
+    is first written: enough of TOML's grammar for the line of a problem."""
+    lines: dict[str, int] = {}
+    table = ""
+    depth = 0  # inside a multi-line array or inline table
+    for number, line in enumerate(text.splitlines(), 1):
+        if depth == 0:
+            m = _HEADER.match(line)
+            if m:
+                table = m.group(1).replace(" ", "").replace('"', "")
+                lines.setdefault(table, number)
+                continue
+            m = _KEY.match(line)
+            if m:
+                key = m.group(1).replace(" ", "")
+                lines.setdefault(f"{table}.{key}" if table else key, number)
+        code = re.sub(r"\"(\\.|[^\"\\])*\"|'[^']*'", "", line).partition("#")[0]
+        depth = max(0, depth + code.count("[") + code.count("{") - code.count("]") - code.count("}"))
+    return lines
+
+
+def _line_of(key: str, lines: Mapping[str, int]) -> int | None:
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def check(path: str | Path) -> tuple[Config | None, list[Problem]]:
+    """Read *path*: the configuration (None when there are errors) and every
+    problem found, each with the line of its key."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(p), exc.strerror or str(exc)) from None
+        return None, [Problem("", exc.strerror or str(exc))]
+    except UnicodeDecodeError as exc:
+        return None, [Problem("", f"not UTF-8 text: {exc}")]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(p), f"TOML syntax error: {exc}") from None
-    return from_dict(data)
+        m = _TOML_LINE.search(str(exc))
+        return None, [Problem("", f"TOML syntax error: {exc}", line=int(m.group(1)) if m else None)]
+    report = Report()
+    cfg = from_dict(data, report)
+    lines = key_lines(text)
+    problems = [dataclasses.replace(pr, line=_line_of(pr.key, lines)) for pr in report.problems]
+    problems.sort(key=lambda pr: pr.line or 0)
+    return (None if report.errors else cfg), problems
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML configuration file; errors raise
+    :class:`ConfigError` (:class:`ConfigErrors` with all of them)."""
+    cfg, problems = check(path)
+    if cfg is None:
+        errors = [pr for pr in problems if not pr.warning]
+        if len(errors) == 1 and not errors[0].key:  # unreadable, or not TOML
+            raise ConfigError(str(path), errors[0].problem)
+        raise ConfigErrors(problems)
+    return cfg

@@ -25,7 +25,16 @@ The program name is built as Postfix builds it: ``syslog_name/service``
 On stderr each line carries the syslog prefix Postfix writes to
 ``maillog_file`` (``Nov 23 17:04:26 host postfix/smtpd[123]: ...``); with
 ``output = "syslog"`` the same message goes to the local syslog socket
-(facility mail) with the same program name as ident.
+(facility mail) with the same program name as ident.  With ``output =
+"journal"`` (or ``"auto"`` when systemd connected stderr to the journal:
+``$JOURNAL_STREAM`` is set) each line is one journal entry sent with
+journald's native protocol: ``MESSAGE`` without timestamp or host (the
+journal records them), ``SYSLOG_IDENTIFIER`` the program name
+(``postfix/smtpd``), ``SYSLOG_PID``, ``PRIORITY`` and ``SYSLOG_FACILITY``
+(mail), so that ``journalctl`` and fail2ban's ``backend = systemd`` see
+``host postfix/smtpd[123]: NOQUEUE: reject: ...`` as from Postfix itself.
+(On stderr under systemd every line would carry a second timestamp and the
+unit's identifier in front of ours, and no postfix filter matches it.)
 
 Every line is made printable as Postfix's ``printable()`` does (client text
 may hold CR, LF, NUL and 8-bit bytes: each becomes ``?``), and
@@ -53,6 +62,8 @@ log = logging.getLogger("smtpguard")
 
 #: Where ``output = "syslog"`` sends datagrams (the local syslog daemon).
 SYSLOG_SOCKET = "/dev/log"
+#: journald's native protocol socket (``output = "journal"``).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 class _PostfixFormatter(logging.Formatter):
@@ -104,6 +115,59 @@ _LEVEL_WORD = {
 }
 
 
+# syslog severities (RFC 5424) for PRIORITY=
+_SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_MAIL = 2  # syslog facility mail
+
+
+def journal_fields(fields: dict[str, str]) -> bytes:
+    """journald's native datagram: ``KEY=value`` lines (a value with a
+    newline is sent length-prefixed, as the protocol requires)."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "surrogateescape")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalHandler(logging.Handler):
+    """One journal entry per line, with Postfix's program name as identifier."""
+
+    def __init__(self, identifier: str, address: str) -> None:
+        super().__init__()
+        self.address = address
+        self.fields = {"SYSLOG_IDENTIFIER": identifier, "SYSLOG_PID": str(os.getpid()),
+                       "SYSLOG_FACILITY": str(_MAIL)}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        word = _LEVEL_WORD.get(record.levelno)
+        prefix = f"{word}: " if word and record.levelno != logging.INFO else ""
+        priority = str(_SEVERITY.get(record.levelno, 6))
+        for line in _lines(record):
+            datagram = journal_fields({"MESSAGE": prefix + line, "PRIORITY": priority, **self.fields})
+            try:
+                self.sock.sendto(datagram, self.address)
+            except OSError:  # no journald (yet): the line is not lost
+                sys.stderr.write(f"{self.fields['SYSLOG_IDENTIFIER']}[{self.fields['SYSLOG_PID']}]: "
+                                 f"{prefix}{line}\n")
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
+def output(cfg: LogConfig) -> str:
+    """Where lines go: ``auto`` is ``journal`` when systemd connected stderr to
+    the journal (``$JOURNAL_STREAM``), else ``stderr``."""
+    if cfg.output == "auto":
+        return "journal" if os.environ.get("JOURNAL_STREAM") else "stderr"
+    return cfg.output
+
+
 def program(cfg: LogConfig) -> str:
     """``syslog_name/service_name`` as Postfix names its processes."""
     return f"{cfg.syslog_name}/{cfg.service_name}" if cfg.service_name else cfg.syslog_name
@@ -119,7 +183,10 @@ def setup(cfg: LogConfig) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler: logging.Handler
-    if cfg.output == "syslog":
+    where = output(cfg)
+    if where == "journal":
+        handler = JournalHandler(program(cfg), JOURNAL_SOCKET)
+    elif where == "syslog":
         handler = logging.handlers.SysLogHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
@@ -128,6 +195,9 @@ def setup(cfg: LogConfig) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PostfixFormatter(program(cfg)))
+    for old in log.handlers:
+        if isinstance(old, JournalHandler):
+            old.close()
     log.handlers[:] = [handler]
     log.setLevel(cfg.level.upper())
     log.propagate = False

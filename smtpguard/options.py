@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +37,31 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+#: Warnings of the parser or validate() running now: (key or "", message).
+_WARNINGS: ContextVar[list[tuple[str, str]] | None] = ContextVar("_WARNINGS", default=None)
+
+
+def warn(message: str, key: str = "") -> None:
+    """Report a value that is valid but probably not what was meant
+    (``check-config`` prints it with the key, ``serve`` logs it).  A parser
+    leaves *key* empty (the key being parsed is meant); a section's
+    ``validate()`` names its key.  Outside :func:`collect_warnings`: ignored."""
+    found = _WARNINGS.get()
+    if found is not None:
+        found.append((key, message))
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[tuple[str, str]]]:
+    """The :func:`warn` calls made inside the ``with`` block."""
+    found: list[tuple[str, str]] = []
+    token = _WARNINGS.set(found)
+    try:
+        yield found
+    finally:
+        _WARNINGS.reset(token)
 
 
 # ---------------------------------------------------------------- parsers
@@ -164,9 +191,14 @@ def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
         raise ValueError(f"expected a network like 192.0.2.0/24, got {value!r}")
     try:
-        return ipaddress.ip_network(value.strip("[]"), strict=False)
+        network = ipaddress.ip_network(value.strip("[]"), strict=False)
     except ValueError:
         raise ValueError(f'expected a network like 192.0.2.0/24, got "{value}"') from None
+    if "/" in value and network.network_address != ipaddress.ip_address(value.strip("[]").partition("/")[0]):
+        host = value.strip("[]").partition("/")[0]
+        warn(f'"{value}" has host bits set: it is read as {network}; '
+             f'write "{network}", or "{host}/{network.max_prefixlen}" for the one host')
+    return network
 
 
 def parse_optional_hostport(value: Any) -> HostPort | None:
@@ -181,6 +213,10 @@ def parse_state_url(value: Any) -> str:
     if text == "memory://":
         return text
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        path = text.removeprefix("sqlite:///")
+        if not path.startswith("/"):
+            warn(f'"{text}" is the relative path {path}, from the directory smtpguard is started in; '
+                 f'an absolute path takes four slashes: "sqlite:////{path}"')
         return text
     if re.fullmatch(r"rediss?://[^/\s]+(/\d+)?", text) or text.startswith("unix://"):
         return text

@@ -16,8 +16,11 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
 1. global connection cap (``server.max_connections``) -> ``421 4.3.2``;
 2. per-client concurrency (``limits.connection_count_limit``) -> ``421 4.7.0``;
 3. connection rate (``limits.connection_rate_limit``, state store) -> ``421 4.7.0``;
-4. permanent access list (``access.client_table``): PERMIT allowlists the
-   client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
+4. permanent access list (``access.client_table``, postscreen_access_list):
+   its entries in order, ``permit_mynetworks`` (``access.mynetworks``) and
+   tables; the first with an answer decides: PERMIT allowlists the client
+   (no screening tests), REJECT/DEFER decide, DUNNO ends the list; no
+   answer goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
    with ``[handoff] socket``, an allowlisted (4) or PASS OLD client that
@@ -76,7 +79,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import logs, spf
-from .checks.access import check_client_access
+from .checks.access import check_client_access, open_client_access
 from .checks.addresses import RECIPIENT, SENDER, check_address
 from .checks.barenewline import check_bare_newline
 from .checks.dnsbl import DnsblScore, dnsbl_result
@@ -122,8 +125,8 @@ class Pipeline:
         self.cfg = cfg
         self.clock = clock
         self.store: Store = store if store is not None else MemoryStore(clock)
+        self.client_access = open_client_access(cfg.access)
         specs = {
-            "client": cfg.access.client_table,
             "helo": cfg.helo.access_table,
             "sender": cfg.addresses.sender_access_table,
             "recipient": cfg.addresses.recipient_access_table,
@@ -157,7 +160,7 @@ class Pipeline:
             v = self._decide(s, check_connection_rate(cfg.limits, s.client_ip, rate, peer), "connect")
             if v.action is Action.DROP:
                 return v
-        found = check_client_access(cfg.access, self.tables["client"], s.client_ip, s.client_name)
+        found = check_client_access(cfg.access, self.client_access, s.client_ip, s.client_name)
         if found.outcome is Outcome.PASS:
             s.allowlisted = True
             log.info("ALLOWLISTED %s", peer)

@@ -450,13 +450,19 @@ def _read(path: str) -> str:
 
 
 def open_table(spec: str, validate: Validator | None = None) -> Table:
-    """Open ``type:path`` (or a bare path, read as texthash).
+    """Open ``type:path``.  A bare path is an error naming the types (the
+    type decides how the file is read: a CIDR file read as texthash would
+    load and never match).
 
     *validate*, if given, is called with every result as written and raises
     ValueError for a bad one; the TableError then names its line.
     """
     m = _SPEC.fullmatch(spec.strip())
-    kind, name = (m.group(1), m.group(2).strip()) if m else ("texthash", spec.strip())
+    supported = ", ".join((*_EXACT_TYPES, *_RULE_TYPES, "inline", "proxy"))
+    if not m:
+        raise TableError(spec, None, f"no table type: write type:{spec.strip()}, e.g. cidr:{spec.strip()} "
+                                     f"(types: {supported})")
+    kind, name = m.group(1), m.group(2).strip()
     if kind == "proxy":
         return open_table(name, validate)
     if kind == "inline":
@@ -468,7 +474,6 @@ def open_table(spec: str, validate: Validator | None = None) -> Table:
     elif kind in _RULE_TYPES:
         fixed, parse = False, partial(_parse_rules, pattern=_RULE_TYPES[kind], expand=kind != "cidr")
     else:
-        supported = ", ".join((*_EXACT_TYPES, *_RULE_TYPES, "inline", "proxy"))
         raise TableError(spec, None, f'unsupported table type "{kind}" (supported: {supported})')
     if not name:
         raise TableError(spec, None, "no file name")

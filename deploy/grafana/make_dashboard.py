@@ -107,6 +107,23 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ("max(smtpguard_config_last_reload_success_timestamp_seconds) * 1000", "loaded"),
         ], 8),
     ]),
+    ("Process", [
+        ("CPU (cores)", "short", [
+            ('sum by (instance) (rate(process_cpu_seconds_total{job="smtpguard"}[$__rate_interval]))',
+             "{{instance}}"),
+        ], 6),
+        ("Memory", "bytes", [
+            ('sum by (instance) (process_resident_memory_bytes{job="smtpguard"})', "RSS {{instance}}"),
+            ('sum by (instance) (process_virtual_memory_bytes{job="smtpguard"})', "virtual {{instance}}"),
+        ], 6),
+        ("Open files / limit", "percentunit", [
+            ('max by (instance) (process_open_fds{job="smtpguard"} / process_max_fds{job="smtpguard"})',
+             "{{instance}}"),
+        ], 6),
+        ("Started", "dateTimeFromNow", [
+            ('max(process_start_time_seconds{job="smtpguard"}) * 1000', "last start"),
+        ], 6),
+    ]),
 ]
 
 

@@ -62,7 +62,7 @@ from typing import Any
 
 from ..dns import DnsResult, Resolver, reversed_ip
 from ..net import IPAddress, valid_hostname
-from ..options import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
+from ..options import ConfigError, list_of, one_of, opt, parse_bool, parse_duration, parse_int, parse_str, warn
 from ..tables import AccessKind, Table, check_access_spec, lookup_helo, parse_action
 from ..verdict import ACTIONS, Action, Outcome, Reply, Result, ScreenTest, Verdict, verdict_for
 
@@ -216,6 +216,8 @@ class DnsblConfig:
     enabled: bool = field(default=False, metadata=opt(parse_bool, "postscreen_dnsbl_sites non-empty"))
     action: str = field(default="enforce", metadata=opt(one_of(*ACTIONS), "postscreen_dnsbl_action"))
     sites: tuple[Site, ...] = field(default=(), metadata=opt(sites_of(parse_site), "postscreen_dnsbl_sites"))
+    # Sites turn the test on, as a non-empty postscreen_dnsbl_sites does; an
+    # explicit enabled = false keeps it off, with a warning (validate).
     threshold: int = field(default=1, metadata=opt(parse_int, "postscreen_dnsbl_threshold"))
     allowlist_threshold: int = field(default=0, metadata=opt(parse_signed_int, "postscreen_dnsbl_allowlist_threshold"))
     min_ttl: float = field(default=60.0, metadata=opt(parse_duration, "postscreen_dnsbl_min_ttl"))
@@ -228,9 +230,18 @@ class DnsblConfig:
         default=(), metadata=opt(parse_reply_map, "postscreen_dnsbl_reply_map")
     )
 
+    @staticmethod
+    def imply(values: dict[str, Any]) -> None:
+        """``sites`` without ``enabled``: on (postscreen's semantics)."""
+        if values.get("sites") and "enabled" not in values:
+            values["enabled"] = True
+
     def validate(self) -> None:
         if self.enabled and not self.sites:
             raise ConfigError("sites", "at least one domain=filter*weight entry is needed when enabled")
+        if self.sites and not self.enabled:
+            warn("false, so the sites are not looked up (postscreen looks them up whenever "
+                 "postscreen_dnsbl_sites is set); remove it to turn the test on", "enabled")
         if self.threshold < 1:
             raise ConfigError("threshold", "must be at least 1")
         if self.allowlist_threshold > 0:

@@ -52,7 +52,7 @@ from typing import Any
 
 from ..metrics import METRICS
 from ..net import IPAddress, IPNetwork, client_network, valid_hostname
-from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str
+from ..options import ConfigError, one_of, opt, parse_bool, parse_duration, parse_int, parse_str, warn
 from ..store import ClientNet, Store, StoreError, Triplet
 from ..verdict import CONTINUE, Outcome, Reply, Result, verdict_for
 
@@ -144,7 +144,7 @@ def _regexp(entry: str, where: str) -> re.Pattern[str] | None:
         raise ValueError(f"{where}: bad regular expression {entry}: {exc}") from None
 
 
-_PARTIAL_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}")
+_PARTIAL_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}\.?")  # postgrey's 192.0.2 and 192.0.2. (/24)
 
 
 def _suffixes(name: str) -> Iterator[str]:
@@ -182,7 +182,7 @@ class ClientAllowlist:
             if pattern is not None:
                 patterns.append(pattern)
             elif _PARTIAL_IPV4.fullmatch(entry):
-                octets = entry.split(".")
+                octets = entry.rstrip(".").split(".")
                 networks.append(_network(".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}", where))
             elif re.fullmatch(r"[\d./]+", entry) or ":" in entry:
                 networks.append(_network(entry, where))
@@ -329,6 +329,16 @@ def _mask(bits: int) -> Callable[[Any], int]:
     return parse
 
 
+def parse_postgrey_days(value: Any) -> float:
+    """A duration; a bare number up to 365 warns: postgrey counts
+    ``--retry-window`` and ``--max-age`` in days, smtpguard in seconds."""
+    seconds = parse_duration(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 365:
+        warn(f'{value:g} is {value:g} seconds; postgrey counts this option in days: '
+             f'write "{value:g}d" for {value:g} days')
+    return seconds
+
+
 def _text(value: Any) -> str:
     text = parse_str(value)
     if not text.strip() or "\r" in text or "\n" in text:
@@ -351,8 +361,8 @@ class GreylistConfig:
         metadata=opt(one_of("tempfail", "ignore"), "--greylist-action=DEFER_IF_PERMIT; ignore = log only"),
     )
     delay: float = field(default=300.0, metadata=opt(parse_duration, "--delay=300"))
-    retry_window: float = field(default=2 * 86400.0, metadata=opt(parse_duration, "--retry-window=2"))
-    max_age: float = field(default=35 * 86400.0, metadata=opt(parse_duration, "--max-age=35"))
+    retry_window: float = field(default=2 * 86400.0, metadata=opt(parse_postgrey_days, "--retry-window=2"))
+    max_age: float = field(default=35 * 86400.0, metadata=opt(parse_postgrey_days, "--max-age=35"))
     ipv4_mask: int = field(default=24, metadata=opt(_mask(32), "--ipv4cidr=24 (32 = --lookup-by-host)"))
     ipv6_mask: int = field(default=64, metadata=opt(_mask(128), "--ipv6cidr=64 (128 = --lookup-by-host)"))
     auto_allowlist_clients: int = field(default=5, metadata=opt(parse_int, "--auto-whitelist-clients=5 (0 = off)"))
@@ -386,7 +396,7 @@ class GreylistConfig:
 
     def validate(self) -> None:
         if self.retry_window <= self.delay:
-            raise ConfigError("retry_window", "must be longer than delay")
+            raise ConfigError("retry_window", f"must be longer than delay ({self.delay:g}s)")
         if self.max_age < self.retry_window:
             raise ConfigError("max_age", "must not be shorter than retry_window")
 

@@ -128,6 +128,7 @@ class PolicyEngine:
         self.store = p.store
         self.clock: Callable[[], float] = p.clock
         self.tables = p.tables
+        self.client_access = p.client_access
         self.resolver = p.dns.resolver
         cfg = self.cfg
         if self.resolver is None and any(c.name in _DNS_CHECKS for c in cfg.policy.checks):
@@ -203,7 +204,7 @@ class PolicyEngine:
         ip = req.client_ip
         if ip is None:
             return None
-        return check_client_access(self.sections["client_access"], self.tables["client"],
+        return check_client_access(self.sections["client_access"], self.client_access,
                                    ip, req.get("client_name", "unknown") or "unknown")
 
     async def _dnsbl(self, req: PolicyRequest) -> Result | None:

@@ -183,3 +183,53 @@ def test_fail2ban_and_pflogsumm_on_live_screening_reject(
     log.write_text(g.full_log())
     assert fail2ban_ips(log) == ["127.0.0.51"]
     assert rejected_count(pflogsumm(log)) == 1
+
+
+def journal_line(entry: dict[str, str], host: str = "mx") -> str:
+    """A journal entry as fail2ban's ``backend = systemd`` hands it to its filter
+    (fail2ban's ``FilterSystemd.formatJournalEntry``: hostname, identifier[pid]:, message),
+    after the entry's time."""
+    pid = entry.get("SYSLOG_PID") or entry.get("_PID")
+    return (f"2026-05-04 10:00:00 {host} {entry.get('SYSLOG_IDENTIFIER') or entry['_COMM']}"
+            f"{f'[{pid}]' if pid else ''}: {entry['MESSAGE']}")
+
+
+@pytest.mark.fail2ban
+@pytest.mark.parametrize("syslog_name", ["postfix", "postfix-smtpguard"])
+def test_fail2ban_systemd_backend_reads_journal_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       syslog_name: str) -> None:
+    """``[log] output = "journal"``: the entries journald stores, formatted as
+    fail2ban's systemd backend formats them, match the stock postfix filter;
+    stderr lines journalled under the unit's identifier (what ``output =
+    "stderr"`` gives under systemd) match none."""
+    import socket
+
+    from tests.unit.test_logs_output import journal_entries
+
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", path)
+    saved = logs.log.handlers[:], logs.log.level, logs.log.propagate
+    try:
+        logs.setup(LogConfig(syslog_name=syslog_name, output="journal"))
+        for ip, stage, reply in SCREENING_REJECTS:
+            logs.log.info(logs.noqueue(str(reply), stage, logs.client("unknown", ip, 40000), "a@sender.test",
+                                       "bob@example.test", "ESMTP", "client.example"))
+        entries = journal_entries(server)
+    finally:
+        server.close()
+        for h in logs.log.handlers:
+            h.close()
+        logs.log.handlers[:], logs.log.level, logs.log.propagate = saved[0], saved[1], saved[2]
+    assert len(entries) == len(SCREENING_REJECTS)
+    journal = tmp_path / "journal.log"
+    journal.write_text("".join(journal_line(e) + "\n" for e in entries))
+    assert sorted(fail2ban_ips(journal)) == sorted(ip for ip, _, _ in SCREENING_REJECTS), journal.read_text()
+    # what output = "stderr" gives under systemd: our whole line is the MESSAGE of smtpguard[pid]
+    stderr_style = tmp_path / "stderr-in-journal.log"
+    stderr_style.write_text("".join(
+        journal_line({"_COMM": "smtpguard", "_PID": "4242",
+                      "MESSAGE": f"May  4 10:00:00 mx {syslog_name}/smtpd[4242]: {e['MESSAGE']}"}) + "\n"
+        for e in entries))
+    assert fail2ban_ips(stderr_style) == []

@@ -474,3 +474,9 @@ def test_config_errors(tmp_path: Path, table: dict[str, object], message: str) -
     with pytest.raises(ConfigError) as info:
         load_section(GreylistConfig, table, "greylist")
     assert str(info.value).startswith(message.format(dir=tmp_path)), str(info.value)
+
+
+def test_postgrey_partial_addresses_with_a_trailing_dot() -> None:
+    allow = ClientAllowlist.parse("192.0.2.\n10.\n198.51.100\n", "whitelist_clients.local")
+    assert allow.match(ip("192.0.2.9"), "") and allow.match(ip("10.200.1.1"), "")
+    assert allow.match(ip("198.51.100.1"), "") and not allow.match(ip("192.0.3.1"), "")

@@ -83,3 +83,63 @@ def test_internal_error_is_logged_with_its_traceback(restore_logger: None,
     assert any("Traceback (most recent call last):" in line for line in lines[1:])
     assert lines[-1].endswith("error: ValueError: invalid literal for int() with base 10: '??'")  # ² is two bytes
     assert all(re.match(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/smtpd\[\d+\]: error: ", line) for line in lines)
+
+
+def journal_entries(server: socket.socket) -> list[dict[str, str]]:
+    """Parse journald native datagrams (KEY=value lines; length-prefixed values)."""
+    entries = []
+    server.settimeout(0.5)
+    while True:
+        try:
+            data = server.recv(65536)
+        except TimeoutError:
+            return entries
+        fields, i = {}, 0
+        while i < len(data):
+            nl = data.index(b"\n", i)
+            line = data[i:nl]
+            if b"=" in line:
+                key, _, value = line.partition(b"=")
+                i = nl + 1
+            else:
+                key, size = line, int.from_bytes(data[nl + 1:nl + 9], "little")
+                value = data[nl + 9:nl + 9 + size]
+                i = nl + 9 + size + 1
+            fields[key.decode()] = value.decode()
+        entries.append(fields)
+
+
+def test_journal_output(restore_logger: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", path)
+    try:
+        logs.setup(LogConfig(output="journal"))
+        logs.log.info("NOQUEUE: reject: RCPT from unknown[192.0.2.7]:1: 554 5.7.1 x; proto=ESMTP")
+        logs.log.warning("odd\nsecond line")  # made printable: one line
+        entries = journal_entries(server)
+    finally:
+        server.close()
+    assert entries[0] == {"MESSAGE": "NOQUEUE: reject: RCPT from unknown[192.0.2.7]:1: 554 5.7.1 x; proto=ESMTP",
+                          "PRIORITY": "6", "SYSLOG_IDENTIFIER": "postfix/smtpd", "SYSLOG_PID": str(os.getpid()),
+                          "SYSLOG_FACILITY": "2"}
+    assert entries[1]["MESSAGE"] == "warning: odd?second line" and entries[1]["PRIORITY"] == "4"
+    assert logs.journal_fields({"MESSAGE": "a\nb"}) == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\n"
+
+
+def test_auto_output_follows_journal_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert logs.output(LogConfig(output="auto")) == "stderr"
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    assert logs.output(LogConfig(output="auto")) == "journal"
+    assert logs.output(LogConfig(output="stderr")) == "stderr"
+
+
+def test_journal_unreachable_falls_back_to_stderr(restore_logger: None, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(tmp_path / "none.sock"))
+    logs.setup(LogConfig(output="journal"))
+    logs.log.info("CONNECT from [192.0.2.7]:1 to [192.0.2.1]:25")
+    assert capsys.readouterr().err == f"postfix/smtpd[{os.getpid()}]: CONNECT from [192.0.2.7]:1 to [192.0.2.1]:25\n"

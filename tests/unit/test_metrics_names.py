@@ -13,7 +13,7 @@ FORBIDDEN_LABELS = {"ip", "client", "client_ip", "address", "addr", "sender", "r
 def test_names_follow_prometheus_conventions() -> None:
     m = Metrics.create()
     for family in m.registry.collect():
-        assert family.name.startswith("smtpguard_"), family.name
+        assert family.name.startswith(("smtpguard_", "process_")), family.name  # process_*: the standard collector
         if family.type == "histogram":
             assert family.name.endswith("_seconds"), family.name
         assert family.documentation, family.name
@@ -51,3 +51,18 @@ def test_reject_reason() -> None:
     assert reject_reason(Reply(421, "4.3.2", "All server ports are busy")) == "busy"
     assert reject_reason(Reply(550, "5.7.1", "Service unavailable; client [192.0.2.1] blocked")) == "550"
     assert reject_reason(None) == "unknown"
+
+
+def test_process_metrics_and_dns_buckets_to_the_lifetime() -> None:
+    """Issue 17: the standard process_* metrics, and DNS latency buckets up to
+    the default [dns] lifetime (10s), not 5s."""
+    from smtpguard.config import DnsConfig
+
+    text = Metrics.create().exposition().decode()
+    assert "process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text
+    m = Metrics.create()
+    m.dns_query_seconds.labels(type="A").observe(8.0)
+    families = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+    bounds = [float(s.labels["le"]) for s in families["smtpguard_dns_query_seconds"].samples
+              if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"]
+    assert max(bounds) >= DnsConfig().lifetime

@@ -357,3 +357,45 @@ async def test_dnswl_client_is_not_greylisted() -> None:
     s.sender = "a@b.example"
     assert code(await p.on_greylist(s, "c@d.example")) == CONT
     assert (await store.stats()).greylist == 0
+
+
+# ---------------------------------------------------------------- postscreen_access_list (issue 17)
+
+POSTSCREEN_ACCESS_CIDR = "192.168.1.5 reject\n10.0.0.0/8 reject\n198.51.100.0/24 permit\n"
+
+
+async def test_migrated_postscreen_access_list_behaves_as_in_postfix(tmp_path: Path) -> None:
+    """postscreen_access_list = permit_mynetworks, cidr:/etc/postfix/postscreen_access.cidr,
+    mynetworks = 192.168.0.0/16: the first entry with an answer decides."""
+    table = tmp_path / "postscreen_access.cidr"
+    table.write_text(POSTSCREEN_ACCESS_CIDR)
+    p, _, _ = make({"access": {"client_table": f"permit_mynetworks, cidr:{table}",
+                               "mynetworks": ["192.168.0.0/16"]}})
+    inside = session("192.168.1.5")  # permit_mynetworks comes first: its reject line is never reached
+    assert code(await p.on_connect(inside, 1, 1)) == CONT and inside.allowlisted
+    listed = session("198.51.100.9")
+    assert code(await p.on_connect(listed, 1, 1)) == CONT and listed.allowlisted
+    blocked = session("10.1.2.3")
+    assert code(await p.on_connect(blocked, 1, 1)) == CONT and not blocked.allowlisted
+    assert str(blocked.delayed["connect"].reply) == "554 5.7.1 <unknown[10.1.2.3]>: Client host rejected: Access denied"
+    other = session("203.0.113.5")
+    assert code(await p.on_connect(other, 1, 1)) == CONT and not other.allowlisted and not other.delayed
+    # the other order: the cidr table's reject comes first
+    p, _, _ = make({"access": {"client_table": [f"cidr:{table}", "permit_mynetworks"],
+                               "mynetworks": ["192.168.0.0/16"]}})
+    again = session("192.168.1.5")
+    await p.on_connect(again, 1, 1)
+    assert not again.allowlisted and again.delayed
+
+
+async def test_dunno_ends_the_access_list(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.cidr", tmp_path / "second.cidr"
+    first.write_text("192.0.2.8 dunno\n")
+    second.write_text("192.0.2.0/24 reject\n")
+    p, _, _ = make({"access": {"client_table": [f"cidr:{first}", f"cidr:{second}"]}})
+    s = session("192.0.2.8")
+    await p.on_connect(s, 1, 1)
+    assert not s.delayed and not s.allowlisted
+    s = session("192.0.2.9")
+    await p.on_connect(s, 1, 1)
+    assert s.delayed

@@ -199,6 +199,21 @@ async def test_client_access_table(tmp_path: Path) -> None:
     assert (await e.decide(request())).action.startswith("DEFER_IF_PERMIT")
 
 
+async def test_client_access_list_with_permit_mynetworks(tmp_path: Path) -> None:
+    """The policy service's client_access runs the whole list on the parsed
+    client_address: permit_mynetworks (IPv6 and IPv4-mapped too), then the table."""
+    table = tmp_path / "clients.cidr"
+    table.write_text("10.0.0.0/8 REJECT go away\n")
+    e = engine({"access": {"client_table": ["permit_mynetworks", f"cidr:{table}"],
+                           "mynetworks": ["10.1.0.0/16", "2001:db8::/32"]}, **GREY,
+                "policy": {"checks": ["client_access", "greylist"]}})
+    assert (await e.decide(request(client_address="10.1.2.3"))).action == "DUNNO"
+    assert (await e.decide(request(client_address="::ffff:10.1.2.3"))).action == "DUNNO"
+    assert (await e.decide(request(client_address="2001:db8::7"))).action == "DUNNO"
+    assert (await e.decide(request(client_address="10.2.0.1"))).action == "554 5.7.1 go away"
+    assert (await e.decide(request())).action.startswith("DEFER_IF_PERMIT")
+
+
 async def test_checks_at_their_states() -> None:
     resolver = FakeResolver({"bad.example.dbl.test": ["127.0.1.2"]})
     e = engine({"rhsbl": {"helo_sites": ["dbl.test"]}, "policy": {"checks": ["rhsbl_helo@HELO,EHLO"]}},

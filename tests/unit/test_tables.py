@@ -53,7 +53,7 @@ example.com     REJECT You are
 """
 
 
-@pytest.mark.parametrize("kind", ["texthash:", "hash:", "lmdb:", "btree:", "cdb:", "proxy:hash:", ""])
+@pytest.mark.parametrize("kind", ["texthash:", "hash:", "lmdb:", "btree:", "cdb:", "proxy:hash:"])
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -102,7 +102,7 @@ def test_check_config_names_the_key(tmp_path: Path, pems: dict[str, Path], capsy
     path = tmp_path / "smtpguard.toml"
     path.write_text(f'[tls]\ncert_file = "{pems["cert"]}"\nkey_file = "{pems["other_key"]}"\n')
     assert cli.main(["check-config", "-c", str(path)]) == 1
-    assert capsys.readouterr().err.startswith(f"smtpguard: error: tls.key_file: {pems['other_key']}: ")
+    assert capsys.readouterr().err.startswith(f"{path}:3: tls.key_file: {pems['other_key']}: ")
     path.write_text(f'[tls]\ncert_file = "{pems["cert"]}"\nkey_file = "{pems["key"]}"\n'
                     '[server]\nproxy_protocol = true\n')
     assert cli.main(["check-config", "-c", str(path)]) == 0

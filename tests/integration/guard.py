@@ -74,6 +74,9 @@ class Guard:
             [sys.executable, "-m", "smtpguard", self.command, "-c", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)},
+            # ``-m`` puts the working directory first on sys.path, before PYTHONPATH:
+            # another checkout's code runs only from that checkout.
+            cwd=self.source,
         )
         log.close()
 

@@ -7,7 +7,8 @@ Prints figures, asserts nothing (the machines are shared and noisy):
   each front end, interleaved over several rounds (the order rotates);
   medians and their ratios to Postfix alone.  The front ends:
 
-  - smtpguard relaying every session (XCLIENT);
+  - smtpguard relaying every session (XCLIENT), on its default event loop
+    (uvloop) and on asyncio's own (``[server] event_loop = "asyncio"``);
   - smtpguard with ``[handoff] socket`` set, handing its clients to
     Postfix's smtpd pass service;
   - as references on the same Postfix: **postscreen** (the same instance's
@@ -125,7 +126,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="smtpguard-bench-"))
     guards: dict[str, Guard] = {}
     handoff = f'[handoff]\nsocket = "{postfix.pass_socket}"\n'
-    setups = [("relayed", "", None), ("handed off", handoff, None)]
+    # "relayed" runs on the default loop (event_loop = "auto": uvloop), as make run does.
+    setups = [("relayed", "", None), ("relayed, asyncio", '[server]\nevent_loop = "asyncio"\n', None),
+              ("handed off", handoff, None)]
     if args.baseline:
         setups += [("relayed, baseline", "", args.baseline), ("handed off, baseline", handoff, args.baseline)]
     for mode, extra, source in setups:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import admin, logs, report
+from . import admin, eventloop, logs, report
 from . import config as config_mod
 from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
@@ -112,7 +112,7 @@ async def serve(cfg: Config, path: str | None = None) -> None:
             await store.close()
             raise
     ops, stop = await _operate(cfg, path, server, lambda: not server.closing)
-    log.info("daemon started -- %s", summary(cfg))
+    log.info("daemon started -- %s; event loop %s", summary(cfg), eventloop.describe(asyncio.get_running_loop()))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     if policy is not None:
@@ -173,7 +173,8 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
         await store.close()
         raise
     ops, stop = await _operate(cfg, path, holder, lambda: bool(policy.servers), upstream=False)
-    log.info("daemon started -- %s", policy_summary(cfg))
+    log.info("daemon started -- %s; event loop %s", policy_summary(cfg),
+             eventloop.describe(asyncio.get_running_loop()))
     await stop.wait()
     log.info("shutting down: closing %d policy connection(s)", len(policy.connections))
     await policy.close()
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         try:
             policy_engine.validate(cfg)
+            eventloop.loop_factory(cfg.server.event_loop)
         except ConfigError as exc:
             print(f"smtpguard: error: {exc}", file=sys.stderr)
             return 1
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     logs.setup(cfg.log)
     try:
-        asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, args.config))
+        command = serve_policy if args.command == "policy" else serve
+        eventloop.run(lambda: command(cfg, args.config), cfg.server.event_loop)
     except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
         log.critical("cannot start: %s", exc)
         return 1

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
-from . import admin, logs, report, showconfig
+from . import admin, eventloop, logs, report, showconfig
 from . import config as config_mod
 from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
@@ -159,7 +159,7 @@ async def serve(cfg: Config, path: str | None = None) -> None:
             await store.close()
             raise
     ops, stop = await _operate(cfg, path, server, lambda: not server.closing)
-    log.info("daemon started -- %s", summary(cfg))
+    log.info("daemon started -- %s; event loop %s", summary(cfg), eventloop.describe(asyncio.get_running_loop()))
     await stop.wait()
     log.info("shutting down: no new connections, %d session(s) to finish", len(server.sessions))
     if policy is not None:
@@ -220,7 +220,8 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
         await store.close()
         raise
     ops, stop = await _operate(cfg, path, holder, lambda: bool(policy.servers), upstream=False)
-    log.info("daemon started -- %s", policy_summary(cfg))
+    log.info("daemon started -- %s; event loop %s", policy_summary(cfg),
+             eventloop.describe(asyncio.get_running_loop()))
     await stop.wait()
     log.info("shutting down: closing %d policy connection(s)", len(policy.connections))
     await policy.close()
@@ -234,6 +235,7 @@ def check_config(path: str) -> int:
     if cfg is not None:
         try:
             policy_engine.validate(cfg)
+            eventloop.loop_factory(cfg.server.event_loop)
         except ConfigError as exc:
             problems.append(config_mod.Problem(exc.key, exc.problem))
             cfg = None
@@ -317,7 +319,8 @@ def _main(argv: list[str] | None) -> int:
     for warning in warnings:
         log.warning("%s", warning.format(path))
     try:
-        asyncio.run((serve_policy if args.command == "policy" else serve)(cfg, path))
+        command = serve_policy if args.command == "policy" else serve
+        eventloop.run(lambda: command(cfg, path), cfg.server.event_loop)
     except ConfigError as exc:  # e.g. no [dns] nameservers and no usable /etc/resolv.conf
         log.critical("cannot start: %s", exc)
         return 1

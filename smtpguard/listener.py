@@ -94,6 +94,7 @@ log = logging.getLogger("smtpguard")
 logging.getLogger("mail.debug").addHandler(logging.NullHandler())
 
 _READ_LIMIT = 64 * 1024  # a DATA read; a command line longer than this (+1) is refused whatever line_length_limit says
+_REQUEST_TYPES = frozenset(REQUESTS)  # the action types that need an answer, tested by exact type
 
 
 class GuardProtocol(asyncio.Protocol):
@@ -198,13 +199,15 @@ class GuardProtocol(asyncio.Protocol):
         log.info("CONNECT from %s to %s", s.peer, logs.endpoint(*ours))
         m = self.machine = SessionMachine(self.cfg, s, self.tls_available)
         cancelled = False
+        client_input, server = self.input, self.server
         try:
             await self._drive(m.connect())
             if m.greeted:
                 self._reset_timeout(m.timeout)  # the first command's full time, after the greet wait
             while not m.closed and self.transport is not None:
-                await self.drain()
-                if self.server.closing and not s.in_transaction:
+                if self._writable is not None:  # drain(), without a coroutine per command
+                    await self._writable.wait()
+                if server.closing and not s.in_transaction:
                     self.send(REPLIES["shutdown"].wire())
                     break
                 self._waiting = True
@@ -214,7 +217,7 @@ class GuardProtocol(asyncio.Protocol):
                     m.lost()
                     break
                 # Input already received past this line: the pipelining test's evidence.
-                pending = self.input.peek(256)
+                pending = client_input.peek(256) if client_input.pending() else b""
                 self._reset_timeout(m.timeout)
                 await self._drive(m.command(line, pending))
         except asyncio.CancelledError:
@@ -245,92 +248,107 @@ class GuardProtocol(asyncio.Protocol):
         assert m is not None
         try:
             while actions:
-                *effects, last = actions
-                for effect in effects:
+                last = actions.pop()
+                for effect in actions:
                     self._effect(effect)
-                if not isinstance(last, REQUESTS):
+                if type(last) not in _REQUEST_TYPES:
                     self._effect(last)
                     break
-                actions = m.answer(await self._request(last))
+                actions = m.answer(await self._request(last))  # type: ignore[arg-type]
         finally:
             if self._hold:
                 await self._release()
 
     def _effect(self, effect: Effect | Request) -> None:
         """One effect (the machine returns a request only as its last action)."""
-        match effect:
-            case Send(data=data):
-                if self._hold:
-                    self._held.append(data)
-                else:
-                    self.send(data)
-            case Arm(seconds=seconds):
-                self._hold = max(self._hold, seconds)
-            case AbortUpstream():
-                if self.upstream is not None:
-                    self.upstream.abort()
-            case QuitUpstream():
-                if self.upstream is not None:
-                    self.upstream.quit()
-            case Unread(data=data):
-                self.input.unread(data)  # read past the end of DATA: pipelined commands
-            case Close():
-                pass  # the machine is closed: _serve ends and closes the connection
-            case _:
-                raise AssertionError(f"a request among the effects: {effect!r}")
+        kind = type(effect)
+        if kind is Send:
+            data = effect.data  # type: ignore[union-attr]
+            if self._hold:
+                self._held.append(data)
+            elif self.transport is not None:
+                self.transport.write(data)
+        elif kind is Arm:
+            self._hold = max(self._hold, effect.seconds)  # type: ignore[union-attr]
+        elif kind is AbortUpstream:
+            if self.upstream is not None:
+                self.upstream.abort()
+        elif kind is QuitUpstream:
+            if self.upstream is not None:
+                self.upstream.quit()
+        elif kind is Unread:
+            self.input.unread(effect.data)  # type: ignore[union-attr]  # read past the end of DATA
+        elif kind is not Close:  # Close: the machine is closed, _serve ends and closes the connection
+            raise AssertionError(f"a request among the effects: {effect!r}")
 
     async def _request(self, request: Request) -> Event:
-        s, pipeline = self._session, self.pipeline
+        """One request's answer; the frequent ones (Postfix, a command's
+        screening) are tested first, by exact type: this runs several times
+        per command."""
+        kind = type(request)
+        if kind is Upstream:
+            return await self._upstream(request)  # type: ignore[arg-type]
+        s = self._session
         assert s is not None
-        match request:
-            case Screen(stage=Stage.COMMAND):
-                return await pipeline.on_command(s, request.line, request.command, request.pending, request.previous)
-            case Screen(stage=Stage.HELO):
-                return await pipeline.on_helo(s)
-            case Screen(stage=Stage.MAIL):
-                return await pipeline.on_mail(s)
-            case Screen(stage=Stage.RCPT):
-                return await pipeline.on_rcpt(s, request.rcpt or "")
-            case Screen(stage=Stage.GREYLIST):
-                return await pipeline.on_greylist(s, request.rcpt or "")
-            case Screen(stage=Stage.DATA):
-                return await pipeline.on_data(s)
-            case Screen(stage=Stage.RELAYED):
-                await pipeline.on_relayed(s)
-                return None
-            case Screen(stage=Stage.CONNECT):
-                concurrent = self.server.per_ip.get(self._ip or "", 1)
-                return await pipeline.on_connect(s, len(self.server.sessions), concurrent)
-            case Screen(stage=Stage.GREET):
-                return await pipeline.on_greet(s, request.line, request.after)
-            case Screen(stage=Stage.BANNER):
-                return await pipeline.on_banner(s)
-            case HandOff():
-                return self._hand_off(s)
-            case GreetWait(seconds=seconds, stop_early=stop_early):
-                return await self._greet_wait(seconds, stop_early)
-            case StartTls():
-                return await self.start_tls()
-            case ReadBody():
-                assert self.machine is not None
-                self._reset_timeout(self.machine.timeout)
-                return await self.input.read(_READ_LIMIT)
-        if self.upstream is None:
-            self.upstream = UpstreamConnection(self.cfg.upstream)
+        if kind is Screen:
+            return await self._screen(s, request)  # type: ignore[arg-type]
+        if kind is OpenUpstream:
+            self.upstream = UpstreamConnection(self.cfg.upstream)  # one object per connection
+            try:
+                return await self.upstream.open(s.identity())
+            except UpstreamError as exc:
+                return exc
+        if kind is ReadBody:
+            assert self.machine is not None
+            self._reset_timeout(self.machine.timeout)
+            return await self.input.read(_READ_LIMIT)
+        if kind is HandOff:
+            return self._hand_off(s)
+        if kind is GreetWait:
+            return await self._greet_wait(request.seconds, request.stop_early)  # type: ignore[union-attr]
+        if kind is StartTls:
+            return await self.start_tls()
+        raise AssertionError(f"unknown request {request!r}")
+
+    async def _upstream(self, request: Upstream) -> Event:
+        """Write to Postfix; its replies (or, with none wanted, room to write)."""
+        upstream = self.upstream
         try:
-            match request:
-                case OpenUpstream():
-                    return await self.upstream.open(s.identity())
-                case Upstream(data=data, replies=0):
-                    self.upstream.write(data)
-                    await self.upstream.drain()
-                    return []
-                case Upstream(data=data, replies=replies):
-                    self.upstream.write(data)
-                    return [await self.upstream.read_reply() for _ in range(replies)]
+            if upstream is None:
+                raise UpstreamError("not connected")
+            upstream.write(request.data)
+            if request.replies == 0:
+                await upstream.drain()
+                return []
+            return await upstream.replies(request.replies)
         except UpstreamError as exc:
             return exc
-        raise AssertionError(f"unknown request {request!r}")
+
+    async def _screen(self, s: Session, request: Screen) -> Event:
+        pipeline, stage = self.pipeline, request.stage
+        if stage is Stage.COMMAND:
+            return await pipeline.on_command(s, request.line, request.command, request.pending, request.previous)
+        if stage is Stage.RCPT:
+            return await pipeline.on_rcpt(s, request.rcpt or "")
+        if stage is Stage.RELAYED:
+            await pipeline.on_relayed(s)
+            return None
+        if stage is Stage.MAIL:
+            return await pipeline.on_mail(s)
+        if stage is Stage.HELO:
+            return await pipeline.on_helo(s)
+        if stage is Stage.DATA:
+            return await pipeline.on_data(s)
+        if stage is Stage.GREYLIST:
+            return await pipeline.on_greylist(s, request.rcpt or "")
+        if stage is Stage.CONNECT:
+            concurrent = self.server.per_ip.get(self._ip or "", 1)
+            return await pipeline.on_connect(s, len(self.server.sessions), concurrent)
+        if stage is Stage.GREET:
+            return await pipeline.on_greet(s, request.line, request.after)
+        if stage is Stage.BANNER:
+            return await pipeline.on_banner(s)
+        raise AssertionError(f"unknown stage {stage!r}")
 
     def _hand_off(self, s: Session) -> bool:
         """Give the client's socket to Postfix's smtpd pass service

@@ -96,6 +96,19 @@ class _SyslogFormatter(logging.Formatter):
 _TRACEBACK = logging.Formatter()
 
 
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """StreamHandler with one ``write`` per record and no separate
+    ``flush()``: stderr is line-buffered (Python 3.9+), so the line ending
+    the text is its one write(2); the handler's lock is taken once, by
+    :meth:`logging.Handler.handle`, not again by a flush."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def _lines(record: logging.LogRecord) -> list[str]:
     """The record's message and, for ``log.exception()``, its traceback, each
     line made :func:`printable` (client text can hold CR, LF and 8-bit bytes,
@@ -193,7 +206,7 @@ def setup(cfg: LogConfig) -> None:
         handler.ident = f"{program(cfg)}[{os.getpid()}]: "
         handler.setFormatter(_SyslogFormatter())
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _LineHandler(sys.stderr)
         handler.setFormatter(_PostfixFormatter(program(cfg)))
     for old in log.handlers:
         if isinstance(old, JournalHandler):

@@ -94,6 +94,7 @@ from .checks.rdns import check_client_names
 from .config import Config
 from .dns import Resolver
 from .dnsscreen import ConnectFindings, DnsScreen
+from .hotset import HotSet
 from .metrics import METRICS
 from .session import Session
 from .spf import SpfResult
@@ -142,6 +143,9 @@ class Pipeline:
         self._pass_old = METRICS.allowlist_cache.labels(result="pass_old")
         self._handoffs = {True: METRICS.handoffs.labels(result="passed"),
                           False: METRICS.handoffs.labels(result="failed")}
+        self._cacheable = tuple(t for t in CACHEABLE if getattr(cfg, t).enabled)
+        # PASS OLD clients in memory; a reload (other tests enabled?) starts afresh.
+        self.hot = HotSet()
 
     # ------------------------------------------------------------ connect
 
@@ -172,11 +176,16 @@ class Pipeline:
         v = self._decide(s, found, "connect")
         if v.action is Action.DROP:
             return v
-        enabled = [t for t in CACHEABLE if getattr(cfg, t).enabled]
+        enabled = self._cacheable
         if enabled:
-            cache = await self._get_cache(s.client_addr)
-            now = self.clock()
-            s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
+            if await self._hot_pass(s.client_addr):  # PASS OLD from memory (smtpguard.hotset)
+                s.todo = frozenset()
+            else:
+                cache = await self._get_cache(s.client_addr)
+                now = self.clock()
+                s.todo = frozenset(t for t in enabled if cache.get(t, 0.0) <= now)
+                if not s.todo:
+                    self.hot.remember(s.client_addr, min(cache[t] for t in enabled), now)
             if not s.todo:
                 log.info("PASS OLD %s", peer)
                 self._pass_old.inc()
@@ -430,7 +439,26 @@ class Pipeline:
             log.warning("state store: allowlist cache lookup for %s failed, running all tests: %s", ip, exc)
             return {}
 
+    async def _hot_pass(self, ip: str) -> bool:
+        """Is *ip* PASS OLD in the hot set?  Reads the store's invalidation
+        tag first when it is due (once a second at most); a store that
+        cannot say empties the set, and the store is asked as before."""
+        hot, now = self.hot, self.clock()
+        if not len(hot):
+            return False
+        if now >= hot.next_check:
+            try:
+                hot.version(await self.store.cache_version(), now)
+            except Exception:  # the store read that follows logs and counts it
+                hot.version(object(), now)
+                return False
+        return hot.passed(ip, now)
+
     async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
+        """Written through: the store, and the hot set forgets *ip* (a
+        failure must not be answered PASS OLD from memory; a pass is read
+        back from the store at the next connection)."""
+        self.hot.forget(ip)
         try:
             await self.store.put_cache(ip, {test: expiry})
         except Exception as exc:

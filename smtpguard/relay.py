@@ -19,7 +19,9 @@ import asyncio
 import os
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from .config import UpstreamConfig
 from .envelope import xtext
@@ -48,6 +50,8 @@ class UpstreamReply:
 
 _QUEUED = re.compile(rb"queued as ([0-9A-Za-z]+)")
 _LINE_END = re.compile(rb"\r?\n")
+#: one whole reply whose every line is well-formed (what _reply_end accepts)
+_REPLY = re.compile(rb"(?:[0-9]{3}-[^\n]*\n)*[0-9]{3}(?:[ \r][^\n]*)?\n")
 _READ_SIZE = 64 * 1024  # also the longest reply line accepted
 
 
@@ -80,21 +84,103 @@ def _why(exc: Exception) -> str:
     return os.strerror(errno) if errno else str(exc) or type(exc).__name__
 
 
-class Upstream:
-    """One connection to the backend Postfix."""
+class Upstream(asyncio.Protocol):
+    """One connection to the backend Postfix, as a plain :class:`asyncio.Protocol`.
+
+    No StreamReader: :meth:`data_received` splits what Postfix sent into
+    whole replies as it arrives (:meth:`_reply_end`), and a caller waiting
+    for *n* replies (:meth:`replies`) waits on one future, woken once the
+    *n*-th is complete -- the MAIL and RCPT replies of a pipelined group
+    cost one wake-up, not one per read.  One deadline timer per connection
+    (:meth:`_arm`), pushed forward by a plain assignment, bounds every wait;
+    no ``wait_for``, no task.
+    """
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._timed_out = False
-        self._buf = bytearray()  # received, not yet returned by read_reply
+        self._buf = bytearray()  # received, not yet a whole reply
+        self._ready: deque[UpstreamReply] = deque()  # whole replies not yet taken
+        self._want = 0  # replies the waiter needs
+        self._waiter: asyncio.Future[None] | None = None  # replies() or drain()
+        self._error: UpstreamError | None = None  # the connection failed: every later wait raises it
+        self._paused = False  # the transport's write buffer is full (pause_writing)
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._transport is not None
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        ready, start = self._ready, 0
+        while True:
+            # The common case in one C call: whole well-formed replies.
+            m = _REPLY.match(buf, start)
+            if m is None:
+                try:  # incomplete, or malformed: the line-by-line check says which
+                    end = self._reply_end(buf, start)
+                except UpstreamError as exc:
+                    self._fail(exc)
+                    return
+                if end < 0:
+                    break
+            else:
+                end = m.end()
+            raw = bytes(buf[start:end])
+            if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF line ends: relayed as CRLF
+                raw = _LINE_END.sub(b"\r\n", raw)
+            ready.append(UpstreamReply(int(raw[:3]), raw))
+            start = end
+        if start:
+            del buf[:start]
+        if self._waiter is not None and len(ready) >= self._want:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._disarm()
+        if self._error is None:
+            self._error = self._failure("read from", exc)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._want == 0:
+            self._wake()
+
+    # ------------------------------------------------------------ the session's side
+
+    async def connect(self) -> None:
+        """The TCP connection alone (within ``connect_timeout``).  Once per
+        object: a new connection is a new Upstream (a closed transport's late
+        ``connection_lost`` must not reach the next one)."""
+        if self._loop is not None:
+            raise RuntimeError("an Upstream connects once")
+        self._loop = loop = asyncio.get_running_loop()
+        host, port = self.cfg.address.host, self.cfg.address.port
+        try:
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                await loop.create_connection(lambda: self, host, port)
+        except TimeoutError:
+            raise UpstreamError(f"connect to {self.cfg.address}: timed out") from None
+        except OSError as exc:
+            raise UpstreamError(f"connect to {self.cfg.address}: {_why(exc)}") from None
 
     async def open(self, ident: ClientIdentity) -> float:
         """Connect, XCLIENT, then the client's own ``EHLO`` (the session
@@ -103,19 +189,10 @@ class Upstream:
         from us either: Postfix sees the session as the client had it.
         Returns the seconds it took."""
         start = time.monotonic()
-        self._timed_out = False
-        self._buf.clear()
-        host, port = self.cfg.address.host, self.cfg.address.port
-        try:
-            async with asyncio.timeout(self.cfg.connect_timeout):
-                self._reader, self._writer = await asyncio.open_connection(host, port)
-        except TimeoutError:
-            raise UpstreamError(f"connect to {self.cfg.address}: timed out") from None
-        except OSError as exc:
-            raise UpstreamError(f"connect to {self.cfg.address}: {_why(exc)}") from None
+        await self.connect()
         try:
             self._expect(await self.read_reply(), 220, "greeting")
-            self._writer.write(ident.xclient())
+            self.write(ident.xclient())
             self._expect(await self.read_reply(), 220, "XCLIENT")
             if ident.helo is not None:
                 self._expect(await self.command(f"EHLO {ident.helo}\r\n".encode("ascii")), 250, "EHLO")
@@ -135,56 +212,68 @@ class Upstream:
         return await self.read_reply()
 
     def write(self, data: bytes) -> None:
-        if self._writer is None:
-            raise UpstreamError("not connected")
-        self._writer.write(data)
+        if self._transport is None:
+            raise self._error or UpstreamError("not connected")
+        self._transport.write(data)
 
     async def drain(self) -> None:
         """Wait until the upstream socket buffer has room (bounded memory)."""
-        if self._writer is None:
-            raise UpstreamError("not connected")
-        self._arm()
-        try:
-            await self._writer.drain()
-        except OSError as exc:
-            self.abort()
-            raise self._failure("write to", exc) from None
-        finally:
-            self._deadline = None
+        if self._transport is None:
+            raise self._error or UpstreamError("not connected")
+        if self._paused:
+            self._want = 0
+            await self._wait()
 
     async def read_reply(self) -> UpstreamReply:
-        """Read one (possibly multi-line) reply.  What Postfix sent at once
-        (the 12-line EHLO reply, the MAIL and RCPT replies together) is read
-        in one call and split here; bytes past the reply wait in the buffer
-        for the next call."""
-        if self._reader is None:
-            raise UpstreamError("not connected")
-        buf = self._buf
-        self._arm()
-        try:
-            while (end := self._reply_end(buf)) < 0:
-                chunk = await self._reader.read(_READ_SIZE)
-                if not chunk:
-                    raise self._failure("read from", None)
-                buf += chunk
-        except OSError as exc:
-            self.abort()
-            raise self._failure("read from", exc) from None
-        except UpstreamError:
-            self.abort()
-            raise
-        finally:
-            self._deadline = None
-        raw = bytes(buf[:end])
-        del buf[:end]
-        if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF line ends: relayed as CRLF
-            raw = _LINE_END.sub(b"\r\n", raw)
-        return UpstreamReply(int(raw[:3]), raw)
+        """Read one (possibly multi-line) reply."""
+        if not self._ready:
+            await self._wait_replies(1)
+        return self._ready.popleft()
 
-    def _reply_end(self, buf: bytearray) -> int:
-        """Where the first complete reply in *buf* ends, or -1; every line
-        must look like ``NNN-text`` / ``NNN text``."""
-        start = 0
+    async def replies(self, n: int) -> list[UpstreamReply]:
+        """The next *n* replies (what Postfix sent at once -- the MAIL and
+        RCPT replies together -- is split here; more wait for the next call)."""
+        ready = self._ready
+        if len(ready) < n:
+            await self._wait_replies(n)
+        return [ready.popleft() for _ in range(n)]
+
+    async def _wait_replies(self, n: int) -> None:
+        if self._transport is None:
+            raise self._error or UpstreamError("not connected")
+        self._want = n
+        await self._wait()
+
+    async def _wait(self) -> None:
+        """Until :meth:`_wake` (enough replies, room to write, or the end),
+        within the deadline; raises the connection's failure."""
+        assert self._loop is not None
+        want = self._want
+        self._arm()
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            self._deadline = None
+            self._want = 0
+        if self._error is not None and (want == 0 or want > len(self._ready)):
+            self.abort()
+            raise self._error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self._error = exc
+        self.abort()
+        self._wake()
+
+    def _reply_end(self, buf: bytearray, start: int = 0) -> int:
+        """Where the first complete reply in *buf* (from *start*) ends, or -1;
+        every line must look like ``NNN-text`` / ``NNN text``."""
         while (nl := buf.find(b"\n", start)) >= 0:
             line = bytes(buf[start:min(start + 4, nl + 1)])
             if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
@@ -200,21 +289,21 @@ class Upstream:
     # two attribute writes instead of a timer cancel and re-create.
 
     def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         self._deadline = loop.time() + self.cfg.timeout
         if self._timer is None:
             self._timer = loop.call_at(self._deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._deadline is None or self._writer is None:
+        if self._deadline is None or self._transport is None or self._loop is None:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self._timed_out = True
-        self._writer.transport.abort()  # wakes the pending read or drain
+        self._fail(self._failure("read from", None))
 
     def _disarm(self) -> None:
         self._deadline = None
@@ -232,16 +321,15 @@ class Upstream:
     def quit(self) -> None:
         """Say QUIT without waiting for the answer; the transport closes
         once it is written."""
-        if self._writer is None:
-            return
-        self._writer.write(b"QUIT\r\n")
-        self._writer.close()
-        self._reader = self._writer = None
+        transport, self._transport = self._transport, None
         self._disarm()
+        if transport is not None:
+            transport.write(b"QUIT\r\n")
+            transport.close()
 
     def abort(self) -> None:
         """Close at once; a message in progress is discarded by Postfix."""
-        if self._writer is not None:
-            self._writer.transport.abort()
-        self._reader = self._writer = None
+        transport, self._transport = self._transport, None
         self._disarm()
+        if transport is not None:
+            transport.abort()

@@ -474,6 +474,7 @@ class PrivatePostfix(_Instance):
         name: str = "backend",
         myhostname: str | None = None,
         pass_service: bool = False,
+        postscreen: bool = False,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name):
             raise ValueError(f"name must be a simple label, got {name!r}")
@@ -492,6 +493,10 @@ class PrivatePostfix(_Instance):
         # With pass_service: an smtpd "pass" service (postscreen's kind) that
         # takes client connections handed over by smtpguard ([handoff] socket).
         self.pass_socket: Path | None = self.queue_dir / "public" / "smtpguard" if pass_service else None
+        # With postscreen: postscreen itself on a port of its own, handing the
+        # clients it lets through to the usual "smtpd pass" service (a
+        # reference for the hand-off's cost in bench/relay.py).
+        self.postscreen_port: int | None = free_port() if postscreen else None
         self._log_offset = 0
         _register(self)
         try:
@@ -587,6 +592,11 @@ class PrivatePostfix(_Instance):
         self._run(self._postconf_cmd("-M", f"{listener}/inet={listener} inet n - n - - smtpd"))
         if self.pass_socket is not None:  # private=n: the socket is public/smtpguard
             self._run(self._postconf_cmd("-M", "smtpguard/pass=smtpguard pass n - n - - smtpd"))
+        if self.postscreen_port is not None:  # postscreen's own master.cf lines
+            screen = f"{self.host}:{self.postscreen_port}"
+            self._run(self._postconf_cmd("-M", f"{screen}/inet={screen} inet n - n - 1 postscreen"))
+            self._run(self._postconf_cmd("-M", "smtpd/pass=smtpd pass - - n - - smtpd"))
+            self._run(self._postconf_cmd("-M", "dnsblog/unix=dnsblog unix - - n - 0 dnsblog"))
         self._run(self._postconf_cmd("-F", "*/*/chroot=n"))
         self._backdate_config()
 
@@ -652,6 +662,10 @@ class PrivatePostfix(_Instance):
 
     def is_running(self) -> bool:
         return self.master_pid is not None
+
+    def pids(self, command: str) -> list[int]:
+        """The live processes of this instance named *command* (``smtpd``, ``postscreen``)."""
+        return [p for p in _pids_with_cwd_under(self.queue_dir) if _comm(p) == command]
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the instance (no-op if already running) and wait for a 220 greeting.
@@ -1267,7 +1281,8 @@ def _dns_probe(host: str, port: int, timeout: float = 0.2) -> bool:
 
 class HAProxy(_Instance):
     """A private ``haproxy`` (TCP mode, foreground) on 127.0.0.1 in front of
-    ``backend_port``, sending a PROXY header of version ``proxy`` (1 or 2)."""
+    ``backend_port``, sending a PROXY header of version ``proxy`` (1 or 2;
+    0: none, a plain TCP proxy)."""
 
     host = LOOPBACK
 
@@ -1275,11 +1290,11 @@ class HAProxy(_Instance):
         self.port = port if port is not None else free_port()
         self.dir = _make_lab_dir("haproxy")
         self.config = self.dir / "haproxy.cfg"
-        send = "send-proxy-v2" if proxy == 2 else "send-proxy"
+        send = {0: "", 1: " send-proxy", 2: " send-proxy-v2"}[proxy]
         self.config.write_text(
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
             f"frontend smtp\n  bind {self.host}:{self.port}\n  default_backend guard\n"
-            f"backend guard\n  server guard {self.host}:{backend_port} {send}\n"
+            f"backend guard\n  server guard {self.host}:{backend_port}{send}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
         _register(self)

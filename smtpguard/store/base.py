@@ -132,6 +132,9 @@ CLIENTS: Kind[ClientNet] = Kind("clients", ClientNet, ("count", "last_counted", 
 ALLOWED: Kind[AllowedNet] = Kind("allowed", AllowedNet, ("added", "expires"), (float, float))
 KINDS: tuple[Kind[Any], ...] = (GREYLIST, CLIENTS, ALLOWED)
 VERSION = "#version"
+#: an ALLOWED record too (not a network): changes with every allowlist-cache
+#: delete, so each node drops its in-memory PASS OLD set (smtpguard.hotset)
+CACHE_VERSION = "#cache-version"
 
 #: records handed to a backend per call by the bulk path
 PUT_BATCH = 1000
@@ -254,7 +257,7 @@ class Store(ABC):
         return found
 
     async def list_allowed(self) -> list[tuple[str, AllowedNet]]:
-        return [(k, a) for k, a in await self._list(ALLOWED, 1_000_000, "") if k != VERSION]
+        return [(k, a) for k, a in await self._list(ALLOWED, 1_000_000, "") if k not in (VERSION, CACHE_VERSION)]
 
     async def _bump_allowed(self) -> None:
         await self._put(ALLOWED, [(VERSION, AllowedNet(random.random(), math.inf))])
@@ -304,7 +307,16 @@ class Store(ABC):
             await self._call(self._put_tests(ip, {t: float(e) for t, e in tests.items()}, self.clock()))
 
     async def delete_cache(self, ip: str) -> bool:
-        return await self._call(self._delete("cache", ip))
+        """Delete *ip*'s entry; every node's hot set forgets it (:meth:`cache_version`)."""
+        found = await self._call(self._delete("cache", ip))
+        await self._put(ALLOWED, [(CACHE_VERSION, AllowedNet(random.random(), math.inf))])
+        return found
+
+    async def cache_version(self) -> float | None:
+        """A tag that changes with every :meth:`delete_cache`, here or at
+        another node sharing the store (None before the first)."""
+        (row,) = await self._call(self._get_rows([(ALLOWED, CACHE_VERSION)], self.clock()))
+        return None if row is None else ALLOWED.decode(row).added
 
     async def list_cache(self, limit: int = 100, prefix: str = "") -> list[tuple[str, dict[str, float]]]:
         return await self._call(self._scan_tests(limit, prefix, self.clock()))

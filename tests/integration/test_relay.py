@@ -332,3 +332,14 @@ def test_no_traceback_reaches_client(guard: Guard) -> None:
         reply = c.cmd(line)
         assert reply[0] in "45" and "Traceback" not in reply and "Error: (" not in reply
     assert "Traceback" not in guard.full_log()
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_relays_on_either_event_loop(backend: PrivatePostfix, make_guard: Callable[..., Guard], loop: str) -> None:
+    """[server] event_loop: the default (auto) runs on uvloop, a declared
+    dependency; asyncio's own loop relays the same way."""
+    g = make_guard(backend.port, f'[server]\nevent_loop = "{loop}"\n')
+    g.wait_for_log(r"(?m)daemon started -- .*; event loop " + ("uvloop 0\\.23\\.0$" if loop == "auto" else "asyncio$"))
+    with smtplib.SMTP("127.0.0.1", g.port) as c:
+        c.sendmail("a@sender.test", ["bob@example.test"], f"Subject: on {loop}\r\n\r\nbody\r\n".encode())
+    assert any(f"Subject: on {loop}".encode() in m for m in backend.wait_for_messages(1))

@@ -1,6 +1,7 @@
 """relay.Upstream's reply reading: whole replies, verbatim with CRLF,
 however the bytes arrive (the split is decided on buffers here, the reading
-over a loopback socket); garbage and a closed connection are UpstreamErrors."""
+over a loopback socket); garbage, a closed connection and a silent Postfix
+(the one deadline timer) are UpstreamErrors."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from smtpguard.relay import Upstream, UpstreamError
 EHLO = b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250 SMTPUTF8\r\n"
 
 
-def upstream(port: int = 10025) -> Upstream:
-    return Upstream(UpstreamConfig(address=HostPort("127.0.0.1", port), timeout=5))
+def upstream(port: int = 10025, timeout: float = 5) -> Upstream:
+    return Upstream(UpstreamConfig(address=HostPort("127.0.0.1", port), timeout=timeout))
 
 
 def test_a_reply_ends_at_its_last_line_wherever_the_bytes_stop() -> None:
@@ -40,17 +41,21 @@ def test_an_endless_line_is_an_upstream_error() -> None:
 
 
 @asynccontextmanager
-async def peer(data: bytes) -> AsyncIterator[Upstream]:
-    """An Upstream connected to a loopback peer that sends *data* and closes."""
+async def peer(data: bytes, close: bool = True, timeout: float = 5) -> AsyncIterator[Upstream]:
+    """An Upstream connected to a loopback peer that sends *data* and
+    closes (or, with *close* false, then says nothing)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(data)
         await writer.drain()
-        writer.close()
+        if close:
+            writer.close()
+        else:
+            await reader.read()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    up = upstream(server.sockets[0].getsockname()[1])
-    up._reader, up._writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    up = upstream(server.sockets[0].getsockname()[1], timeout)
+    await up.connect()
     try:
         yield up
     finally:
@@ -75,3 +80,36 @@ async def test_closed_mid_reply() -> None:
         with pytest.raises(UpstreamError, match="closed the connection"):
             await up.read_reply()
         assert not up.connected
+
+
+async def test_several_replies_wanted_at_once() -> None:
+    async with peer(b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" + b"354 go\r\n") as up:
+        assert [r.code for r in await up.replies(2)] == [250, 250]
+        assert [r.code for r in await up.replies(1)] == [354]
+
+
+async def test_replies_before_the_close_are_still_read() -> None:
+    async with peer(b"250 2.0.0 Ok: queued as 4XyZ\r\n221 2.0.0 Bye\r\n") as up:
+        await asyncio.sleep(0.05)  # the close has arrived too
+        assert [r.queue_id for r in await up.replies(2)] == ["4XyZ", None]
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await up.read_reply()
+
+
+async def test_a_silent_postfix_times_out() -> None:
+    async with peer(b"", close=False, timeout=0.2) as up:
+        up.write(b"DATA\r\n")
+        with pytest.raises(UpstreamError, match="timeout waiting for a reply"):
+            await up.read_reply()
+        assert not up.connected
+
+
+async def test_an_upstream_connects_once() -> None:
+    async with peer(b"220 hi\r\n") as up:
+        with pytest.raises(RuntimeError, match="connects once"):
+            await up.connect()
+
+
+async def test_refused() -> None:
+    with pytest.raises(UpstreamError, match="Connection refused"):
+        await upstream(1).connect()

@@ -84,6 +84,7 @@ def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
     The policy service builds its engine from it: its settings are checked
     here, so that a bad ``[policy]`` refuses the reload."""
     policy_engine.validate(cfg)
+    previous.store.failfast.configure(cfg.state.limits())
     return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous))
 
 
@@ -93,7 +94,7 @@ def _first_pipeline(cfg: Config, store: Store) -> Pipeline:
 
 
 async def serve(cfg: Config, path: str | None = None) -> None:
-    store = await open_store(cfg.state.url)
+    store = await open_store(cfg.state.url, limits=cfg.state.limits())
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
     server = Server(cfg, _first_pipeline(cfg, store))
     policy = PolicyServer(lambda: server.pipeline) if cfg.policy.listen else None
@@ -162,7 +163,7 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
     (``127.0.0.1:10023``, postgrey's port, when it is not set)."""
     if not cfg.policy.listen:
         cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, listen=(DEFAULT_POLICY_LISTEN,)))
-    store = await open_store(cfg.state.url)
+    store = await open_store(cfg.state.url, limits=cfg.state.limits())
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
     holder = PolicyOnly(cfg, _first_pipeline(cfg, store))
     policy = PolicyServer(lambda: holder.pipeline)

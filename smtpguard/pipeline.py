@@ -89,7 +89,7 @@ from .dns import Resolver, client_ip
 from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
-from .store import MemoryStore, Store
+from .store import MemoryStore, Store, start_deadline
 from .tables import Table, open_access_table
 from .text import ascii_upper
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
@@ -141,6 +141,7 @@ class Pipeline:
         """Before the banner; *active* counts all sessions and *concurrent*
         this client's, both including this one."""
         cfg = self.cfg
+        start_deadline(cfg.state.deadline)  # for all of this session's store calls
         if active > cfg.server.max_connections:
             return Verdict(Action.DROP, REPLIES["busy"])
         peer = s.peer
@@ -402,11 +403,9 @@ class Pipeline:
             return {}
 
     async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
-        try:
-            await self.store.put_cache(ip, {test: expiry})
-        except Exception as exc:
-            METRICS.store_errors.labels(operation="cache_put").inc()
-            log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
+        """Off the reply path: the store's background writer does it
+        (dropped and counted when its queue is full)."""
+        self.store.put_cache_later(ip, {test: expiry})
 
     async def _hit_rate(self, key: str, window: float) -> int:
         try:

@@ -58,6 +58,7 @@ from ..checks.helo import check_helo
 from ..checks.rdns import ClientNames, NameStatus, check_client_names
 from ..config import Config, ConfigError
 from ..metrics import METRICS
+from ..store import start_deadline
 from ..verdict import Action, Outcome, Reply, Result
 from .protocol import PolicyRequest
 from .settings import CHECKS
@@ -263,6 +264,7 @@ class PolicyEngine:
         if not rcpt:
             return None
         cfg = self.sections["greylist"]
+        start_deadline(self.cfg.state.deadline)  # this request's store calls together
         found, decision = await greylist(self.store, cfg, req.get("client_address"), req.get("client_name"),
                                          req.get("sender"), rcpt, self.clock(), mode="policy")
         self._count(found)

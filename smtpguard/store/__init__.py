@@ -23,18 +23,20 @@ import logging
 import time
 
 from .base import ClientNet, Clock, Store, StoreError, StoreStats, Triplet
+from .failfast import Limits, start_deadline
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["ClientNet", "Clock", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet", "open_store",
-           "sweep_forever"]
+__all__ = ["ClientNet", "Clock", "Limits", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet",
+           "open_store", "start_deadline", "sweep_forever"]
 
 #: default key prefix in Redis
 REDIS_PREFIX = "smtpguard:"
 
 
-async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = REDIS_PREFIX) -> Store:
+async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = REDIS_PREFIX,
+                     limits: Limits | None = None) -> Store:
     """Open the store at *url*.
 
     A malformed URL is a ValueError (a configuration mistake); a store that
@@ -42,6 +44,13 @@ async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = 
     created) here; Redis connects on first use, so a Redis that is down does
     not stop smtpguard from starting -- its operations raise StoreError.
     """
+    store = await _open(url, clock, redis_prefix)
+    if limits is not None:
+        store.failfast.configure(limits)
+    return store
+
+
+async def _open(url: str, clock: Clock, redis_prefix: str) -> Store:
     if url == "memory://":
         return MemoryStore(clock)
     if url.startswith("sqlite:///"):

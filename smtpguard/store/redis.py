@@ -207,7 +207,9 @@ class RedisStore(Store):
         return int(await self._rate(keys=[self._key("rate", key)], args=[now, window]))
 
     async def _ping(self) -> None:
-        await self._r.ping()
+        """A write with a TTL: a replica (read-only) or a full Redis
+        (maxmemory) refuses it."""
+        await self._r.set(self._key("health", "ping"), repr(self.clock()), px=60_000)
 
     async def _purge(self, now: float) -> int:
         removed = 0

@@ -254,6 +254,7 @@ class Store(ABC):
         backend can fail to write while it still reads (SQLite: a full disk,
         a read-only file); raise :class:`StoreError` if not."""
         await self._call(self._ping(), write=True)
+        self.failfast.answered()
 
     def problem(self) -> str | None:
         """Why the store cannot be trusted now (skipped by the breaker, or

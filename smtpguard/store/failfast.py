@@ -226,6 +226,13 @@ class FailFast:
         self.breaker.failure(error)
         self._show()
 
+    def answered(self) -> None:
+        """The readiness probe (a write and a read) succeeded: the calls
+        that failed before would succeed now too."""
+        cleared = [self.failing.pop(kind) for kind in ("read", "write") if kind in self.failing]
+        if cleared:
+            self._show()
+
     def observe(self, kind: str, error: str | None) -> None:
         """A backend's own background work (SQLite's checkpoints) failed
         (*error*) or succeeded (None): reported, not counted by the breaker."""

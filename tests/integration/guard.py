@@ -31,7 +31,8 @@ class Guard:
     def __init__(self, workdir: Path, upstream_port: int, extra: str = "", port: int | None = None,
                  upstream_extra: str = "", state_url: str | None = None,
                  listen: tuple[str, ...] = ("127.0.0.1",), source: Path | None = None,
-                 command: str = "serve") -> None:
+                 command: str = "serve", wrap: tuple[str, ...] = ()) -> None:
+        self.wrap = wrap  # a command line that runs the rest (e.g. unshare -m ... for a private tmpfs)
         self.command = command  # "policy": the policy service alone (its [policy] listen in extra)
         self.port = port or free_port()
         self.source = source  # another checkout to run smtpguard from (bench/relay.py --baseline)
@@ -71,7 +72,7 @@ class Guard:
         offset = len(self.full_log())  # a restart appends to the same log
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpguard", self.command, "-c", str(self.config)],
+            [*self.wrap, sys.executable, "-m", "smtpguard", self.command, "-c", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)},
         )

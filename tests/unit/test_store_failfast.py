@@ -145,3 +145,19 @@ async def test_failing_background_writes_are_logged_and_the_store_closes(caplog:
     await store.close()  # flushes what is queued first
     assert "allowlist cache update for 192.0.2.1 failed: memory: refused" in caplog.text
     assert store.problem() == "writes failing: memory: refused"
+
+
+async def test_a_successful_ping_clears_failed_reads() -> None:
+    """No traffic reaches a node that is not ready: its readiness probe must
+    be able to see the store answering again."""
+    store = SlowStore()
+    store.failfast.configure(Limits(deadline=0.01, breaker_failures=0))
+    store.hang.set()
+    start_deadline(0.01)
+    with pytest.raises(StoreError):
+        await store.get_cache("192.0.2.1")
+    assert store.problem() is not None
+    store.hang.clear()
+    start_deadline(0.01)  # the probe's own
+    await store.ping()
+    assert store.problem() is None

@@ -27,6 +27,7 @@ from . import config as config_mod
 from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
 from .dnsscreen import wants_resolver
+from .handoff import handoff_allowed
 from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
@@ -78,19 +79,21 @@ def _resolver(cfg: Config, previous: Pipeline | None = None) -> Resolver | None:
     return DnsResolver(cfg.dns)
 
 
-def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
-    """The pipeline for a reloaded configuration (re-reads its tables),
-    on *previous*'s state store (``state.url`` changes need a restart).
-    The policy service builds its engine from it: its settings are checked
-    here, so that a bad ``[policy]`` refuses the reload."""
+async def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
+    """The pipeline for a reloaded configuration (re-reads its tables, asks
+    Postfix again whether clients may be handed off), on *previous*'s state
+    store (``state.url`` changes need a restart).  The policy service builds
+    its engine from it: its settings are checked here, so that a bad
+    ``[policy]`` refuses the reload."""
     policy_engine.validate(cfg)
+    allowed = await asyncio.to_thread(handoff_allowed, cfg.handoff)
     previous.store.failfast.configure(cfg.state.limits())
-    return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous))
+    return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous), handoff_allowed=allowed)
 
 
 def _first_pipeline(cfg: Config, store: Store) -> Pipeline:
     policy_engine.validate(cfg)
-    return Pipeline(cfg, store, resolver=_resolver(cfg))
+    return Pipeline(cfg, store, resolver=_resolver(cfg), handoff_allowed=handoff_allowed(cfg.handoff))
 
 
 async def serve(cfg: Config, path: str | None = None) -> None:

@@ -18,7 +18,8 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    client (no screening tests), REJECT/DEFER decide, DUNNO goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
-   with ``[handoff] socket``, an allowlisted (4) or PASS OLD client that
+   with ``[handoff] socket`` (and a pass service that refuses bare
+   newlines, ``handoff_allowed``), an allowlisted (4) or PASS OLD client that
    greylisting would not look at (greylisting off, or the client on its
    client allowlist by address), IPv6 only with ``handoff.ipv6``, is handed
    to Postfix's smtpd as it is (:mod:`smtpguard.handoff`; ``Action.PASS``),
@@ -113,8 +114,10 @@ _HANDOFF = Verdict(Action.PASS)
 
 class Pipeline:
     def __init__(self, cfg: Config, store: Store | None = None, clock: Callable[[], float] = time.time,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, handoff_allowed: bool = False) -> None:
         self.cfg = cfg
+        # [handoff]: the pass service was found safe (smtpguard.handoff.handoff_allowed)
+        self.handoff_allowed = handoff_allowed
         self.clock = clock
         self.store: Store = store if store is not None else MemoryStore(clock)
         specs = {
@@ -188,7 +191,7 @@ class Pipeline:
         still have to see its recipients, nor an IPv6 client unless
         ``handoff.ipv6`` says Postfix takes them."""
         handoff = self.cfg.handoff
-        if not handoff.socket or (":" in s.client_ip and not handoff.ipv6):
+        if not (handoff.socket and self.handoff_allowed) or (":" in s.client_ip and not handoff.ipv6):
             return False
         grey = self.cfg.greylist
         return s.allowlisted or not grey.enabled or client_exempt(grey, client_ip(s.client_ip), "")

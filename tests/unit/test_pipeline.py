@@ -24,10 +24,10 @@ class FakeClock:
         return self.now
 
 
-def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, MemoryStore]:
+def make(data: dict[str, Any] | None = None, handoff_allowed: bool = True) -> tuple[Pipeline, FakeClock, MemoryStore]:
     clock = FakeClock()
     store = MemoryStore(clock)
-    return Pipeline(from_dict(data or {}), store, clock), clock, store
+    return Pipeline(from_dict(data or {}), store, clock, handoff_allowed=handoff_allowed), clock, store
 
 
 def session(ip: str = "192.0.2.7") -> Session:
@@ -128,8 +128,11 @@ async def test_handoff_for_allowlisted_and_pass_old_clients_greylisting_would_no
         p, _, _ = make({"handoff": {**handoff, "ipv6": ipv6}, "access": {"client_table": f"cidr:{table}"}})
         v = await p.on_connect(session("2001:db8::7"), 1, 1)
         assert v.action is (Action.PASS if ipv6 else Action.CONTINUE)
-    # Without [handoff] socket, nobody.
+    # Without [handoff] socket, nobody; nor when the pass service was not found safe (handoff_allowed).
     p, _, store = make({"access": {"client_table": f"cidr:{table}"}})
+    assert code(await p.on_connect(session("2001:db8::7"), 1, 1)) == CONT
+    p, _, store = make({"handoff": {**handoff, "ipv6": True}, "access": {"client_table": f"cidr:{table}"}},
+                       handoff_allowed=False)
     assert code(await p.on_connect(session("2001:db8::7"), 1, 1)) == CONT
 
 

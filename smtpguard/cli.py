@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smtpguard: error: {exc}", file=sys.stderr)
             return 1
         print(f"smtpguard: configuration OK: {summary(cfg)}")
+        if cfg.log.output == "syslog" and (problem := logs.syslog_problem()) is not None:
+            print(f"smtpguard: warning: {problem}; smtpguard serve would log to stderr instead", file=sys.stderr)
         return 0
     if args.command in ("greylist", "cache"):
         try:

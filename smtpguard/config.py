@@ -153,6 +153,12 @@ class UpstreamConfig:
     )
     connect_timeout: float = field(default=10.0, metadata=opt(parse_duration, "smtp_connect_timeout"))
     timeout: float = field(default=100.0, metadata=opt(parse_duration, "smtpd_proxy_timeout"))
+    data_done_timeout: float = field(
+        default=600.0,
+        metadata=opt(parse_duration, "smtp_data_done_timeout",
+                     "How long the reply to the final dot may take (RFC 1047): a 4xx while Postfix still queues "
+                     "the message would make the client send it twice."),
+    )
 
 
 @dataclass(frozen=True)

@@ -746,6 +746,10 @@ class PrivatePostfix(_Instance):
             wait_until(lambda: not any(_pid_alive(p) for p in old_smtpd), 5.0, "pre-reload smtpd to exit")
         self.start(timeout=timeout)
 
+    def pids(self, program: str) -> list[int]:
+        """The instance's processes running *program* (``cleanup``, ``smtpd``, ``qmgr``...)."""
+        return [p for p in _pids_with_cwd_under(self.queue_dir) if _comm(p) == program]
+
     def postconf(self, **settings: Any) -> None:
         """``postconf -e name=value …`` then ``postfix reload`` (if running).
 

@@ -9,6 +9,7 @@ allowlist cache and connection-rate counters behind one async API.
 ``sqlite:////absolute/path``           three slashes then the path)
 ``redis://host:port/db``               shared by several nodes
 ``unix:///path/redis.sock?db=N``       the same over a unix socket
+``redis+sentinel://h:p,h:p/svc?db=N``  the same, on the primary Sentinel names
 =====================================  ==========================================
 
 The interface is :class:`~.base.Store` (see :mod:`.base` for how expiry and
@@ -60,7 +61,10 @@ async def _open(url: str, clock: Clock, redis_prefix: str) -> Store:
         return await SQLiteStore.open(path, clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.connect(url, clock, redis_prefix)
-    raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH or redis://HOST:PORT/DB')
+    if url.startswith("redis+sentinel://"):
+        return RedisStore.connect_sentinel(url, clock, redis_prefix)
+    raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH, redis://HOST:PORT/DB or '
+                     'redis+sentinel://HOST:PORT,HOST:PORT/SERVICE?db=N')
 
 
 async def sweep_forever(store: Store, interval: float) -> None:

@@ -56,6 +56,7 @@ from .options import (
 )
 from .policy.settings import PolicyConfig
 from .store.failfast import Limits
+from .stress import StressConfig
 from .tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     # Screening, in the order the pipeline applies them.
     screen: ScreenConfig = field(default_factory=ScreenConfig)
+    stress: StressConfig = field(default_factory=StressConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)

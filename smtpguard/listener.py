@@ -42,7 +42,7 @@ from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import AF, get_proxy
 
-from . import handoff, logs, tls
+from . import handoff, logs, stress, tls
 from .checks.limits import client_key
 from .clientinput import TOO_LONG, ClientInput
 from .config import Config
@@ -177,7 +177,9 @@ class GuardProtocol(asyncio.Protocol):
             if verdict.action is Action.PASS and self._hand_off(s):
                 handed_off = True  # Postfix's smtpd has the connection; ours closes below
                 return
-            screening_timeout = min(cfg.server.command_timeout, cfg.errors.command_time_limit)
+            # Under stress (smtpguard.stress), the session's idle timeout is the short one.
+            self._timeout_duration = stress.command_timeout(cfg.server.command_timeout, cfg.stress, s.stress)
+            screening_timeout = min(self._timeout_duration, cfg.errors.command_time_limit)
             greeting = cfg.server.greeting
             wait = pipeline.greet_wait(s)
             if wait > 0:
@@ -430,9 +432,14 @@ class GuardProtocol(asyncio.Protocol):
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle deadline forward.  Cheap on purpose (it runs per
         command and per DATA chunk): the one timer is re-armed lazily by
-        :meth:`_timeout_cb` instead of being cancelled and re-created."""
+        :meth:`_timeout_cb` instead of being cancelled and re-created --
+        unless the deadline moved *earlier* than the timer (a shorter timeout:
+        the screening limit, stress mode), which the lazy timer would miss."""
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self._timeout_handle is None:
+        handle = self._timeout_handle
+        if handle is None or self._deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
 
     def _timeout_cb(self) -> None:

@@ -25,6 +25,7 @@ policy_*                                    policy service (smtpguard.policy)
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
 store_errors, store_up, store_breaker_*,    state store (smtpguard.store.failfast)
 store_writes_dropped
+stress_mode, stress_entered                 stress mode (smtpguard.stress)
 reloads                                     reload (SIGHUP)
 ==========================================  =====================================
 
@@ -89,6 +90,9 @@ class Metrics:
     store_up: Gauge  # 0 while the breaker skips the store or readiness found it failing
     store_breaker_opened: Counter
     store_writes_dropped: Counter
+    # ---- stress mode (smtpguard.stress)
+    stress_mode: Gauge
+    stress_entered: Counter
     # ---- operations
     reloads: Counter  # labels: result (success, failure)
     config_last_reload_success: Gauge
@@ -200,6 +204,13 @@ class Metrics:
             store_writes_dropped=Counter(
                 "smtpguard_store_writes_dropped",
                 "Allowlist-cache writes dropped because the background write queue was full", registry=r,
+            ),
+            stress_mode=Gauge(
+                "smtpguard_stress_mode", "1 while smtpguard is under stress (connections in use above "
+                "[stress] threshold): the shorter [stress] timeouts and limits apply to new sessions", registry=r,
+            ),
+            stress_entered=Counter(
+                "smtpguard_stress_entered", "Times smtpguard entered stress mode", registry=r,
             ),
             reloads=Counter(
                 "smtpguard_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r,

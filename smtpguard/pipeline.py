@@ -66,6 +66,7 @@ the access table allowlisted, or a DNSWL client (score at or below
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -91,6 +92,7 @@ from .dnsscreen import ConnectFindings, DnsScreen
 from .metrics import METRICS
 from .session import Session
 from .store import MemoryStore, Store, start_deadline
+from .stress import STRESS, connection_count_limit
 from .tables import Table, open_access_table
 from .text import ascii_upper
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, Verdict
@@ -133,6 +135,8 @@ class Pipeline:
         METRICS.init_checks(CACHEABLE)
         METRICS.init_dnsbl_lists(site.domain for site in cfg.dnsbl.sites)
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        self._stress_limits = dataclasses.replace(
+            cfg.limits, connection_count_limit=connection_count_limit(cfg.limits.connection_count_limit, cfg.stress))
         self._counters: dict[tuple[str, Outcome], Any] = {}
         self._pass_old = METRICS.allowlist_cache.labels(result="pass_old")
         self._handoffs = {True: METRICS.handoffs.labels(result="passed"),
@@ -148,7 +152,9 @@ class Pipeline:
         if active > cfg.server.max_connections:
             return Verdict(Action.DROP, REPLIES["busy"])
         peer = s.peer
-        v = self._decide(s, check_connection_count(cfg.limits, s.client_ip, concurrent, peer), "connect")
+        s.stress = STRESS.update(active, cfg.server.max_connections, cfg.stress)
+        limits = self._stress_limits if s.stress else cfg.limits
+        v = self._decide(s, check_connection_count(limits, s.client_ip, concurrent, peer), "connect")
         if v.action is Action.DROP:
             return v
         if rate_enabled(cfg.limits, s.client_ip):
@@ -205,7 +211,10 @@ class Pipeline:
 
     def greet_wait(self, s: Session) -> float:
         """How long the listener waits after ``220-`` (0: no pregreet test)."""
-        return self.cfg.pregreet.greet_wait if "pregreet" in s.todo else 0.0
+        if "pregreet" not in s.todo:
+            return 0.0
+        wait = self.cfg.pregreet.greet_wait
+        return min(wait, self.cfg.stress.greet_wait) if s.stress else wait
 
     async def on_greet(self, s: Session, received: bytes, after: float) -> Verdict:
         """After the greet wait: what the client sent during it."""
@@ -221,7 +230,8 @@ class Pipeline:
         ``name[ip]`` in the log); the client-name and reverse-client RHSBL
         verdicts are kept for RCPT.  Only DROP acts now."""
         pending, s.lookups = s.lookups, None
-        deadline = s.started + self.cfg.pregreet.greet_wait
+        wait = self.cfg.pregreet.greet_wait
+        deadline = s.started + (min(wait, self.cfg.stress.greet_wait) if s.stress else wait)
         found = await self.dns.collect(pending, s.client_ip, "dnsbl" in s.todo, deadline)
         if found.names is not None:
             s.client_name = found.names.name

@@ -46,6 +46,7 @@ class Session:
     delayed: dict[str, Verdict] = field(default_factory=dict)  # phase -> reject kept for RCPT
     screened: bool = False  # a recipient passed screening: the screening phase is over
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)
+    stress: bool = False  # connected under stress: the [stress] values apply (smtpguard.stress)
 
     @property
     def proto(self) -> str:

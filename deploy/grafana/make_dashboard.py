@@ -99,6 +99,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             ("sum(increase(smtpguard_store_breaker_opened_total[$__rate_interval]))", "breaker opened"),
             ("min(smtpguard_store_up)", "store up"),
         ], 8),
+        ("Stress mode", "short", [
+            ("max(smtpguard_stress_mode)", "under stress"),
+            ("sum(increase(smtpguard_stress_entered_total[1h]))", "entered (1h)"),
+        ], 8),
         ("Config reloads", "short", [
             ("sum by (result) (increase(smtpguard_config_reloads_total[1h]))", "{{result}} (1h)"),
             ("min(smtpguard_config_last_reload_successful)", "last reload ok"),

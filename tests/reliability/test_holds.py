@@ -8,6 +8,7 @@ from collections.abc import Callable
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import scrape, value
 from tests.lab import PrivatePostfix
+from tests.reliability.figures import record
 
 MakeGuard = Callable[..., Guard]
 
@@ -41,3 +42,4 @@ def test_silent_clients_under_stress_are_let_go(backend: PrivatePostfix, make_gu
     good.cmd("QUIT")
     g.wait_for_log(r"warning: leaving stress mode: 3 of 10 connections in use")
     backend.wait_for_messages(1)
+    record("silent clients under stress mode", silent=len(silent), let_go_after_s=1, good_client_served=1)

@@ -13,6 +13,7 @@ import pytest
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import http_get
 from tests.lab import PrivatePostfix, RedisSentinel, RedisServer, wait_until
+from tests.reliability.figures import record
 
 MakeGuard = Callable[..., Guard]
 GREYLIST = ('[greylist]\nenabled = true\ndelay = "1s"\nuse_default_client_allowlist = false\n'
@@ -103,5 +104,5 @@ def test_failover_under_mail_loses_nothing_replicated(backend: PrivatePostfix, c
                         g.log())
     assert len(passed) == len(clients), g.log()[-3000:]  # found as passed, not skipped nor new
     assert len(backend.wait_for_messages(acknowledged, timeout=60)) == acknowledged
-    print(f"sentinel failover: {acknowledged} acknowledged, {len(backend.messages())} delivered, "
-          f"{len(clients)} triplets intact")
+    record("Redis Sentinel: primary SIGKILLed under mail", acknowledged=acknowledged,
+           delivered=len(backend.messages()), lost=0, triplets_intact=f"{len(passed)}/{len(clients)}")

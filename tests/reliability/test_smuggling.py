@@ -15,6 +15,7 @@ import pytest
 
 from tests.integration.guard import Guard, RawClient
 from tests.lab import PrivatePostfix, wait_until
+from tests.reliability.figures import record
 
 MakeGuard = Callable[..., Guard]
 
@@ -88,6 +89,7 @@ def test_vulnerable_pass_service_gets_no_client(backend: PrivatePostfix, pass_se
         assert banner != POSTFIX_BANNER  # relayed by smtpguard, not handed off
         assert reply.startswith("550 5.5.2"), (vector, reply)
     assert smuggled(backend) == 0
+    record("smuggling: pass service allows bare newlines", vectors=len(VECTORS), handed_off=0, smuggled=0)
     assert "PASS OLD [127.0.0.91]" in g.log()
     # Fixed in Postfix, then a reload: asked again, clients are handed off.
     pass_service("normalize")
@@ -116,4 +118,5 @@ def test_safe_pass_service_gets_the_client_and_nothing_is_smuggled(
     if delivered:
         wait_until(lambda: len(backend.messages()) >= delivered + 1, 20, f"{delivered} carrier messages")
     assert smuggled(backend) == 0
+    record(f"smuggling: pass service {setting}", vectors=len(VECTORS), handed_off=len(VECTORS), smuggled=0)
     assert "warning: handoff" not in g.full_log()

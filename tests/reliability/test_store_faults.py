@@ -14,6 +14,7 @@ from pathlib import Path
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import http_get, scrape, value
 from tests.lab import PrivatePostfix, RedisServer, wait_until
+from tests.reliability.figures import record
 
 MakeGuard = Callable[..., Guard]
 GREYLIST = '[greylist]\nenabled = true\ndelay = "1s"\nuse_default_client_allowlist = false\n'
@@ -62,7 +63,8 @@ def test_frozen_redis_costs_a_session_at_most_the_deadline(backend: PrivatePostf
         assert value(scrape(g.metrics_port), "smtpguard_store_up") == 0
     # One deadline (1 s) for all of a session's store calls; after a few
     # failures the breaker skips the store: before, ~20 s each.
-    print("session durations with Redis frozen:", [f"{d:.2f}" for d in durations])
+    record("store: Redis frozen (SIGSTOP), on_store_error = accept", sessions=len(durations),
+           longest_s=f"{max(durations):.2f}", after_breaker_s=f"{durations[-1]:.2f}", before_fix_s="~20")
     assert max(durations) < 3.0, durations
     assert sum(durations) < 5.0, durations
     backend.wait_for_messages(4)

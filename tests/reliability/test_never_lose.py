@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from tests.integration.guard import Guard, RawClient
-from tests.lab import PrivatePostfix, wait_until
+from tests.lab import LabError, PrivatePostfix, wait_until
 from tests.reliability.figures import record, size
 
 MakeGuard = Callable[..., Guard]
@@ -67,10 +67,16 @@ class Load:
         try:
             if not c.reply().startswith("220"):
                 return "no banner"
-            replies = c.transaction(subject=subject)
-            last = replies[-1]
+            for command in ("EHLO client.example", "MAIL FROM:<a@sender.test>", "RCPT TO:<bob@example.test>"):
+                reply = c.cmd(command)
+                if not reply.startswith("250"):
+                    return reply[:3]
+            reply = c.cmd("DATA")  # the body only after a 354, as a real client
+            if reply.startswith("354"):
+                c.send(f"Subject: {subject}\r\n\r\nhello\r\n.\r\n".encode())
+                reply = c.reply()
             c.send(b"QUIT\r\n")
-            return last[:3]
+            return reply[:3]
         except (OSError, ConnectionError):
             return "dropped"
         finally:
@@ -103,7 +109,7 @@ def test_never_lose_with_postfix_stopped_killed_frozen_and_reloads(backend: Priv
         backend.stop()  # postfix stop
         faults["stopped"] += 1
         progressed(5)
-        backend.start()
+        _restart(backend)
         progressed(total // (rounds * 5))
         _signal(backend.pids("smtpd"), signal.SIGKILL)  # kill -9 of the smtpd processes, mid-transaction
         faults["smtpd_killed"] += 1
@@ -129,6 +135,19 @@ def test_never_lose_with_postfix_stopped_killed_frozen_and_reloads(backend: Priv
            **dict(faults), outcomes=dict(load.codes))
     assert not lost and five == 0, load.codes
     assert "internal error" not in g.full_log()
+
+
+def _restart(backend: PrivatePostfix) -> None:
+    """``postfix start`` after a stop under load; its integrity check (postsuper)
+    now and then refuses once (seen: "open logfile ...: Permission denied" while
+    the previous postlogd lets go of the log): try again."""
+    for attempt in range(3):
+        try:
+            backend.start()
+            return
+        except LabError:
+            if attempt == 2:
+                raise
 
 
 def _signal(pids: list[int], sig: int) -> None:

@@ -160,7 +160,7 @@ class GuardProtocol(asyncio.Protocol):
         # transport: nothing sent in clear can slip into the TLS session.
         self.input.discard()
         try:
-            async with asyncio.timeout(self._timeout_duration):
+            async with asyncio.timeout(self.machine.timeout if self.machine else self._timeout_duration):
                 encrypted = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             who = self._session.who if self._session else "?"
@@ -200,6 +200,9 @@ class GuardProtocol(asyncio.Protocol):
         cancelled = False
         try:
             await self._drive(m.connect())
+            # The first command's full time, after the greet wait -- the machine's
+            # timeout now (the screening limit; under stress, the stress one).
+            self._reset_timeout(m.timeout)
             while not m.closed and self.transport is not None:
                 await self.drain()
                 if self.server.closing and not s.in_transaction:
@@ -215,6 +218,9 @@ class GuardProtocol(asyncio.Protocol):
                 pending = self.input.peek(256)
                 self._reset_timeout(m.timeout)
                 await self._drive(m.command(line, pending))
+                # The next command's own time: a wait the command ended with (Postfix's
+                # reply to the final dot, see SessionMachine.timeout) is not the client's.
+                self._reset_timeout(m.timeout)
         except asyncio.CancelledError:
             cancelled = True  # connection lost or timed out
             raise
@@ -315,6 +321,11 @@ class GuardProtocol(asyncio.Protocol):
                 return await self.input.read(_READ_LIMIT)
         if self.upstream is None:
             self.upstream = UpstreamConnection(self.cfg.upstream)
+        if self.machine is not None and self.machine.in_data:
+            # Postfix's pace, not the client's: the body's drains, and the reply to
+            # the final dot, which may take upstream.data_done_timeout (the
+            # machine's timeout then; server.data_timeout must not cut it short).
+            self._reset_timeout(self.machine.timeout)
         try:
             match request:
                 case OpenUpstream():
@@ -506,9 +517,14 @@ class GuardProtocol(asyncio.Protocol):
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle deadline forward.  Cheap on purpose (it runs per
         command and per DATA chunk): the one timer is re-armed lazily by
-        :meth:`_timeout_cb` instead of being cancelled and re-created."""
+        :meth:`_timeout_cb` instead of being cancelled and re-created --
+        unless the deadline moved *earlier* than the timer (a shorter timeout:
+        the screening limit, stress mode), which the lazy timer would miss."""
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self._timeout_handle is None:
+        handle = self._timeout_handle
+        if handle is None or self._deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
 
     def _timeout_cb(self) -> None:

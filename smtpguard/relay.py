@@ -11,6 +11,15 @@ Postfix's code, enhanced status code and text verbatim.
 Every failure (refused, timed out, closed, garbage) raises
 :class:`UpstreamError` with a reason for the log; the session turns it into a
 4xx for the client, never a 2xx or 5xx.
+
+Timeouts: each reply and each drain of the message body waits
+``upstream.timeout``, except the reply to the final dot, which waits
+``upstream.data_done_timeout`` (600 s, Postfix's ``smtp_data_done_timeout``;
+RFC 1047): Postfix may take long to queue a message (a slow disk, a
+milter), and a 4xx given to the client while Postfix then queues it anyway
+would have the client send it again -- a duplicate.  The connection knows
+that reply as the first one read after Postfix's ``354`` (the body is only
+written, and drained, in between).
 """
 
 from __future__ import annotations
@@ -91,6 +100,7 @@ class Upstream:
         self._deadline: float | None = None
         self._timed_out = False
         self._buf = bytearray()  # received, not yet returned by read_reply
+        self._in_data = False  # Postfix said 354: the next reply is the end-of-data one
 
     @property
     def connected(self) -> bool:
@@ -104,6 +114,7 @@ class Upstream:
         Returns the seconds it took."""
         start = time.monotonic()
         self._timed_out = False
+        self._in_data = False
         self._buf.clear()
         host, port = self.cfg.address.host, self.cfg.address.port
         try:
@@ -160,7 +171,7 @@ class Upstream:
         if self._reader is None:
             raise UpstreamError("not connected")
         buf = self._buf
-        self._arm()
+        self._arm(self.cfg.data_done_timeout if self._in_data else self.cfg.timeout)
         try:
             while (end := self._reply_end(buf)) < 0:
                 chunk = await self._reader.read(_READ_SIZE)
@@ -179,7 +190,9 @@ class Upstream:
         del buf[:end]
         if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF line ends: relayed as CRLF
             raw = _LINE_END.sub(b"\r\n", raw)
-        return UpstreamReply(int(raw[:3]), raw)
+        code = int(raw[:3])
+        self._in_data = code == 354
+        return UpstreamReply(code, raw)
 
     def _reply_end(self, buf: bytearray) -> int:
         """Where the first complete reply in *buf* ends, or -1; every line
@@ -199,11 +212,14 @@ class Upstream:
     # One timer per connection, re-armed lazily: per-command deadlines cost
     # two attribute writes instead of a timer cancel and re-create.
 
-    def _arm(self) -> None:
+    def _arm(self, timeout: float | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self.cfg.timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        self._deadline = deadline = loop.time() + (self.cfg.timeout if timeout is None else timeout)
+        timer = self._timer
+        if timer is None or deadline < timer.when():  # earlier (a data_done_timeout below timeout): re-arm
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -83,3 +83,36 @@ def test_internal_error_is_logged_with_its_traceback(restore_logger: None,
     assert any("Traceback (most recent call last):" in line for line in lines[1:])
     assert lines[-1].endswith("error: ValueError: invalid literal for int() with base 10: '??'")  # ² is two bytes
     assert all(re.match(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/smtpd\[\d+\]: error: ", line) for line in lines)
+
+
+def test_syslog_without_dev_log_falls_back_to_stderr(restore_logger: None, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """No syslog daemon (a container without /dev/log): before, every line
+    became a '--- Logging error ---' traceback and the log was lost."""
+    missing = str(tmp_path / "no-dev-log")
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", missing)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # setup() binds the stream capsys gives
+    assert logs.syslog_problem() is not None
+    logs.setup(LogConfig(output="syslog"))
+    logs.log.info("CONNECT from [192.0.2.7]:40123 to [192.0.2.1]:25")
+    err = capsys.readouterr().err
+    assert "Logging error" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2, lines
+    assert re.search(rf"postfix/smtpd\[\d+\]: warning: \[log\] output = syslog: cannot send to {missing}: .*"
+                     r"logging to stderr instead$", lines[0]), lines
+    assert lines[1].endswith("CONNECT from [192.0.2.7]:40123 to [192.0.2.1]:25")
+
+
+def test_check_config_warns_about_missing_syslog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from smtpguard import cli
+
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "no-dev-log"))
+    config = tmp_path / "smtpguard.toml"
+    config.write_text('[log]\noutput = "syslog"\n')
+    assert cli.main(["check-config", "-c", str(config)]) == 0
+    out = capsys.readouterr()
+    assert "configuration OK" in out.out
+    assert "smtpguard: warning: [log] output = syslog: cannot send to" in out.err

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test venv sysdeps lint bench clean wheelhouse compose-test docs install
+.PHONY: run test soak venv sysdeps lint bench clean wheelhouse compose-test docs install
 
 $(BIN)/smtpguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ sysdeps:
 ## Install what the tests need and run them all (unit + real Postfix/DNS/Redis).
 test: venv sysdeps
 	$(BIN)/python -m pytest -q -ra
+
+## The fault suite (tests/reliability/) at full size: thousands of messages through Postfix
+## faults, thousands of fuzzed sessions; prints the table of figures.  make test runs it reduced.
+soak: venv sysdeps
+	rm -f build/soak.jsonl; mkdir -p build
+	SMTPGUARD_SOAK=1 SMTPGUARD_SOAK_REPORT=build/soak.jsonl $(BIN)/python -m pytest -q -ra tests/reliability
+	$(BIN)/python tests/reliability/figures.py build/soak.jsonl
 
 ## ruff on the code, tests and benchmarks; mypy --strict on the package (CI runs it before the tests).
 lint: venv

@@ -126,10 +126,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="smtpguard-bench-"))
     guards: dict[str, Guard] = {}
     handoff = f'[handoff]\nsocket = "{postfix.pass_socket}"\n'
+    # smtpguard asks this Postfix (postconf -c) whether its pass service refuses bare newlines.
+    checked = handoff + f'postfix_config_directory = "{postfix.conf_dir}"\n'
     # "relayed" runs on the default loop (event_loop = "auto": uvloop), as make run does.
     setups = [("relayed", "", None), ("relayed, asyncio", '[server]\nevent_loop = "asyncio"\n', None),
-              ("handed off", handoff, None)]
-    if args.baseline:
+              ("handed off", checked, None)]
+    if args.baseline:  # a checkout from before the check may not know the key
         setups += [("relayed, baseline", "", args.baseline), ("handed off, baseline", handoff, args.baseline)]
     for mode, extra, source in setups:
         (workdir / mode).mkdir()

@@ -34,6 +34,7 @@ from . import config as config_mod
 from .config import Config, ConfigError, HostPort
 from .dns import DnsResolver, Resolver
 from .dnsscreen import wants_resolver
+from .handoff import handoff_allowed
 from .health import OpsServer, Readiness
 from .listener import Server
 from .pipeline import Pipeline
@@ -125,22 +126,25 @@ def _resolver(cfg: Config, previous: Pipeline | None = None) -> Resolver | None:
     return DnsResolver(cfg.dns)
 
 
-def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
-    """The pipeline for a reloaded configuration (re-reads its tables),
-    on *previous*'s state store (``state.url`` changes need a restart).
-    The policy service builds its engine from it: its settings are checked
-    here, so that a bad ``[policy]`` refuses the reload."""
+async def _new_pipeline(cfg: Config, previous: Pipeline) -> Pipeline:
+    """The pipeline for a reloaded configuration (re-reads its tables, asks
+    Postfix again whether clients may be handed off), on *previous*'s state
+    store (``state.url`` changes need a restart).  The policy service builds
+    its engine from it: its settings are checked here, so that a bad
+    ``[policy]`` refuses the reload."""
     policy_engine.validate(cfg)
-    return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous))
+    allowed = await asyncio.to_thread(handoff_allowed, cfg.handoff)
+    previous.store.failfast.configure(cfg.state.limits())
+    return Pipeline(cfg, previous.store, resolver=_resolver(cfg, previous), handoff_allowed=allowed)
 
 
 def _first_pipeline(cfg: Config, store: Store) -> Pipeline:
     policy_engine.validate(cfg)
-    return Pipeline(cfg, store, resolver=_resolver(cfg))
+    return Pipeline(cfg, store, resolver=_resolver(cfg), handoff_allowed=handoff_allowed(cfg.handoff))
 
 
 async def serve(cfg: Config, path: str | None = None) -> None:
-    store = await open_store(cfg.state.url)
+    store = await open_store(cfg.state.url, limits=cfg.state.limits())
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
     server = Server(cfg, _first_pipeline(cfg, store))
     policy = PolicyServer(lambda: server.pipeline) if cfg.policy.listen else None
@@ -209,7 +213,7 @@ async def serve_policy(cfg: Config, path: str | None = None) -> None:
     (``127.0.0.1:10023``, postgrey's port, when it is not set)."""
     if not cfg.policy.listen:
         cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, listen=(DEFAULT_POLICY_LISTEN,)))
-    store = await open_store(cfg.state.url)
+    store = await open_store(cfg.state.url, limits=cfg.state.limits())
     sweeper = asyncio.create_task(sweep_forever(store, cfg.state.cleanup_interval))
     holder = PolicyOnly(cfg, _first_pipeline(cfg, store))
     policy = PolicyServer(lambda: holder.pipeline)
@@ -239,6 +243,9 @@ def check_config(path: str) -> int:
         except ConfigError as exc:
             problems.append(config_mod.Problem(exc.key, exc.problem))
             cfg = None
+    if cfg is not None and cfg.log.output == "syslog" and (no_syslog := logs.syslog_problem()) is not None:
+        problems.append(config_mod.Problem("", f"{no_syslog}; smtpguard serve would log to stderr instead",
+                                           warning=True))
     for problem in problems:
         print(problem.format(path), file=sys.stderr)
     errors = sum(not p.warning for p in problems)

@@ -57,6 +57,8 @@ from .options import (
     parse_str,
 )
 from .policy.settings import PolicyConfig
+from .store.failfast import Limits
+from .stress import StressConfig
 from .tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -239,6 +241,12 @@ class UpstreamConfig:
     )
     connect_timeout: float = field(default=10.0, metadata=opt(parse_duration, "smtp_connect_timeout"))
     timeout: float = field(default=100.0, metadata=opt(parse_duration, "smtpd_proxy_timeout"))
+    data_done_timeout: float = field(
+        default=600.0,
+        metadata=opt(parse_duration, "smtp_data_done_timeout",
+                     "How long the reply to the final dot may take (RFC 1047): a 4xx while Postfix still queues "
+                     "the message would make the client send it twice."),
+    )
 
 
 @dataclass(frozen=True)
@@ -251,6 +259,37 @@ class StateConfig:
         default=3600.0,
         metadata=opt(parse_duration, "postscreen_cache_cleanup_interval; postgrey's nightly maintenance"),
     )
+    # How the store fails fast (smtpguard.store.failfast, docs/operations.md).
+    deadline: float = field(
+        default=1.0,
+        metadata=opt(parse_duration, "", "Store time one session may spend, all its store calls together; "
+                     "then `greylist.on_store_error` decides."),
+    )
+    breaker_failures: int = field(
+        default=5,
+        metadata=opt(parse_int, "", "Consecutive store failures after which the store is skipped for "
+                     "`breaker_backoff` (0: never skipped)."),
+    )
+    breaker_backoff: float = field(
+        default=10.0,
+        metadata=opt(parse_duration, "", "How long a failing store is skipped before one call tries it again."),
+    )
+    write_queue: int = field(
+        default=10000,
+        metadata=opt(parse_int, "", "Client IPs whose allowlist-cache writes may wait for the background "
+                     "writer; more are dropped and counted."),
+    )
+
+    def validate(self) -> None:
+        if self.deadline <= 0:
+            raise ConfigError("deadline", "must be longer than 0s")
+        if self.breaker_failures < 0:
+            raise ConfigError("breaker_failures", "must be 0 (never) or more")
+        if self.write_queue < 1:
+            raise ConfigError("write_queue", "must be at least 1")
+
+    def limits(self) -> Limits:
+        return Limits(self.deadline, self.breaker_failures, self.breaker_backoff, self.write_queue)
 
 
 @dataclass(frozen=True)
@@ -291,6 +330,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     # Screening, in the order the pipeline applies them.
     screen: ScreenConfig = field(default_factory=ScreenConfig)
+    stress: StressConfig = field(default_factory=StressConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)

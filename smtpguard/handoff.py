@@ -28,17 +28,32 @@ system calls; Postfix serves it exactly as if it had connected to Postfix (its
 anvil limits, restrictions, TLS and logs apply), and nothing smtpguard would
 do after the banner (HELO, sender and recipient checks, greylisting) is
 done for it: see docs/handoff.md.
+
+Nor does smtpguard's end-of-data rule: a handed-off client's message is read
+by smtpd alone, so SMTP smuggling (a bare ``<LF>.<LF>`` or ``<CR>.<CR>`` read
+as the end of data) is Postfix's to refuse.  With ``[handoff]
+require_forbid_bare_newline`` (default on) smtpguard hands clients off only
+when the pass service refuses or normalizes bare newlines:
+:func:`check_pass_service` asks ``postconf`` at start and on every reload
+(the service's master.cf ``-o smtpd_forbid_bare_newline``, else main.cf's
+value); if it does not, or the answer is unknown, every client is relayed
+and one warning names the master.cf line to add.
 """
 
 from __future__ import annotations
 
 import array
+import logging
 import os
 import socket
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .options import ConfigError, opt, parse_bool, parse_str
+
+log = logging.getLogger("smtpguard")
 
 
 def parse_socket_path(value: Any) -> str:
@@ -71,6 +86,22 @@ class HandoffConfig:
                      "the service; off, they are relayed."),
     )
 
+    require_forbid_bare_newline: bool = field(
+        default=True,
+        metadata=opt(parse_bool, "smtpd_forbid_bare_newline (of the pass service)",
+                     "Hand clients off only when `postconf` says the pass service refuses or normalizes bare "
+                     "newlines (`smtpd_forbid_bare_newline = reject | normalize | yes`, checked at start and on "
+                     "reload); otherwise, or when that is unknown, relay them (SMTP smuggling). "
+                     "`false`: trust the pass service unchecked."),
+    )
+
+    postfix_config_directory: str = field(
+        default="",
+        metadata=opt(parse_socket_path, "config_directory (postconf -c)",
+                     "Postfix's configuration directory for that check (`postconf -c`); `\"\"`: postconf's "
+                     "default (`/etc/postfix`, or `$MAIL_CONFIG`)."),
+    )
+
     def validate(self) -> None:
         if self.socket and len(os.fsencode(self.socket)) > 107:
             raise ConfigError("socket", "a UNIX socket path must be shorter than 108 bytes")
@@ -97,3 +128,74 @@ def send(path: str, fd: int, client: tuple[str, int], server: tuple[str, int]) -
         sent = channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         if sent != len(payload):  # cannot happen on a new socket; smtpd would drop a short list
             raise OSError(f"short write ({sent} of {len(payload)} bytes)")
+
+
+#: smtpd_forbid_bare_newline values under which smtpd never reads a bare
+#: newline as a line end of its own: reject it, or normalize with the
+#: standard end of data only (Postfix 3.7.10+; "yes" is "normalize")
+SAFE_BARE_NEWLINE = frozenset({"reject", "normalize", "yes"})
+
+Run = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _postconf(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["postconf", *args], capture_output=True, text=True, timeout=10, check=False)
+
+
+@dataclass(frozen=True)
+class PassCheck:
+    """What :func:`check_pass_service` found: may clients be handed off, and why (for the log)."""
+
+    safe: bool
+    why: str
+
+
+def check_pass_service(cfg: HandoffConfig, run: Run = _postconf) -> PassCheck:
+    """Does the pass service behind ``cfg.socket`` refuse or normalize bare
+    newlines?  Asks ``postconf`` (its master.cf ``-o`` override of
+    ``smtpd_forbid_bare_newline``, else main.cf's value, ``$names``
+    expanded); unknown -- no postconf, no such service -- is unsafe."""
+    service = os.path.basename(cfg.socket)
+    base = ["-c", cfg.postfix_config_directory] if cfg.postfix_config_directory else []
+    where = f" in {cfg.postfix_config_directory}" if cfg.postfix_config_directory else ""
+    try:
+        listed = run([*base, "-M", f"{service}/pass"])
+        if listed.returncode != 0 or not listed.stdout.strip():
+            detail = listed.stderr.strip().splitlines()[-1:] or ["no such master.cf entry"]
+            return PassCheck(False, f"postconf{where} knows no pass service {service} ({detail[0]})")
+        override = run([*base, "-P", "-xh", f"{service}/pass/smtpd_forbid_bare_newline"])
+        value, origin = override.stdout.strip(), f"master.cf {service}/pass"
+        if override.returncode != 0 or not value:
+            main = run([*base, "-xh", "smtpd_forbid_bare_newline"])
+            if main.returncode != 0:
+                return PassCheck(False, f"postconf{where} failed: {main.stderr.strip() or main.returncode}")
+            value, origin = main.stdout.strip(), "main.cf"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return PassCheck(False, f"cannot run postconf: {exc}")
+    setting = f"smtpd_forbid_bare_newline = {value or '(empty)'}, from {origin}"
+    return PassCheck(value.lower() in SAFE_BARE_NEWLINE, setting)
+
+
+def unsafe_warning(cfg: HandoffConfig, found: PassCheck) -> str:
+    """The one warning for a pass service clients are not handed to."""
+    service = os.path.basename(cfg.socket)
+    return (f"handoff: Postfix's pass service {service} may accept bare newlines ({found.why}): "
+            f"SMTP smuggling would reach it, so every client is relayed instead; add "
+            f'"  -o smtpd_forbid_bare_newline=normalize" under the "{service} pass ... smtpd" line of '
+            f"master.cf")
+
+
+def handoff_allowed(cfg: HandoffConfig, run: Run = _postconf) -> bool:
+    """Start and reload: may clients be handed off to ``cfg.socket``?  Logs
+    one line saying why (a warning when not)."""
+    if not cfg.socket:
+        return False
+    if not cfg.require_forbid_bare_newline:
+        return True
+    found = check_pass_service(cfg, run)
+    if found.safe:
+        log.info("handoff: the pass service %s refuses or normalizes bare newlines (%s)",
+                 os.path.basename(cfg.socket), found.why)
+    else:
+        log.warning("%s", unsafe_warning(cfg, found))
+    return found.safe

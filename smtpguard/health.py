@@ -18,10 +18,17 @@ than prometheus_client's threaded ``start_http_server``:
 Endpoints:
 
 ``/healthz``  200 ``ok`` while the process and its loop are alive.
-``/readyz``   200 when every readiness probe passes, else 503; the body
-              lists each probe (``upstream ok`` / ``store failed: ...``).
+``/readyz``   200 while mail can be answered as configured, else 503; the
+              body lists each probe (``upstream ok`` / ``store failed: ...``).
               Probes: the listener is accepting (not shutting down),
-              upstream Postfix answers 220, the state store answers.
+              upstream Postfix answers 220, the state store answers and
+              takes a write (:func:`probe_store`).  A failed store makes the
+              node unready only when ``greylist.on_store_error =
+              "tempfail"`` (recipients would be deferred); with ``accept``
+              mail flows without it, so the node stays ready and the body
+              and ``smtpguard_store_up 0`` say the store is down -- taking
+              every node out of the load balancer at once for a store they
+              share would stop the mail the store is not needed for.
               Results are cached for :data:`READY_CACHE_SECONDS` so a busy
               prober does not turn into connections to Postfix.
 ``/metrics``  the Prometheus text exposition.
@@ -40,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .config import Config, HostPort
 from .metrics import METRICS
-from .store import Store
+from .store import Store, StoreError, start_deadline
 
 log = logging.getLogger("smtpguard")
 
@@ -51,6 +58,11 @@ _MAX_REQUEST = 8192
 
 class ProbeError(Exception):
     """A readiness probe failed; ``str()`` says why."""
+
+
+class Degraded(ProbeError):
+    """A probe failed, but mail is still answered as configured: reported,
+    the node stays ready."""
 
 
 #: A readiness probe: returns normally when ready, raises ProbeError (or
@@ -84,6 +96,34 @@ async def probe_upstream(address: HostPort, timeout: float = PROBE_TIMEOUT) -> N
             writer.close()
 
 
+def store_needed(cfg: Config) -> bool:
+    """Does a failed store change the answers to mail?  Only when
+    greylisting defers recipients it cannot decide (``on_store_error =
+    "tempfail"``); the allowlist cache and the rate counters fail open."""
+    grey = cfg.greylist
+    return grey.enabled and grey.on_store_error == "tempfail" and grey.action != "ignore"
+
+
+async def probe_store(store: Store, cfg: Config) -> None:
+    """Ping the store (a write, on a deadline of its own, as a session's);
+    while the breaker skips it, the ping is its probe once the back-off is
+    over.  Sets ``smtpguard_store_up``.  Raises :class:`Degraded` when the
+    store failed and mail flows without it, ProbeError when mail waits."""
+    start_deadline(cfg.state.deadline)
+    try:
+        await store.ping()
+        problem = store.problem()
+    except StoreError as exc:  # its own error, unless the file is known to be broken for good
+        problem = store.problem() if store.failfast.broken else str(exc)
+    METRICS.store_up.set(0 if problem else 1)
+    if problem is None:
+        return
+    if store_needed(cfg):
+        raise ProbeError(f"{problem} (recipients are deferred: greylist.on_store_error = tempfail)")
+    raise Degraded(f"{problem} (mail is answered without it: greylist.on_store_error = "
+                   f"{cfg.greylist.on_store_error if cfg.greylist.enabled else 'accept'})")
+
+
 # ------------------------------------------------------------------ readiness
 
 class Readiness:
@@ -103,7 +143,7 @@ class Readiness:
         self._running: asyncio.Task[tuple[bool, list[str]]] | None = None
         self.add("upstream", lambda: probe_upstream(get_cfg().upstream.address,
                                                     min(get_cfg().upstream.connect_timeout, PROBE_TIMEOUT)))
-        self.add("store", lambda: get_store().ping())
+        self.add("store", lambda: probe_store(get_store(), get_cfg()))
 
     def add(self, name: str, probe: Probe) -> None:
         self.probes[name] = probe
@@ -127,24 +167,27 @@ class Readiness:
             lines.append("listener failed: not accepting connections (starting or shutting down)")
         names = list(self.probes)
         results = await asyncio.gather(*(self._one(self.probes[n]) for n in names))
-        for name, problem in zip(names, results, strict=True):
+        for name, (problem, blocking) in zip(names, results, strict=True):
             if problem is None:
                 lines.append(f"{name} ok")
             else:
-                ready = False
+                ready = ready and not blocking
                 lines.append(f"{name} failed: {problem}")
         return ready, lines
 
     @staticmethod
-    async def _one(probe: Probe) -> str | None:
+    async def _one(probe: Probe) -> tuple[str | None, bool]:
+        """(what failed or None, does it make the node unready)."""
         try:
             async with asyncio.timeout(PROBE_TIMEOUT + 1):
                 await probe()
         except TimeoutError:
-            return "timed out"
+            return "timed out", True
+        except Degraded as exc:
+            return str(exc), False
         except Exception as exc:  # a probe must never take the endpoint down
-            return str(exc) or type(exc).__name__
-        return None
+            return str(exc) or type(exc).__name__, True
+        return None, False
 
 
 # ------------------------------------------------------------------ HTTP

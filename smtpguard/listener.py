@@ -161,7 +161,7 @@ class GuardProtocol(asyncio.Protocol):
         # transport: nothing sent in clear can slip into the TLS session.
         self.input.discard()
         try:
-            async with asyncio.timeout(self._timeout_duration):
+            async with asyncio.timeout(self.machine.timeout if self.machine else self._timeout_duration):
                 encrypted = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             who = self._session.who if self._session else "?"
@@ -202,8 +202,9 @@ class GuardProtocol(asyncio.Protocol):
         client_input, server = self.input, self.server
         try:
             await self._drive(m.connect())
-            if m.greeted:
-                self._reset_timeout(m.timeout)  # the first command's full time, after the greet wait
+            # The first command's full time, after the greet wait -- the machine's
+            # timeout now (the screening limit; under stress, the stress one).
+            self._reset_timeout(m.timeout)
             while not m.closed and self.transport is not None:
                 if self._writable is not None:  # drain(), without a coroutine per command
                     await self._writable.wait()
@@ -220,6 +221,9 @@ class GuardProtocol(asyncio.Protocol):
                 pending = client_input.peek(256) if client_input.pending() else b""
                 self._reset_timeout(m.timeout)
                 await self._drive(m.command(line, pending))
+                # The next command's own time: a wait the command ended with (Postfix's
+                # reply to the final dot, see SessionMachine.timeout) is not the client's.
+                self._reset_timeout(m.timeout)
         except asyncio.CancelledError:
             cancelled = True  # connection lost or timed out
             raise
@@ -313,6 +317,12 @@ class GuardProtocol(asyncio.Protocol):
     async def _upstream(self, request: Upstream) -> Event:
         """Write to Postfix; its replies (or, with none wanted, room to write)."""
         upstream = self.upstream
+        machine = self.machine
+        if machine is not None and machine.in_data:
+            # Postfix's pace, not the client's: the body's drains, and the reply to
+            # the final dot, which may take upstream.data_done_timeout (the
+            # machine's timeout then; server.data_timeout must not cut it short).
+            self._reset_timeout(machine.timeout)
         try:
             if upstream is None:
                 raise UpstreamError("not connected")
@@ -526,9 +536,14 @@ class GuardProtocol(asyncio.Protocol):
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle deadline forward.  Cheap on purpose (it runs per
         command and per DATA chunk): the one timer is re-armed lazily by
-        :meth:`_timeout_cb` instead of being cancelled and re-created."""
+        :meth:`_timeout_cb` instead of being cancelled and re-created --
+        unless the deadline moved *earlier* than the timer (a shorter timeout:
+        the screening limit, stress mode), which the lazy timer would miss."""
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self._timeout_handle is None:
+        handle = self._timeout_handle
+        if handle is None or self._deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
 
     def _timeout_cb(self) -> None:

@@ -25,7 +25,9 @@ The program name is built as Postfix builds it: ``syslog_name/service``
 On stderr each line carries the syslog prefix Postfix writes to
 ``maillog_file`` (``Nov 23 17:04:26 host postfix/smtpd[123]: ...``); with
 ``output = "syslog"`` the same message goes to the local syslog socket
-(facility mail) with the same program name as ident.  With ``output =
+(facility mail) with the same program name as ident -- or, when nothing
+listens on ``/dev/log`` (a container without a syslog daemon), to stderr
+after one warning saying so, rather than losing every line.  With ``output =
 "journal"`` (or ``"auto"`` when systemd connected stderr to the journal:
 ``$JOURNAL_STREAM`` is set) each line is one journal entry sent with
 journald's native protocol: ``MESSAGE`` without timestamp or host (the
@@ -35,6 +37,9 @@ journal records them), ``SYSLOG_IDENTIFIER`` the program name
 ``host postfix/smtpd[123]: NOQUEUE: reject: ...`` as from Postfix itself.
 (On stderr under systemd every line would carry a second timestamp and the
 unit's identifier in front of ours, and no postfix filter matches it.)
+(facility mail) with the same program name as ident -- or, when nothing
+listens on ``/dev/log`` (a container without a syslog daemon), to stderr
+after one warning saying so, rather than losing every line.
 
 Every line is made printable as Postfix's ``printable()`` does (client text
 may hold CR, LF, NUL and 8-bit bytes: each becomes ``?``), and
@@ -186,6 +191,16 @@ def program(cfg: LogConfig) -> str:
     return f"{cfg.syslog_name}/{cfg.service_name}" if cfg.service_name else cfg.syslog_name
 
 
+def syslog_problem() -> str | None:
+    """Why nothing can be sent to :data:`SYSLOG_SOCKET`, or None."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(SYSLOG_SOCKET)
+    except OSError as exc:
+        return f"[log] output = syslog: cannot send to {SYSLOG_SOCKET}: {exc.strerror or exc}"
+    return None
+
+
 def setup(cfg: LogConfig) -> None:
     """Configure the ``smtpguard`` logger from ``[log]``."""
     # Records need none of these; skipping them is the logging HOWTO's
@@ -197,9 +212,10 @@ def setup(cfg: LogConfig) -> None:
     logging.logMultiprocessing = False
     handler: logging.Handler
     where = output(cfg)
+    problem = syslog_problem() if where == "syslog" else None
     if where == "journal":
         handler = JournalHandler(program(cfg), JOURNAL_SOCKET)
-    elif where == "syslog":
+    elif where == "syslog" and problem is None:
         handler = logging.handlers.SysLogHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
@@ -214,6 +230,8 @@ def setup(cfg: LogConfig) -> None:
     log.handlers[:] = [handler]
     log.setLevel(cfg.level.upper())
     log.propagate = False
+    if problem is not None:
+        log.warning("%s; logging to stderr instead", problem)
 
 
 def endpoint(host: str, port: int | str) -> str:

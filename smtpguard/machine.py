@@ -67,7 +67,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from . import logs, tls
+from . import logs, stress, tls
 from .checks.errors import error_delay
 from .checks.helo import unforwardable_helo
 from .config import Config
@@ -79,6 +79,12 @@ from .session import Session
 from .verdict import REPLIES, Action, Reply, ScreenTest, Verdict
 
 log = logging.getLogger("smtpguard")
+
+#: While Postfix's reply to the final dot is outstanding, the client's idle
+#: timer runs this much past ``upstream.data_done_timeout``, so that the wait
+#: is ended by the upstream's own timer (a 451, ``upstream END-OF-MESSAGE
+#: failed``), never cut short by ``server.data_timeout``.
+DATA_DONE_GRACE = 1.0
 
 
 # ------------------------------------------------------------------ effects
@@ -223,7 +229,7 @@ class SessionMachine:
 
     __slots__ = ("cfg", "session", "clock", "tls_available", "upstream_connected", "_upstream_pipelining",
                  "_upstream_mail", "_upstream_extra", "_rcpt_lines", "in_data", "last_command", "counts",
-                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed")
+                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed", "_data_done")
 
     def __init__(self, cfg: Config, session: Session, tls_available: bool,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -241,6 +247,7 @@ class SessionMachine:
         self._rcpt_lines: list[bytes] = []
         self._upstream_extra = False
         self.in_data = False
+        self._data_done = False  # the end of data went to Postfix; its reply is outstanding
         self.last_command = ""  # for "lost connection after CMD" and the counts
         #: command -> [succeeded, sent]: smtpd's per-command counts for DISCONNECT
         self.counts: dict[str, list[int]] = {}
@@ -304,13 +311,22 @@ class SessionMachine:
     def timeout(self) -> float:
         """How long the next read may take: ``data_timeout`` in DATA,
         ``command_timeout`` once a recipient passed screening and, before
-        that, postscreen's ``command_time_limit`` if it is shorter."""
+        that, postscreen's ``command_time_limit`` if it is shorter.  A
+        session that started under stress (``session.stress``) has the
+        ``[stress]`` command timeout if it is shorter (smtpguard.stress).
+        While Postfix's reply to the final dot is outstanding, the wait is
+        ``upstream.data_done_timeout`` (RFC 1047: Postfix may take long to
+        queue a message, and a 4xx meanwhile would make the client send it
+        again), so the idle timer then runs :data:`DATA_DONE_GRACE` past it."""
         server = self.cfg.server
+        if self._data_done:
+            return self.cfg.upstream.data_done_timeout + DATA_DONE_GRACE
         if self.in_data:
             return server.data_timeout
+        command = stress.command_timeout(server.command_timeout, self.cfg.stress, self.session.stress)
         if self.session.screened or not self.greeted:
-            return server.command_timeout
-        return min(server.command_timeout, self.cfg.errors.command_time_limit)
+            return command
+        return min(command, self.cfg.errors.command_time_limit)
 
     @property
     def busy(self) -> bool:
@@ -386,10 +402,12 @@ class SessionMachine:
                 self.handed_off = True  # Postfix's smtpd has the connection; ours closes
                 raise _Hangup
         greeting = cfg.server.greeting
-        if ScreenTest.PREGREET in s.todo and cfg.pregreet.greet_wait > 0:
+        # A session that started under stress has the shorter [stress] greet wait.
+        wait = stress.greet_wait(cfg.pregreet.greet_wait, cfg.stress, s.stress)
+        if ScreenTest.PREGREET in s.todo and wait > 0:
             # Pregreet: the first line of a multi-line banner, then wait.
             self._send(f"220-{greeting}\r\n".encode())
-            greeted = yield GreetWait(cfg.pregreet.greet_wait, cfg.pregreet.action == "drop")
+            greeted = yield GreetWait(wait, cfg.pregreet.action == "drop")
             assert isinstance(greeted, Greeted)
             if not greeted.received and greeted.eof:
                 log.info("HANGUP after %.2f from %s in tests before SMTP handshake",
@@ -673,7 +691,9 @@ class SessionMachine:
             if scanner.error is not None:
                 self._abort_upstream()  # Postfix discards the partial message
             elif scanner.done:
+                self._data_done = True  # the reply may take upstream.data_done_timeout (see timeout)
                 answer = yield Upstream(out + b".\r\n", 1)  # the last piece, the end marker, the reply
+                self._data_done = False
                 if isinstance(answer, UpstreamError):
                     upstream_error = answer
             elif out:

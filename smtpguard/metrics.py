@@ -23,7 +23,9 @@ handoffs                                    pipeline (connections passed to smtp
 greylist, spf_results                       greylisting, front end and policy service (spf_results: [greylist] spf_key)
 policy_*                                    policy service (smtpguard.policy)
 dnsbl_hits, dns_query_seconds, dns_errors   DNSBL / DNS resolver
-store_errors                                state store
+store_errors, store_up, store_breaker_*,    state store (smtpguard.store.failfast)
+store_writes_dropped
+stress_mode, stress_entered                 stress mode (smtpguard.stress)
 reloads                                     reload (SIGHUP)
 ==========================================  =====================================
 
@@ -88,6 +90,12 @@ class Metrics:
     policy_connections: Gauge
     # ---- state store
     store_errors: Counter  # labels: operation
+    store_up: Gauge  # 0 while the breaker skips the store or readiness found it failing
+    store_breaker_opened: Counter
+    store_writes_dropped: Counter
+    # ---- stress mode (smtpguard.stress)
+    stress_mode: Gauge
+    stress_entered: Counter
     # ---- operations
     reloads: Counter  # labels: result (success, failure)
     config_last_reload_success: Gauge
@@ -193,6 +201,26 @@ class Metrics:
                 "smtpguard_store_errors", "State store operations that failed, by operation", ["operation"],
                 registry=r,
             ),
+            store_up=Gauge(
+                "smtpguard_store_up",
+                "1 while the state store answers; 0 while it is skipped after consecutive failures or its "
+                "reads or writes fail (on_store_error decides the answers)", registry=r,
+            ),
+            store_breaker_opened=Counter(
+                "smtpguard_store_breaker_opened",
+                "Times the state store was skipped after breaker_failures consecutive failures", registry=r,
+            ),
+            store_writes_dropped=Counter(
+                "smtpguard_store_writes_dropped",
+                "Allowlist-cache writes dropped because the background write queue was full", registry=r,
+            ),
+            stress_mode=Gauge(
+                "smtpguard_stress_mode", "1 while smtpguard is under stress (connections in use above "
+                "[stress] threshold): the shorter [stress] timeouts and limits apply to new sessions", registry=r,
+            ),
+            stress_entered=Counter(
+                "smtpguard_stress_entered", "Times smtpguard entered stress mode", registry=r,
+            ),
             reloads=Counter(
                 "smtpguard_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r,
             ),
@@ -214,6 +242,7 @@ class Metrics:
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
         _init_labels(m.policy_errors, "problem", POLICY_PROBLEMS)
         m.config_last_reload_success.set(1)
+        m.store_up.set(1)
         m.config_last_reload_timestamp.set_to_current_time()
         return m
 

@@ -208,7 +208,8 @@ def parse_optional_hostport(value: Any) -> HostPort | None:
 
 def parse_state_url(value: Any) -> str:
     """``sqlite:///relative/path``, ``sqlite:////abs/path``, ``memory://``,
-    ``redis://host:port/db`` (or ``unix:///path/redis.sock?db=N``)."""
+    ``redis://host:port/db`` (or ``unix:///path/redis.sock?db=N``,
+    ``redis+sentinel://host:port,host:port/service?db=N``)."""
     text = parse_str(value)
     if text == "memory://":
         return text
@@ -220,8 +221,11 @@ def parse_state_url(value: Any) -> str:
         return text
     if re.fullmatch(r"rediss?://[^/\s]+(/\d+)?", text) or text.startswith("unix://"):
         return text
+    if re.fullmatch(r"redis\+sentinel://[^/\s,]+:\d+(,[^/\s,]+:\d+)*/[^/?\s]+(\?db=\d+)?", text):
+        return text
     raise ValueError(
-        f'expected sqlite:///PATH, redis://HOST:PORT/DB or memory://, got "{text}"'
+        f'expected sqlite:///PATH, redis://HOST:PORT/DB, redis+sentinel://HOST:PORT,HOST:PORT/SERVICE?db=N '
+        f'or memory://, got "{text}"'
     )
 
 

@@ -23,7 +23,8 @@ Connect-time precedence (postscreen's ``psc_endpt_lookup_done``):
    answer goes on;
 5. temporary allowlist cache (state store): the tests whose pass is still
    valid are skipped; all valid -> ``PASS OLD`` and no greet wait;
-   with ``[handoff] socket``, an allowlisted (4) or PASS OLD client that
+   with ``[handoff] socket`` (and a pass service that refuses bare
+   newlines, ``handoff_allowed``), an allowlisted (4) or PASS OLD client that
    greylisting would not look at (greylisting off, or the client on its
    client allowlist by address), IPv6 only with ``handoff.ipv6``, is handed
    to Postfix's smtpd as it is (:mod:`smtpguard.handoff`; ``Action.PASS``),
@@ -73,6 +74,7 @@ client the access table allowlisted, or a DNSWL client (score at or below
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -98,7 +100,8 @@ from .hotset import HotSet
 from .metrics import METRICS
 from .session import Session
 from .spf import SpfResult
-from .store import MemoryStore, Store
+from .store import MemoryStore, Store, start_deadline
+from .stress import STRESS, connection_count_limit, greet_wait
 from .tables import Table, open_access_table
 from .text import ascii_upper
 from .verdict import CONTINUE, REPLIES, Action, Outcome, Result, ScreenTest, Verdict
@@ -122,8 +125,10 @@ _HANDOFF = Verdict(Action.PASS)
 
 class Pipeline:
     def __init__(self, cfg: Config, store: Store | None = None, clock: Callable[[], float] = time.time,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, handoff_allowed: bool = False) -> None:
         self.cfg = cfg
+        # [handoff]: the pass service was found safe (smtpguard.handoff.handoff_allowed)
+        self.handoff_allowed = handoff_allowed
         self.clock = clock
         self.store: Store = store if store is not None else MemoryStore(clock)
         self.client_access = open_client_access(cfg.access)
@@ -139,6 +144,8 @@ class Pipeline:
         METRICS.init_checks(CACHEABLE)
         METRICS.init_dnsbl_lists(site.domain for site in cfg.dnsbl.sites)
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        self._stress_limits = dataclasses.replace(
+            cfg.limits, connection_count_limit=connection_count_limit(cfg.limits.connection_count_limit, cfg.stress))
         self._counters: dict[tuple[str, Outcome], Any] = {}
         self._pass_old = METRICS.allowlist_cache.labels(result="pass_old")
         self._handoffs = {True: METRICS.handoffs.labels(result="passed"),
@@ -153,10 +160,13 @@ class Pipeline:
         """Before the banner; *active* counts all sessions and *concurrent*
         this client's, both including this one."""
         cfg = self.cfg
+        start_deadline(cfg.state.deadline)  # for all of this session's store calls
         if active > cfg.server.max_connections:
             return Verdict(Action.DROP, REPLIES["busy"])
         peer = s.peer
-        v = self._decide(s, check_connection_count(cfg.limits, s.client_ip, concurrent, peer), "connect")
+        s.stress = STRESS.update(active, cfg.server.max_connections, cfg.stress)
+        limits = self._stress_limits if s.stress else cfg.limits
+        v = self._decide(s, check_connection_count(limits, s.client_ip, concurrent, peer), "connect")
         if v.action is Action.DROP:
             return v
         if rate_enabled(cfg.limits, s.client_ip):
@@ -204,7 +214,7 @@ class Pipeline:
         still have to see its recipients, nor an IPv6 client unless
         ``handoff.ipv6`` says Postfix takes them."""
         handoff = self.cfg.handoff
-        if not handoff.socket or (s.client_ip.version == 6 and not handoff.ipv6):
+        if not (handoff.socket and self.handoff_allowed) or (s.client_ip.version == 6 and not handoff.ipv6):
             return False
         grey = self.cfg.greylist
         return s.allowlisted or not grey.enabled or client_exempt(grey, s.client_ip, "")
@@ -230,7 +240,8 @@ class Pipeline:
         ``name[ip]`` in the log); the client-name and reverse-client RHSBL
         verdicts are kept for RCPT.  Only DROP acts now."""
         pending, s.lookups = s.lookups, None
-        deadline = s.started + self.cfg.pregreet.greet_wait
+        # The DNSBL lists have the session's greet wait (a shorter one under stress, smtpguard.stress).
+        deadline = s.started + greet_wait(self.cfg.pregreet.greet_wait, self.cfg.stress, s.stress)
         found = await self.dns.collect(pending, s.client_ip, ScreenTest.DNSBL in s.todo, deadline)
         if found.names is not None:
             s.client_name = found.names.name
@@ -455,15 +466,12 @@ class Pipeline:
         return hot.passed(ip, now)
 
     async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
-        """Written through: the store, and the hot set forgets *ip* (a
-        failure must not be answered PASS OLD from memory; a pass is read
-        back from the store at the next connection)."""
+        """Off the reply path: the store's background writer does it
+        (dropped and counted when its queue is full); the hot set forgets
+        *ip* now (a failure must not be answered PASS OLD from memory; a
+        pass is read back from the store at the next connection)."""
         self.hot.forget(ip)
-        try:
-            await self.store.put_cache(ip, {test: expiry})
-        except Exception as exc:
-            METRICS.store_errors.labels(operation="cache_put").inc()
-            log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
+        self.store.put_cache_later(ip, {test: expiry})
 
     async def _hit_rate(self, key: str, window: float) -> int:
         try:

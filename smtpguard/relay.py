@@ -11,6 +11,15 @@ Postfix's code, enhanced status code and text verbatim.
 Every failure (refused, timed out, closed, garbage) raises
 :class:`UpstreamError` with a reason for the log; the session turns it into a
 4xx for the client, never a 2xx or 5xx.
+
+Timeouts: each reply and each drain of the message body waits
+``upstream.timeout``, except the reply to the final dot, which waits
+``upstream.data_done_timeout`` (600 s, Postfix's ``smtp_data_done_timeout``;
+RFC 1047): Postfix may take long to queue a message (a slow disk, a
+milter), and a 4xx given to the client while Postfix then queues it anyway
+would have the client send it again -- a duplicate.  The connection knows
+that reply as the first one read after Postfix's ``354`` (the body is only
+written, and drained, in between).
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ class Upstream(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None  # replies() or drain()
         self._error: UpstreamError | None = None  # the connection failed: every later wait raises it
         self._paused = False  # the transport's write buffer is full (pause_writing)
+        self._in_data = False  # Postfix said 354: the next reply is the end-of-data one
 
     @property
     def connected(self) -> bool:
@@ -228,7 +238,9 @@ class Upstream(asyncio.Protocol):
         """Read one (possibly multi-line) reply."""
         if not self._ready:
             await self._wait_replies(1)
-        return self._ready.popleft()
+        reply = self._ready.popleft()
+        self._in_data = reply.code == 354
+        return reply
 
     async def replies(self, n: int) -> list[UpstreamReply]:
         """The next *n* replies (what Postfix sent at once -- the MAIL and
@@ -236,7 +248,9 @@ class Upstream(asyncio.Protocol):
         ready = self._ready
         if len(ready) < n:
             await self._wait_replies(n)
-        return [ready.popleft() for _ in range(n)]
+        replies = [ready.popleft() for _ in range(n)]
+        self._in_data = replies[-1].code == 354
+        return replies
 
     async def _wait_replies(self, n: int) -> None:
         if self._transport is None:
@@ -249,7 +263,8 @@ class Upstream(asyncio.Protocol):
         within the deadline; raises the connection's failure."""
         assert self._loop is not None
         want = self._want
-        self._arm()
+        # The reply to the final dot may take smtp_data_done_timeout (RFC 1047).
+        self._arm(self.cfg.data_done_timeout if self._in_data and want else None)
         waiter = self._waiter = self._loop.create_future()
         try:
             await waiter
@@ -288,12 +303,15 @@ class Upstream(asyncio.Protocol):
     # One timer per connection, re-armed lazily: per-command deadlines cost
     # two attribute writes instead of a timer cancel and re-create.
 
-    def _arm(self) -> None:
+    def _arm(self, timeout: float | None = None) -> None:
         loop = self._loop
         assert loop is not None
-        self._deadline = loop.time() + self.cfg.timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        self._deadline = deadline = loop.time() + (self.cfg.timeout if timeout is None else timeout)
+        timer = self._timer
+        if timer is None or deadline < timer.when():  # earlier (a data_done_timeout below timeout): re-arm
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -49,6 +49,7 @@ class Session:
     screened: bool = False  # a recipient passed screening: the screening phase is over
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)
     spf: tuple[tuple[str, str], SpfResult] | None = None  # (sender, helo) -> its SPF result (greylist.spf_key)
+    stress: bool = False  # connected under stress: the [stress] values apply (smtpguard.stress)
 
     @property
     def proto(self) -> str:

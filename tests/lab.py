@@ -57,6 +57,7 @@ __all__ = [
     "LabError",
     "PostfixFactory",
     "PrivatePostfix",
+    "RedisSentinel",
     "RedisServer",
     "ci_enabled",
     "free_port",
@@ -664,7 +665,7 @@ class PrivatePostfix(_Instance):
         return self.master_pid is not None
 
     def pids(self, command: str) -> list[int]:
-        """The live processes of this instance named *command* (``smtpd``, ``postscreen``)."""
+        """The live processes of this instance named *command* (``smtpd``, ``postscreen``, ``cleanup``, ``qmgr``)."""
         return [p for p in _pids_with_cwd_under(self.queue_dir) if _comm(p) == command]
 
     def start(self, timeout: float = 30.0) -> None:
@@ -759,6 +760,7 @@ class PrivatePostfix(_Instance):
         with contextlib.suppress(LabError):
             wait_until(lambda: not any(_pid_alive(p) for p in old_smtpd), 5.0, "pre-reload smtpd to exit")
         self.start(timeout=timeout)
+
 
     def postconf(self, **settings: Any) -> None:
         """``postconf -e name=value …`` then ``postfix reload`` (if running).
@@ -971,8 +973,9 @@ class RedisServer(_Instance):
 
     host = LOOPBACK
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
         self.port = port if port is not None else free_port()
+        self.extra = list(extra)  # more redis-server options, e.g. ["--replicaof", "127.0.0.1", "6379"]
         self.dir = _make_lab_dir("redis")
         self.socket: Path = self.dir / "redis.sock"
         self.log_path = self.dir / "redis.log"
@@ -1006,6 +1009,7 @@ class RedisServer(_Instance):
             "--dir", str(self.dir),
             "--logfile", str(self.log_path),
             "--pidfile", "",
+            *self.extra,
         ]  # fmt: skip
         with open(self.dir / "redis.stdout", "wb") as out:
             self.proc = subprocess.Popen(
@@ -1067,6 +1071,50 @@ class RedisServer(_Instance):
         _terminate(self.proc, timeout)
         self.proc = None
 
+
+
+class RedisSentinel(_Instance):
+    """A ``redis-server --sentinel`` on a loopback port monitoring the
+    primary ``127.0.0.1:primary_port`` as *service* (quorum 2, a primary
+    is down after ``down_after_ms``)."""
+
+    host = LOOPBACK
+
+    def __init__(self, primary_port: int, service: str = "smtpguard", down_after_ms: int = 1000) -> None:
+        self.port = free_port()
+        self.service = service
+        self.dir = _make_lab_dir("sentinel")
+        self.conf = self.dir / "sentinel.conf"
+        self.conf.write_text(
+            f"port {self.port}\nbind {self.host}\ndir {self.dir}\nlogfile {self.dir / 'sentinel.log'}\n"
+            f"sentinel monitor {service} {self.host} {primary_port} 2\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} 10000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        _register(self)
+
+    def start(self, timeout: float = 15.0) -> None:
+        binary = which("redis-server")
+        if binary is None:
+            raise LabError("redis-server not found")
+        self.proc = subprocess.Popen([binary, str(self.conf), "--sentinel"], cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_preexec())
+        wait_until(lambda: _tcp_port_open(self.host, self.port), timeout, f"sentinel on port {self.port}",
+                   on_timeout=lambda: tail(_read_text(self.dir / "sentinel.log")))
+
+    def primary(self) -> int | None:
+        """The port of the primary this sentinel names now."""
+        with socket.create_connection((self.host, self.port), timeout=5) as s:
+            s.sendall(f"SENTINEL get-master-addr-by-name {self.service}\r\n".encode())
+            reply = s.recv(4096).decode()
+        parts = reply.split("\r\n")
+        return int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _terminate(self.proc, timeout)
+        self.proc = None
 
 
 # --------------------------------------------------------------------------

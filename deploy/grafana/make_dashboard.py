@@ -98,6 +98,13 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
         ], 12),
         ("State store errors / s", "ops", [
             ("sum by (operation) (rate(smtpguard_store_errors_total[$__rate_interval]))", "{{operation}}"),
+            ("sum(rate(smtpguard_store_writes_dropped_total[$__rate_interval]))", "cache writes dropped"),
+            ("sum(increase(smtpguard_store_breaker_opened_total[$__rate_interval]))", "breaker opened"),
+            ("min(smtpguard_store_up)", "store up"),
+        ], 8),
+        ("Stress mode", "short", [
+            ("max(smtpguard_stress_mode)", "under stress"),
+            ("sum(increase(smtpguard_stress_entered_total[1h]))", "entered (1h)"),
         ], 8),
         ("Config reloads", "short", [
             ("sum by (result) (increase(smtpguard_config_reloads_total[1h]))", "{{result}} (1h)"),

@@ -59,6 +59,7 @@ from ..config import Config, ConfigError
 from ..dns import Resolver
 from ..metrics import METRICS
 from ..pipeline import Pipeline
+from ..store import start_deadline
 from ..verdict import Action, Outcome, Reply, Result
 from .protocol import PolicyRequest
 from .settings import CHECKS
@@ -282,6 +283,7 @@ class PolicyEngine:
         if ip is None:
             found, decision = Result(CHECK, Outcome.SKIP, f"no client IP address ({req.get('client_address')!r})"), None
         else:
+            start_deadline(self.cfg.state.deadline)  # this request's store calls together
             found, decision = await greylist(self.store, cfg, ip, req.get("client_name"),
                                              req.get("sender"), rcpt, self.clock(), mode="policy")
         self._count(found)

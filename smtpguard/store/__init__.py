@@ -9,6 +9,7 @@ allowlist cache and connection-rate counters behind one async API.
 ``sqlite:////absolute/path``           three slashes then the path)
 ``redis://host:port/db``               shared by several nodes
 ``unix:///path/redis.sock?db=N``       the same over a unix socket
+``redis+sentinel://h:p,h:p/svc?db=N``  the same, on the primary Sentinel names
 =====================================  ==========================================
 
 The interface is :class:`~.base.Store` (see :mod:`.base` for how expiry and
@@ -23,18 +24,20 @@ import logging
 import time
 
 from .base import AllowedNet, ClientNet, Clock, Store, StoreError, StoreStats, Triplet
+from .failfast import Limits, start_deadline
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["AllowedNet", "ClientNet", "Clock", "MemoryStore", "Store", "StoreError", "StoreStats", "Triplet",
-           "open_store", "sweep_forever"]
+__all__ = ["AllowedNet", "ClientNet", "Clock", "Limits", "MemoryStore", "Store", "StoreError", "StoreStats",
+           "Triplet", "open_store", "start_deadline", "sweep_forever"]
 
 #: default key prefix in Redis
 REDIS_PREFIX = "smtpguard:"
 
 
-async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = REDIS_PREFIX) -> Store:
+async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = REDIS_PREFIX,
+                     limits: Limits | None = None) -> Store:
     """Open the store at *url*.
 
     A malformed URL is a ValueError (a configuration mistake); a store that
@@ -42,6 +45,13 @@ async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = 
     created) here; Redis connects on first use, so a Redis that is down does
     not stop smtpguard from starting -- its operations raise StoreError.
     """
+    store = await _open(url, clock, redis_prefix)
+    if limits is not None:
+        store.failfast.configure(limits)
+    return store
+
+
+async def _open(url: str, clock: Clock, redis_prefix: str) -> Store:
     if url == "memory://":
         return MemoryStore(clock)
     if url.startswith("sqlite:///"):
@@ -51,7 +61,10 @@ async def open_store(url: str, clock: Clock = time.time, *, redis_prefix: str = 
         return await SQLiteStore.open(path, clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.connect(url, clock, redis_prefix)
-    raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH or redis://HOST:PORT/DB')
+    if url.startswith("redis+sentinel://"):
+        return RedisStore.connect_sentinel(url, clock, redis_prefix)
+    raise ValueError(f'unknown state store URL "{url}": expected memory://, sqlite:///PATH, redis://HOST:PORT/DB or '
+                     'redis+sentinel://HOST:PORT,HOST:PORT/SERVICE?db=N')
 
 
 async def sweep_forever(store: Store, interval: float) -> None:

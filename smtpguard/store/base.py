@@ -28,7 +28,9 @@ as a tuple in declaration order, ``expires`` last -- described by a
 :class:`Kind` (table/key-space name, column names and converters).  Every
 primitive is awaited through :meth:`Store._call`, which turns the backend's
 own exceptions (``backend_errors``) into the single :class:`StoreError`, so
-callers can apply ``on_store_error = accept | tempfail``.
+callers can apply ``on_store_error = accept | tempfail``, and which bounds
+the call by the session's store deadline and skips a store that keeps
+failing (:mod:`.failfast`).
 """
 
 from __future__ import annotations
@@ -42,15 +44,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from .failfast import FailFast, WriteBehind
+from .failfast import StoreError as StoreError  # re-exported: the error of the store API
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 Clock = Callable[[], float]
 Row = tuple[Any, ...]
-
-
-class StoreError(Exception):
-    """The store could not be read or written (unreachable, unwritable, corrupt)."""
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,18 @@ class Store(ABC):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._allowed = _AllowedNets()  # this node's copy of the ALLOWED networks
+        self.failfast = FailFast(self.backend)
+        self.write_behind = WriteBehind(self)
 
-    async def _call(self, op: Awaitable[T]) -> T:
-        try:
-            return await op
-        except self.backend_errors as exc:
-            raise StoreError(f"{self.backend}: {exc}") from exc
+    async def _call(self, op: Awaitable[T], write: bool = False) -> T:
+        """Await a backend primitive: bounded by the session's deadline,
+        skipped while the breaker is open, its errors a StoreError."""
+        return await self.failfast.run(op, write, self.backend_errors, self.fatal)
+
+    @staticmethod
+    def fatal(exc: BaseException) -> bool:
+        """Is *exc* a failure that does not heal by itself (a corrupt file)?"""
+        return False
 
     # ------------------------------------------------------------ records
 
@@ -205,10 +212,10 @@ class Store(ABC):
             now = self.clock()
             rows = [(key, kind.encode(record)) for key, record in batch if record.expires > now]
             if rows:
-                await self._call(self._put_rows(kind, rows, now))
+                await self._call(self._put_rows(kind, rows, now), write=True)
             for key, record in batch:
                 if record.expires <= now:
-                    await self._call(self._delete(kind.name, key))
+                    await self._call(self._delete(kind.name, key), write=True)
             stored += len(rows)
         return stored
 
@@ -252,7 +259,7 @@ class Store(ABC):
         await self._bump_allowed()
 
     async def delete_allowed(self, net: str) -> bool:
-        found = await self._call(self._delete(ALLOWED.name, net))
+        found = await self._call(self._delete(ALLOWED.name, net), write=True)
         await self._bump_allowed()
         return found
 
@@ -271,7 +278,7 @@ class Store(ABC):
         return await self._put(GREYLIST, items)
 
     async def delete_triplet(self, key: str) -> bool:
-        return await self._call(self._delete(GREYLIST.name, key))
+        return await self._call(self._delete(GREYLIST.name, key), write=True)
 
     async def list_triplets(self, limit: int = 100, prefix: str = "") -> list[tuple[str, Triplet]]:
         """Up to *limit* live triplets whose key starts with *prefix*
@@ -289,7 +296,7 @@ class Store(ABC):
         return await self._put(CLIENTS, items)
 
     async def delete_client(self, net: str) -> bool:
-        return await self._call(self._delete(CLIENTS.name, net))
+        return await self._call(self._delete(CLIENTS.name, net), write=True)
 
     async def list_clients(self, limit: int = 100, prefix: str = "") -> list[tuple[str, ClientNet]]:
         return await self._list(CLIENTS, limit, prefix)
@@ -304,11 +311,16 @@ class Store(ABC):
         """Set the expiry of each test in *tests* for *ip*; other tests cached
         for *ip* are kept."""
         if tests:
-            await self._call(self._put_tests(ip, {t: float(e) for t, e in tests.items()}, self.clock()))
+            await self._call(self._put_tests(ip, {t: float(e) for t, e in tests.items()}, self.clock()), write=True)
+
+    def put_cache_later(self, ip: str, tests: Mapping[str, float]) -> bool:
+        """:meth:`put_cache` by the background writer, off the caller's
+        path; False when its queue is full and the write was dropped."""
+        return self.write_behind.put(ip, {t: float(e) for t, e in tests.items()})
 
     async def delete_cache(self, ip: str) -> bool:
         """Delete *ip*'s entry; every node's hot set forgets it (:meth:`cache_version`)."""
-        found = await self._call(self._delete("cache", ip))
+        found = await self._call(self._delete("cache", ip), write=True)
         await self._put(ALLOWED, [(CACHE_VERSION, AllowedNet(random.random(), math.inf))])
         return found
 
@@ -331,22 +343,36 @@ class Store(ABC):
         anvil(8) counts ``smtpd_client_connection_rate_limit`` per
         ``anvil_rate_time_unit``.
         """
-        return await self._call(self._hit_rate(key, window, self.clock()))
+        return await self._call(self._hit_rate(key, window, self.clock()), write=True)
 
     async def ping(self) -> None:
-        """Return if the store answers; raise :class:`StoreError` if not."""
-        await self._call(self._ping())
+        """Return if the store answers -- and takes a write, where a
+        backend can fail to write while it still reads (SQLite: a full disk,
+        a read-only file); raise :class:`StoreError` if not."""
+        await self._call(self._ping(), write=True)
+        self.failfast.answered()
+
+    def problem(self) -> str | None:
+        """Why the store cannot be trusted now (skipped by the breaker, or
+        its last write or read failed), or None."""
+        return self.failfast.problem()
 
     async def purge_expired(self) -> int:
         """Remove dead records in small batches; return how many greylist,
         client and cache entries (one per IP and test) were removed."""
-        return await self._call(self._purge(self.clock()))
+        return await self._call(self._purge(self.clock()), write=True)
 
     async def stats(self) -> StoreStats:
         return await self._call(self._stats())
 
     async def close(self) -> None:
-        await self._call(self._close())
+        """Write what the background writer holds (within two deadlines), then close;
+        not skipped by the breaker."""
+        await self.write_behind.flush(self.failfast.limits.deadline * 2)
+        try:
+            await self._close()
+        except self.backend_errors as exc:
+            raise StoreError(f"{self.backend}: {exc}") from exc
 
     # ------------------------------------------------ backend primitives
 

@@ -1,5 +1,14 @@
-"""``redis://host:port/db`` and ``unix:///path/redis.sock?db=N``: state shared
-by several smtpguard nodes in one Redis, through redis.asyncio.
+"""``redis://host:port/db``, ``unix:///path/redis.sock?db=N`` and
+``redis+sentinel://host:port,host:port/service?db=N``: state shared by
+several smtpguard nodes in one Redis, through redis.asyncio.
+
+With Sentinel, redis-py's Sentinel client asks the sentinels which server is
+the primary of *service* and connects there; when a failover promotes a
+replica, the connections to the old primary fail (a few StoreErrors, which
+``on_store_error`` and the breaker handle) and the next ones go to the new
+primary.  What the old primary had replicated is there; a write it had not
+replicated yet is lost with it (Redis replication is asynchronous): such a
+triplet is greylisted again, no message is lost.
 
 How it works
 ------------
@@ -33,11 +42,13 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -129,6 +140,18 @@ class RedisStore(Store):
         )
         return cls(client, clock, prefix)
 
+    @classmethod
+    def connect_sentinel(cls, url: str, clock: Clock, prefix: str) -> RedisStore:
+        """A store on the primary that the sentinels of
+        ``redis+sentinel://host:port,host:port/service?db=N`` name."""
+        sentinels, service, db = parse_sentinel_url(url)
+        timeouts = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+        sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts, socket_timeout=TIMEOUT,
+                            socket_connect_timeout=TIMEOUT)
+        client = sentinel.master_for(service, db=db, decode_responses=True, retry=Retry(NoBackoff(), 1),
+                                     socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+        return cls(client, clock, prefix)
+
     def _key(self, space: str, key: str) -> str:
         return f"{self._prefix}{space}:{key}"
 
@@ -210,7 +233,9 @@ class RedisStore(Store):
         return int(await self._rate(keys=[self._key("rate", key)], args=[now, window]))
 
     async def _ping(self) -> None:
-        await self._r.ping()
+        """A write with a TTL: a replica (read-only) or a full Redis
+        (maxmemory) refuses it."""
+        await self._r.set(self._key("health", "ping"), repr(self.clock()), px=60_000)
 
     async def _purge(self, now: float) -> int:
         removed = 0
@@ -229,3 +254,25 @@ class RedisStore(Store):
 
     async def _close(self) -> None:
         await self._r.aclose()
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """``redis+sentinel://h:p,h:p/service?db=N`` -> (sentinels, service, db);
+    ValueError when malformed."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "redis+sentinel":
+        raise ValueError(f'not a redis+sentinel:// URL: "{url}"')
+    sentinels = []
+    for hostport in parts.netloc.split(","):
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f'expected HOST:PORT of a sentinel, got "{hostport}" in "{url}"')
+        sentinels.append((host.strip("[]"), int(port)))
+    service = parts.path.strip("/")
+    if not service or "/" in service:
+        raise ValueError(f'expected the monitored service name as the path, got "{parts.path}" in "{url}"')
+    query = urllib.parse.parse_qs(parts.query)
+    db = query.pop("db", ["0"])[-1]
+    if query or not db.isdigit():
+        raise ValueError(f'expected only ?db=N, got "?{parts.query}" in "{url}"')
+    return sentinels, service, int(db)

@@ -106,6 +106,8 @@ def _schema() -> str:
             ip TEXT NOT NULL, test TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (ip, test)) WITHOUT ROWID;"""
     )
     tables += [f"CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires);" for table in _KEYS]
+    # One row the readiness probe writes (Store.ping): the disk takes writes.
+    tables.append("CREATE TABLE IF NOT EXISTS health (key TEXT NOT NULL PRIMARY KEY, at REAL) WITHOUT ROWID;")
     return "\n".join(tables)
 
 
@@ -194,7 +196,13 @@ class SQLiteStore(Store):
             try:
                 await self._checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
-                log.warning("sqlite: checkpoint failed: %s", exc)
+                # A full disk shows here first: the WAL can still take
+                # writes in the space it has, the database file cannot grow.
+                if "checkpoint" not in self.failfast.failing:
+                    log.warning("sqlite: checkpoint failed: %s", exc)
+                self.failfast.observe("checkpoint", f"sqlite: checkpoint: {exc}")
+            else:
+                self.failfast.observe("checkpoint", None)
 
     async def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         return list(await self._db.execute_fetchall(sql, params))
@@ -282,7 +290,16 @@ class SQLiteStore(Store):
         return self._rates.hit(key, window, now)
 
     async def _ping(self) -> None:
-        await self._rows("SELECT 1")
+        """A real write (a disk that is full or read-only refuses it), then
+        the reader (a file replaced by garbage fails to read)."""
+        await self._rows("INSERT INTO health (key, at) VALUES ('ping', ?) "
+                         "ON CONFLICT (key) DO UPDATE SET at = excluded.at", (self.clock(),))
+        self._reader.execute("SELECT count(*) FROM health").fetchone()
+
+    @staticmethod
+    def fatal(exc: BaseException) -> bool:
+        """SQLITE_CORRUPT and SQLITE_NOTADB: the file is damaged."""
+        return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
     async def _purge(self, now: float) -> int:
         removed = 0

@@ -31,7 +31,9 @@ class Guard:
     def __init__(self, workdir: Path, upstream_port: int, extra: str = "", port: int | None = None,
                  upstream_extra: str = "", state_url: str | None = None,
                  listen: tuple[str, ...] = ("127.0.0.1",), source: Path | None = None,
-                 command: str = "serve") -> None:
+                 command: str = "serve", wrap: tuple[str, ...] = (), state_extra: str = "") -> None:
+        self.state_extra = state_extra  # more [state] keys (deadline, breaker_backoff, ...)
+        self.wrap = wrap  # a command line that runs the rest (e.g. unshare -m ... for a private tmpfs)
         self.command = command  # "policy": the policy service alone (its [policy] listen in extra)
         self.port = port or free_port()
         self.source = source  # another checkout to run smtpguard from (bench/relay.py --baseline)
@@ -61,6 +63,7 @@ class Guard:
             f'listen = "127.0.0.1:{self.metrics_port}"\n'
             "[state]\n"
             f'url = "{self.state_url}"\n'
+            + self.state_extra
             + ("" if "[pregreet]" in rest else f'[pregreet]\ngreet_wait = "{PREGREET_WAIT}"\n')
             + ("" if "[dns]" in rest or "[client_name]" in rest else NO_DNS)
             + rest
@@ -71,7 +74,7 @@ class Guard:
         offset = len(self.full_log())  # a restart appends to the same log
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpguard", self.command, "-c", str(self.config)],
+            [*self.wrap, sys.executable, "-m", "smtpguard", self.command, "-c", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)},
             # ``-m`` puts the working directory first on sys.path, before PYTHONPATH:

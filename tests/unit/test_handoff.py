@@ -70,3 +70,17 @@ def test_send_fails_without_passing_anything(tmp_path: Path) -> None:
         with pytest.raises(BlockingIOError):  # a full backlog: postscreen's "all server ports are busy"
             for _ in range(64):
                 handoff.send(full, some.fileno(), ("192.0.2.7", 1), ("192.0.2.1", 25))
+
+
+def test_unknown_pass_service_is_not_trusted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """postconf (the real one) on a directory with no Postfix configuration:
+    nothing is known, so no client is handed off, and the warning says what to add."""
+    cfg = from_dict({"handoff": {"socket": "/var/spool/postfix/public/smtpguard",
+                                 "postfix_config_directory": str(tmp_path)}}).handoff
+    found = handoff.check_pass_service(cfg)
+    assert not found.safe
+    assert not handoff.handoff_allowed(cfg)
+    assert '"  -o smtpd_forbid_bare_newline=normalize" under the "smtpguard pass ... smtpd" line' in caplog.text
+    trusting = from_dict({"handoff": {"socket": "/run/x", "require_forbid_bare_newline": False}}).handoff
+    assert handoff.handoff_allowed(trusting)
+    assert not handoff.handoff_allowed(from_dict({}).handoff)  # no socket

@@ -143,3 +143,36 @@ def test_journal_unreachable_falls_back_to_stderr(restore_logger: None, tmp_path
     logs.setup(LogConfig(output="journal"))
     logs.log.info("CONNECT from [192.0.2.7]:1 to [192.0.2.1]:25")
     assert capsys.readouterr().err == f"postfix/smtpd[{os.getpid()}]: CONNECT from [192.0.2.7]:1 to [192.0.2.1]:25\n"
+
+
+def test_syslog_without_dev_log_falls_back_to_stderr(restore_logger: None, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """No syslog daemon (a container without /dev/log): before, every line
+    became a '--- Logging error ---' traceback and the log was lost."""
+    missing = str(tmp_path / "no-dev-log")
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", missing)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # setup() binds the stream capsys gives
+    assert logs.syslog_problem() is not None
+    logs.setup(LogConfig(output="syslog"))
+    logs.log.info("CONNECT from [192.0.2.7]:40123 to [192.0.2.1]:25")
+    err = capsys.readouterr().err
+    assert "Logging error" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2, lines
+    assert re.search(rf"postfix/smtpd\[\d+\]: warning: \[log\] output = syslog: cannot send to {missing}: .*"
+                     r"logging to stderr instead$", lines[0]), lines
+    assert lines[1].endswith("CONNECT from [192.0.2.7]:40123 to [192.0.2.1]:25")
+
+
+def test_check_config_warns_about_missing_syslog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from smtpguard import cli
+
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "no-dev-log"))
+    config = tmp_path / "smtpguard.toml"
+    config.write_text('[log]\noutput = "syslog"\n')
+    assert cli.main(["check-config", "-c", str(config)]) == 0
+    out = capsys.readouterr()
+    assert "configuration OK" in out.out
+    assert "warning: [log] output = syslog: cannot send to" in out.err

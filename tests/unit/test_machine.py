@@ -384,6 +384,61 @@ def test_timeouts_follow_the_stage() -> None:
     assert m.timeout == server.command_timeout
 
 
+def test_a_session_under_stress_gets_the_stress_timeout_and_greet_wait() -> None:
+    """smtpguard.stress: a session that started under stress (the pipeline
+    set ``session.stress`` at connect) waits the [stress] greet_wait and
+    command_timeout when they are shorter; its DATA timeout stays."""
+    m = greeting_machine(frozenset({PREGREET_DUE}))
+    m.connect()
+    m.session.stress = True  # as Pipeline.on_connect decides
+    [_, wait] = m.answer(OK)
+    assert wait == GreetWait(m.cfg.stress.greet_wait, False) == GreetWait(2.0, False)
+    m.answer(Greeted(b"", 0.0, eof=False)), m.answer(OK), m.answer(OK)
+    assert m.greeted and m.timeout == 10.0  # not command_time_limit nor command_timeout (300 s)
+    m.session.screened = True
+    assert m.timeout == 10.0
+    m.in_data = True
+    assert m.timeout == m.cfg.server.data_timeout
+
+
+def test_the_reply_to_the_final_dot_waits_data_done_timeout() -> None:
+    """RFC 1047: while Postfix's reply to the final dot is outstanding, the
+    machine's timeout (the client's idle timer) is upstream.data_done_timeout
+    and a little more, not server.data_timeout, so only the upstream's own
+    timer ends that wait; once the reply came, the stage's timeout again."""
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, data_timeout=5.0, command_timeout=30.0),
+                              upstream=dataclasses.replace(cfg.upstream, data_done_timeout=600.0))
+    timeouts: list[float] = []
+    machine = SessionMachine(cfg, Session(parse_ip("192.0.2.7"), 40123, "192.0.2.1", 25), False, clock=lambda: 100.0)
+    for event, expected, timeout in [
+        *((event, expected, 30.0) for event, expected in ENVELOPE),
+        (b"DATA\r\n", ["Screen command"], 30.0),
+        (OK, ["Screen data"], 30.0),
+        (OK, ["Upstream DATA 1"], 30.0),
+        (up("354 End data with <CR><LF>.<CR><LF>"), ["Send 354 End data with <CR><LF>.<CR><LF>", "ReadBody"], 5.0),
+        (b"Subject: x\r\n\r\nhello\r\n", ["Upstream Subject: x||hello 0"], 5.0),  # a body drain: data_timeout
+        ([], ["ReadBody"], 5.0),
+        (b".\r\n", ["Upstream . 1"], 601.0),  # the end of data at Postfix, its reply outstanding
+        (up("250 2.0.0 Ok: queued as 4ABC"), ["Send 250 2.0.0 Ok: queued as 4ABC"], 30.0),
+    ]:
+        fresh = isinstance(event, bytes) and not machine.busy
+        actions = machine.command(event) if fresh else machine.answer(event)
+        assert [show(a) for a in actions] == list(expected), f"after {event!r}"
+        timeouts.append(machine.timeout)
+        assert machine.timeout == timeout, f"after {event!r}"
+    assert max(timeouts) == cfg.upstream.data_done_timeout + 1.0
+
+
+def test_postfix_failing_the_final_dot_ends_the_data_done_wait() -> None:
+    m = run([*ENVELOPE, (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+             (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"]), (b"x\r\n.\r\n", ["Upstream x|. 1"])])
+    assert m.timeout > m.cfg.upstream.data_done_timeout
+    assert [show(a) for a in m.answer(UpstreamError("timeout waiting for a reply"))] == [
+        "AbortUpstream", "Send 451 4.4.2 Error: lost connection to mail service, try again later"]
+    assert m.timeout == m.cfg.server.command_timeout
+
+
 def test_timed_out_in_data_aborts_the_upstream_message(caplog: pytest.LogCaptureFixture) -> None:
     m = run([*ENVELOPE, (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
              (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"])])

@@ -4,7 +4,6 @@ cache and rate counters on a fake clock (no sleeping)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ class FakeClock:
         return self.now
 
 
-def make(data: dict[str, Any] | None = None) -> tuple[Pipeline, FakeClock, MemoryStore]:
+def make(data: dict[str, Any] | None = None, handoff_allowed: bool = True) -> tuple[Pipeline, FakeClock, MemoryStore]:
     clock = FakeClock()
     store = MemoryStore(clock)
-    return Pipeline(from_dict(data or {}), store, clock), clock, store
+    return Pipeline(from_dict(data or {}), store, clock, handoff_allowed=handoff_allowed), clock, store
 
 
 def session(ip: str = "192.0.2.7") -> Session:
@@ -93,6 +92,7 @@ async def test_pass_new_then_pass_old_then_expiry(caplog: pytest.LogCaptureFixtu
     assert "pregreet" not in s.todo and "PASS NEW" not in caplog.text
     await p.on_relayed(s)
     assert "PASS NEW [192.0.2.7]:40123" in caplog.text
+    await store.write_behind.wait()  # cache writes are off the reply path
     cache = await store.get_cache("192.0.2.7")
     assert cache["pregreet"] == clock.now + 86400 and cache["pipelining"] == clock.now + 30 * 86400
 
@@ -129,8 +129,11 @@ async def test_handoff_for_allowlisted_and_pass_old_clients_greylisting_would_no
         p, _, _ = make({"handoff": {**handoff, "ipv6": ipv6}, "access": {"client_table": f"cidr:{table}"}})
         v = await p.on_connect(session("2001:db8::7"), 1, 1)
         assert v.action is (Action.PASS if ipv6 else Action.CONTINUE)
-    # Without [handoff] socket, nobody.
+    # Without [handoff] socket, nobody; nor when the pass service was not found safe (handoff_allowed).
     p, _, store = make({"access": {"client_table": f"cidr:{table}"}})
+    assert code(await p.on_connect(session("2001:db8::7"), 1, 1)) == CONT
+    p, _, store = make({"handoff": {**handoff, "ipv6": True}, "access": {"client_table": f"cidr:{table}"}},
+                       handoff_allowed=False)
     assert code(await p.on_connect(session("2001:db8::7"), 1, 1)) == CONT
 
 
@@ -141,6 +144,7 @@ async def test_failed_test_is_not_cached_and_rejects_at_rcpt(caplog: pytest.LogC
     await p.on_connect(s, 1, 1)
     assert code(await p.on_greet(s, b"EHLO bot\r\n", 0.25)) == CONT  # enforce: keep talking
     assert "PREGREET 10 after 0.25 from [192.0.2.7]:40123: EHLO bot\\r\\n" in caplog.text
+    await store.write_behind.wait()
     assert (await store.get_cache("192.0.2.7")).get("pregreet", 0.0) == 0.0
     s.helo, s.sender = "bot", "x@y.example"
     assert str((await p.on_rcpt(s, "a@b.example")).reply) == "550 5.5.1 Protocol error"
@@ -296,26 +300,35 @@ async def test_access_warn_text_is_not_parsed_back(tmp_path: Path, caplog: pytes
     ]
 
 
-class BrokenStore:
-    async def get_cache(self, ip: str) -> dict[str, float]:
+class BrokenStore(MemoryStore):
+    """A store whose backend fails every call."""
+
+    backend_errors = (ConnectionError,)
+
+    def __init__(self) -> None:
+        super().__init__(FakeClock())
+
+    async def _get_tests(self, ip: str, now: float) -> dict[str, float]:
         raise ConnectionError("redis down")
 
-    async def put_cache(self, ip: str, tests: Mapping[str, float]) -> None:
+    async def _put_tests(self, ip: str, tests: dict[str, float], now: float) -> None:
         raise ConnectionError("redis down")
 
-    async def hit_rate(self, key: str, window: float) -> int:
+    async def _hit_rate(self, key: str, window: float, now: float) -> int:
         raise ConnectionError("redis down")
 
 
 async def test_store_failure_fails_open(caplog: pytest.LogCaptureFixture) -> None:
-    p = Pipeline(from_dict({"limits": {"connection_rate_limit": 1}}), BrokenStore(), FakeClock())
+    store = BrokenStore()
+    p = Pipeline(from_dict({"limits": {"connection_rate_limit": 1}}), store, FakeClock())
     s = session()
     assert code(await p.on_connect(s, 1, 1)) == CONT  # no rate known: not limited
     assert s.todo == {"pregreet", "pipelining", "non_smtp", "bare_newline"}  # no cache: all tests run
     assert code(await p.on_greet(s, b"", 0.0)) == CONT
     await p.on_relayed(s)
-    assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: redis down" in caplog.text
-    assert "state store: allowlist cache update for 192.0.2.7 failed: redis down" in caplog.text
+    await store.write_behind.wait()
+    assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: memory: redis down" in caplog.text
+    assert "state store: allowlist cache update for 192.0.2.7 failed: memory: redis down" in caplog.text
 
 
 # ---------------------------------------------------------------- greylisting

@@ -107,6 +107,7 @@ async def test_dnswl_is_a_session_fact_and_skips_the_protocol_tests() -> None:
     plain = await connect(p, GOOD)
     assert not plain.dnswl
     # Not cached (postscreen): the next connection is looked up, and DNSWL, again.
+    await p.store.write_behind.wait()
     assert "dnsbl" not in await p.store.get_cache(DNSWL)
     assert (await connect(p, DNSWL)).dnswl
 
@@ -115,6 +116,7 @@ async def test_dnsbl_pass_is_cached_for_the_clamped_ttl_and_pass_old_skips_looku
     p, zone, clock = make({"dnsbl": {**DNSBL, "min_ttl": "60s", "max_ttl": "120s"}})
     s = await connect(p, GOOD)  # NXDOMAIN everywhere: negative TTL 300s, clamped to 120s
     assert "dnsbl" not in s.todo
+    await p.store.write_behind.wait()
     assert (await p.store.get_cache(GOOD))["dnsbl"] == clock.now + 120
     zone.calls.clear()
     s = session(GOOD)
@@ -230,6 +232,7 @@ async def test_a_list_slower_than_the_greet_wait_counts_as_not_listed(caplog: py
         assert (await p.on_banner(s)).action is Action.CONTINUE  # at the end of the wait, not later
     assert "DNSBL rank 0 for [192.0.2.2]:40123 (zen.test=lookup failed, wl.test=lookup failed)" in caplog.text
     assert not s.delayed
+    await p.store.write_behind.wait()
     assert (await p.store.get_cache(LISTED))["dnsbl"] > 0  # a pass, for min_ttl
     zone.gate.set()
 

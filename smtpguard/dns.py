@@ -313,6 +313,7 @@ class DnsResolver:
         self._inflight: dict[_Key, asyncio.Task[DnsResult[str]]] = {}
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._failures: dict[tuple[str, str], Any] = {}  # (rdtype, error) -> metric child
+        METRICS.init_dns()
 
     async def a(self, name: str) -> DnsResult[str]:
         return await self._lookup(name, "A")

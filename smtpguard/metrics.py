@@ -55,6 +55,24 @@ RELOAD_RESULTS = ("success", "failure")
 #: where a decision was made: the SMTP front end or the Postfix policy service
 MODES = ("frontend", "policy")
 POLICY_PROBLEMS = ("malformed", "timeout", "overload", "internal")
+#: a check's outcome (:class:`smtpguard.verdict.Outcome`'s values)
+CHECK_OUTCOMES = ("pass", "fail", "skip")
+#: smtpguard's own refusals whose stage and code no setting changes: 421 at CONNECT (all server
+#: ports busy, connection limits), 550 and 552 at END-OF-MESSAGE (bare newline or NUL; size or
+#: line length).  Other codes come from configured replies and appear with their first event.
+FIXED_REJECTS = (("CONNECT", "421"), ("END-OF-MESSAGE", "550"), ("END-OF-MESSAGE", "552"))
+#: connections refused at the banner for a fixed reason (:func:`reject_reason`)
+CONNECTION_REFUSALS = ("busy",)
+#: where the upstream (Postfix) connection can fail (smtpguard.machine's _upstream_failed)
+UPSTREAM_STAGES = ("RCPT", "DATA", "END-OF-MESSAGE", "RSET")
+#: the state store's operations that count their failures
+STORE_OPERATIONS = ("greylist", "cache_get", "cache_put", "rate")
+#: the record types the resolver asks, and how a query can fail
+DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
+DNS_ERRORS = ("timeout", "servfail")
+#: the policy service's answers (``default``: a request it could not evaluate;
+#: ``defer_if_permit``: [policy] greylist_action's default)
+POLICY_ACTIONS = ("dunno", "prepend", "warn", "defer_if_permit", "defer", "reject", "default")
 
 
 @dataclass(frozen=True)
@@ -241,16 +259,39 @@ class Metrics:
         _init_labels(m.spf_results, "result", SPF_RESULTS)
         _init_labels(m.reloads, "result", RELOAD_RESULTS)
         _init_labels(m.policy_errors, "problem", POLICY_PROBLEMS)
+        for stage, code in FIXED_REJECTS:
+            m.rejects.labels(stage=stage, code=code)
+        _init_labels(m.connections_rejected, "reason", CONNECTION_REFUSALS)
+        _init_labels(m.upstream_errors, "stage", UPSTREAM_STAGES)
+        _init_labels(m.store_errors, "operation", STORE_OPERATIONS)
         m.config_last_reload_success.set(1)
         m.store_up.set(1)
         m.config_last_reload_timestamp.set_to_current_time()
         return m
 
-    def init_checks(self, checks: Iterable[str]) -> None:
-        """Export ``screening_verdicts`` at 0 for every action of *checks*."""
+    def init_checks(self, checks: Iterable[str], mode: str = "frontend") -> None:
+        """Export ``check_results`` (every outcome) and, for the front end,
+        ``screening_verdicts`` (every action) at 0 for *checks*."""
         for check in checks:
-            for action in SCREENING_ACTIONS:
-                self.screening_verdicts.labels(check=check, action=action)
+            for outcome in CHECK_OUTCOMES:
+                self.check_results.labels(mode=mode, check=check, outcome=outcome)
+            if mode == "frontend":
+                for action in SCREENING_ACTIONS:
+                    self.screening_verdicts.labels(check=check, action=action)
+
+    def init_dns(self) -> None:
+        """Export the resolver's latency and error series at 0 (each record type)."""
+        for rdtype in DNS_TYPES:
+            self.dns_query_seconds.labels(type=rdtype)
+            for error in DNS_ERRORS:
+                self.dns_errors.labels(type=rdtype, error=error)
+
+    def init_policy(self, states: Iterable[str]) -> None:
+        """Export ``policy_requests`` at 0 for each protocol_state the
+        configured checks run at and every answer."""
+        for state in states:
+            for action in POLICY_ACTIONS:
+                self.policy_requests.labels(state=state, action=action)
 
     def init_dnsbl_lists(self, lists: Iterable[str]) -> None:
         """Export ``dnsbl_hits`` at 0 for each configured list domain."""

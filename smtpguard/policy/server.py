@@ -68,6 +68,9 @@ class PolicyServer:
         return self._engine
 
     async def start(self, endpoints: tuple[Endpoint, ...]) -> None:
+        checks = self.cfg.checks
+        METRICS.init_policy(sorted({state for check in checks for state in check.states}))
+        METRICS.init_checks((c.name for c in checks if c.name in _ONE_NAME), mode="policy")
         loop = asyncio.get_running_loop()
         try:
             for ep in endpoints:
@@ -114,6 +117,10 @@ class PolicyServer:
         self._latency.observe(time.perf_counter() - started)
 
 
+#: the policy checks whose results carry the check's own name (helo, sender, recipient and
+#: client_name report the sub-check that decided, e.g. helo_required, sender_non_fqdn)
+_ONE_NAME = frozenset({"client_access", "dnsbl", "rhsbl_reverse_client", "rhsbl_helo", "rhsbl_sender",
+                       "helo_hostname", "sender_domain", "greylist"})
 _STATES = frozenset({"CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE", "VRFY", "ETRN"})
 
 

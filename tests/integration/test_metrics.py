@@ -99,6 +99,9 @@ def test_metrics_exact_counts(backend: PrivatePostfix, make_guard: Callable[...,
     for mode in ("frontend", "policy"):
         for outcome in ("new", "early_retry", "passed", "known", "allowlisted"):
             assert ("smtpguard_greylist_total", frozenset({("mode", mode), ("outcome", outcome)})) in before
+    assert value(before, "smtpguard_rejects_total", stage="END-OF-MESSAGE", code="550") == 0
+    assert value(before, "smtpguard_store_errors_total", operation="cache_get") == 0
+    assert value(before, "smtpguard_check_results_total", mode="frontend", check="pregreet", outcome="fail") == 0
     scripted_sessions(backend, g)
     s = wait_metric(g.metrics_port, "smtpguard_sessions_active", 0)
     assert value(s, "smtpguard_connections_total") == 6
@@ -112,7 +115,9 @@ def test_metrics_exact_counts(backend: PrivatePostfix, make_guard: Callable[...,
     assert value(s, "smtpguard_upstream_connect_seconds_count") == 4
     assert value(s, "smtpguard_upstream_data_seconds_count") == 3
     assert value(s, "smtpguard_upstream_connect_seconds_sum") > 0
-    assert not [k for k in s if k[0] == "smtpguard_upstream_errors_total"]
+    upstream_errors = {dict(labels)["stage"]: v for (n, labels), v in s.items()
+                       if n == "smtpguard_upstream_errors_total"}
+    assert upstream_errors == {"RCPT": 0, "DATA": 0, "END-OF-MESSAGE": 0, "RSET": 0}  # at 0 from the start
     # No label anywhere carries a client address.
     assert not any("127.0.0." in v for (_, labels) in s for _, v in labels)
 

@@ -66,3 +66,60 @@ def test_process_metrics_and_dns_buckets_to_the_lifetime() -> None:
     bounds = [float(s.labels["le"]) for s in families["smtpguard_dns_query_seconds"].samples
               if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"]
     assert max(bounds) >= DnsConfig().lifetime
+
+
+def _literals(path: str, pattern: str) -> set[str]:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "smtpguard"
+    return {m for f in root.rglob(path) for m in re.findall(pattern, f.read_text())}
+
+
+def test_every_known_label_set_starts_at_zero() -> None:
+    """Issue 17: each labelled counter whose label values are finite and
+    known exports them at 0 before the first event; the sets are the ones
+    the code really uses (read from its source), not a copy that drifts."""
+    from smtpguard import metrics
+    from smtpguard.verdict import Outcome
+
+    assert set(metrics.CHECK_OUTCOMES) == {o.value for o in Outcome}
+    assert set(metrics.UPSTREAM_STAGES) == _literals("machine.py", r'_upstream_failed\([a-z_]+, "([A-Z-]+)"\)')
+    assert set(metrics.STORE_OPERATIONS) == _literals("*.py", r'store_errors\.labels\(operation="([a-z_]+)"\)')
+    assert set(metrics.POLICY_PROBLEMS) == _literals("policy/server.py", r'policy_errors\.labels\(problem="(\w+)"\)')
+    kinds = _literals("policy/*.py", r'Answer\([^\n]*?, "([a-z_]+)"')
+    kinds |= {"defer_if_permit", "defer", "reject"}  # greylist_action's; a reply's, by its code (engine._answer)
+    kinds |= _literals("policy/server.py", r'count\(req\.state, "([a-z]+)"')
+    assert kinds == set(metrics.POLICY_ACTIONS)
+    # The fixed refusals are the data scanner's replies and the busy listener's.
+    scanner = {str(REPLIES[k].code) for k in ("bare_newline", "nul_in_data", "too_big", "data_line_too_long")}
+    assert {c for s, c in metrics.FIXED_REJECTS if s == "END-OF-MESSAGE"} == scanner
+    assert ("CONNECT", str(REPLIES["busy"].code)) in metrics.FIXED_REJECTS
+
+    m = Metrics.create()
+    m.init_checks(["pregreet"])
+    m.init_checks(["greylist"], mode="policy")
+    m.init_dns()
+    m.init_policy(["RCPT"])
+    families = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+
+    def series(name: str) -> dict[frozenset[tuple[str, str]], float]:
+        return {frozenset(s.labels.items()): s.value for s in families[name].samples if s.name == f"{name}_total"}
+
+    expected = {
+        "smtpguard_rejects": [{"stage": s, "code": c} for s, c in metrics.FIXED_REJECTS],
+        "smtpguard_connections_rejected": [{"reason": "busy"}],
+        "smtpguard_upstream_errors": [{"stage": s} for s in metrics.UPSTREAM_STAGES],
+        "smtpguard_store_errors": [{"operation": o} for o in metrics.STORE_OPERATIONS],
+        "smtpguard_check_results": [{"mode": mode, "check": check, "outcome": o} for o in metrics.CHECK_OUTCOMES
+                                    for mode, check in (("frontend", "pregreet"), ("policy", "greylist"))],
+        "smtpguard_screening_verdicts": [{"check": "pregreet", "action": a} for a in metrics.SCREENING_ACTIONS],
+        "smtpguard_dns_errors": [{"type": t, "error": e} for t in metrics.DNS_TYPES for e in metrics.DNS_ERRORS],
+        "smtpguard_policy_requests": [{"state": "RCPT", "action": a} for a in metrics.POLICY_ACTIONS],
+    }
+    for name, label_sets in expected.items():
+        got = series(name)
+        assert got == {frozenset(d.items()): 0.0 for d in label_sets}, name
+    counts = {s.labels["type"] for s in families["smtpguard_dns_query_seconds"].samples
+              if s.name == "smtpguard_dns_query_seconds_count"}
+    assert counts == set(metrics.DNS_TYPES)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,5 +273,76 @@ def test_greylist_pass_rate_query_equals_smtpguard_report(backend: PrivatePostfi
         report = json.loads(r.stdout)["greylist"]
         assert (report["triplets"], report["passed"]) == (4, 2)
         assert from_prometheus == pytest.approx(report["pass_rate"]) == 0.5
+    finally:
+        prom.stop()
+
+
+def documented_queries() -> list[str]:
+    """Every PromQL expression of docs/metrics.md's "What to look at" table."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    table = doc.split("## What to look at", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "PromQL" not in line]
+    exprs = [e.replace("\\|", "|") for row in rows for e in re.findall(r"`([^`]+)`", row.rsplit(" | ", 1)[1])]
+    assert len(rows) >= 15 and len(exprs) > len(rows), rows
+    return exprs
+
+
+def dashboard_queries() -> list[str]:
+    """Every target of the provisioned Grafana dashboard, with Grafana's
+    ``$__rate_interval`` as Grafana would set it for a 1s scrape."""
+    path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "smtpguard.json"
+    panels = json.loads(path.read_text())["panels"]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    assert len(exprs) > 30
+    return [e.replace("$__rate_interval", "30s") for e in exprs]
+
+
+@pytest.mark.prometheus
+@pytest.mark.dns
+def test_every_documented_and_dashboard_query_answers(backend: PrivatePostfix, make_guard: Callable[..., Guard],
+                                                      dns_server: Callable[..., Any], tmp_path: Path) -> None:
+    """Issue 17: each query of docs/metrics.md and of the Grafana dashboard,
+    run by a real Prometheus on real traffic (relayed mail, a DNSBL reject,
+    greylisting, a policy request), returns a series -- never "no data"."""
+    from tests.integration.test_dns_e2e import DNSBL, LISTED, RECORDS
+    from tests.integration.test_policy_e2e import policy_request
+
+    dns = dns_server(RECORDS, timeout_zones=["slow.test"])
+    policy_port = free_port()
+    g = make_guard(backend.port, f'[dns]\nnameservers = ["{dns.address}:{dns.port}"]\ntimeout = "0.5s"\n'
+                                 f'lifetime = "1s"\n' + DNSBL + GREYLIST
+                                 + f'[policy]\nlisten = "127.0.0.1:{policy_port}"\n')
+    prom = PrivatePrometheus(tmp_path, [f"127.0.0.1:{g.metrics_port}"]).start()
+    try:
+        def answered(expr: str) -> list[dict[str, Any]]:
+            return prom.query(expr)
+
+        wait_until(lambda: answered('smtpguard_connections_total{job="smtpguard"}'), timeout=60, interval=0.5,
+                   what="prometheus to scrape smtpguard", on_timeout=prom.log)
+        # A listed client: DNSBL hit, check failure, verdict, smtpguard's own 550 at RCPT.
+        c = RawClient(g.port, source=LISTED)
+        c.reply()
+        assert c.transaction()[2].startswith("550 5.7.1 Service unavailable")
+        c.cmd("QUIT")
+        c.close()
+        # Greylisting: new, then passed after the delay and relayed through Postfix.
+        assert attempt(g.port, "127.0.0.7") == GREYLISTED
+        wait_past(time.time(), DELAY)  # from the answer: the triplet was first seen during the attempt
+        assert attempt(g.port, "127.0.0.7").startswith("250"), g.log()[-3000:]
+        backend.wait_for_messages(1)
+        # The policy service answers a request as Postfix's smtpd would send it.
+        assert policy_request(policy_port, "127.0.9.1", "a@sender.test", "bob@example.test", "i1").startswith(
+            "DEFER_IF_PERMIT")
+        wait_until(lambda: answered("sum(smtpguard_relayed_messages_total) == 1"), timeout=30, interval=0.5,
+                   what="the relayed message in prometheus")
+        time.sleep(2)  # two more scrapes: every rate() has its samples
+        empty = [e for e in documented_queries() + dashboard_queries() if not answered(e)]
+        assert not empty, empty
+        # And the traffic shows where it should.
+        for expr in ("sum(smtpguard_dnsbl_hits_total)", "sum(smtpguard_relayed_messages_total)",
+                     'sum(smtpguard_rejects_total{stage="RCPT",code="550"})',
+                     'sum(smtpguard_greylist_total{outcome="passed"})', "sum(smtpguard_policy_requests_total)"):
+            [result] = answered(expr)
+            assert float(result["value"][1]) >= 1, expr
     finally:
         prom.stop()

@@ -15,10 +15,13 @@ a context that fails to build keeps the previous one.
 one STARTTLS is simply not offered) and ``encrypt`` (MAIL before STARTTLS
 gets ``530 5.7.0 Must issue a STARTTLS command first``).
 
-Postfix 3.7's XCLIENT cannot carry TLS state (``PROTO=ESMTPS`` is answered
-``501 5.5.4 Bad PROTO syntax``), so the relay says ``PROTO=ESMTP`` and the
-TLS facts live in our log: :func:`describe` gives smtpd's wording for the
-``Anonymous TLS connection established from ...`` line.
+Postfix's XCLIENT cannot carry TLS state (3.7 to 3.12: ``PROTO`` is ``SMTP``
+or ``ESMTP``, ``PROTO=ESMTPS`` is answered ``501 5.5.4 Bad PROTO syntax``, and
+no attribute is about TLS), so the relay says ``PROTO=ESMTP``, Postfix's
+``Received:`` says ``with ESMTP`` and the TLS facts live in our log:
+:func:`describe` gives smtpd's wording for the ``Anonymous TLS connection
+established from ...`` line (docs/transport.md, "What the Received: header
+shows after STARTTLS").
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Certificates come from a throw-away CA made by ``trustme`` per test.
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -392,3 +393,27 @@ def test_ipv6_proxied_client(v6_backend: PrivatePostfix, make_guard: Callable[..
     deliver_raw(c, "v6 proxied")
     v6_backend.wait_for_log(r"client=unknown\[2001:db8::44\]")
     g.wait_for_log(r"CONNECT from \[2001:db8::44\]:40046 to \[2001:db8::25\]:25")
+
+
+def test_received_header_after_starttls_says_esmtp(backend: PrivatePostfix, tls_guard: Guard, certs: Certs) -> None:
+    """docs/transport.md, "What the Received: header shows after STARTTLS":
+    Postfix's XCLIENT has no way to carry TLS (PROTO is SMTP or ESMTP), so its
+    Received: says ``with ESMTP`` and has no ``(using ...)`` comment even with
+    smtpd_tls_received_header = yes; the TLS facts are in smtpguard's log."""
+    backend.postconf(smtpd_tls_received_header="yes")
+    with smtplib.SMTP(backend.host, backend.port, timeout=10) as direct:
+        direct.ehlo("probe.example")
+        assert direct.has_extn("xclient")
+        code, reply = direct.docmd("XCLIENT", "PROTO=ESMTPS")
+        assert (code, reply) == (501, b"5.5.4 Bad PROTO syntax: ESMTPS")
+    with smtplib.SMTP("127.0.0.1", tls_guard.port, source_address=("127.0.0.9", 0)) as c:
+        c.ehlo("tls.example")
+        c.starttls(context=certs.client_context())
+        c.ehlo("tls.example")
+        c.sendmail("alice@sender.test", ["bob@example.test"], b"Subject: tls\r\n\r\nover TLS\r\n")
+    [msg] = backend.wait_for_messages(1)
+    received = msg.split(b"\n\n", 1)[0].split(b"Received:")[1]  # Postfix's, the first
+    assert b"from tls.example (unknown [127.0.0.9])" in received
+    assert re.search(rb"\(Postfix\) with ESMTP id ", received), received
+    assert b"ESMTPS" not in msg and b"using TLS" not in msg
+    tls_guard.wait_for_log(TLS_LINE.format(ip=r"127\.0\.0\.9"))

@@ -32,7 +32,8 @@ from .options import HostPort
 _ACTION = ("What a client that fails this test gets: `enforce` rejects each RCPT with the test's 5xx "
            "(postscreen's enforce), `tempfail` the 4xx form, `drop` sends 521 and hangs up, "
            "`ignore` only logs and counts (Postfix's `warn_if_reject`).")
-_LIMIT_ACTION = "`drop`: answer `421 4.7.0` and hang up; `ignore`: only log the warning and count."
+_LIMIT_ACTION = ("`drop`: answer `421 4.7.0` and hang up (the sender rate: `450 4.7.1`, that message deferred); "
+                 "`ignore`: only log the warning and count.")
 _TTL = "How long a pass of this test is remembered for the client's address (postscreen's temporary allowlist)."
 _REJECT_CODE = "Reply code for a definite failure: 4xx (the sender retries) or 5xx (permanent)."
 _ON_DNS_ERROR = ("When the DNS lookup fails temporarily: `tempfail` answers 450 (Postfix's default), "
@@ -89,7 +90,12 @@ DESCRIPTIONS: dict[str, str] = {
     "limits.action": _LIMIT_ACTION,
     "limits.connection_count_limit": "Sessions one client address may have at once; 0: no limit.",
     "limits.connection_rate_limit": "Connections one client address may open per `rate_time_unit`; 0: no limit.",
-    "limits.rate_time_unit": "The period the connection rate is counted over.",
+    "limits.sender_rate_limit": "Messages one sender address may send per `rate_time_unit`, counted by the "
+                                "policy service's `sender_rate` check (`[policy] checks`) once per message; over "
+                                "it, that message's recipients get `450 4.7.1 Error: too much mail from <sender>` "
+                                "(like smtpd_client_message_rate_limit, per sender rather than per client; "
+                                "policyd's sender quota). 0: no limit.",
+    "limits.rate_time_unit": "The period the connection and sender rates are counted over.",
     "limits.exceptions": "Client networks the limits do not apply to.",
     "access.enabled": "Look clients up in `client_table` at connect.",
     "access.mynetworks": "The networks `permit_mynetworks` in `client_table` permits (Postfix's "
@@ -196,8 +202,8 @@ DESCRIPTIONS: dict[str, str] = {
                         "is ordinary greylisting. The auto-allowlist still counts client networks.",
     "policy.listen": "Where the policy service listens for Postfix (`\"127.0.0.1:10023\"` or `\"unix:/path\"`); "
                      "empty: `serve` runs no policy service.",
-    "policy.checks": "The checks the service runs, each at `RCPT` or at the states after `@` "
-                     "(`\"rhsbl_helo@HELO,RCPT\"`); each uses its own section's settings.",
+    "policy.checks": "The checks the service runs, each at `RCPT` (`connection_rate`: `CONNECT`) or at the "
+                     "states after `@` (`\"rhsbl_helo@HELO,RCPT\"`); each uses its own section's settings.",
     "policy.default_action": "The answer to a request that cannot be evaluated (malformed, oversized) or that "
                              "failed with an internal error.",
     "policy.greylist_action": "The answer to a greylisted recipient, followed by `4.2.0` and `[greylist] text`.",

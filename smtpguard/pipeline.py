@@ -170,7 +170,7 @@ class Pipeline:
         if v.action is Action.DROP:
             return v
         if rate_enabled(cfg.limits, s.client_ip):
-            rate = await self._hit_rate(f"conn:{client_key(s.client_ip)}", cfg.limits.rate_time_unit)
+            rate = await self.hit_rate(f"conn:{client_key(s.client_ip)}", cfg.limits.rate_time_unit)
             v = self._decide(s, check_connection_rate(cfg.limits, s.client_ip, rate, peer), "connect")
             if v.action is Action.DROP:
                 return v
@@ -482,13 +482,32 @@ class Pipeline:
             METRICS.store_errors.labels(operation="cache_put").inc()
             log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
 
-    async def _hit_rate(self, key: str, window: float) -> int:
+    async def hit_rate(self, key: str, window: float) -> int:
+        """Count a hit of rate counter *key* (``conn:ADDR``, the policy
+        service's ``sender:ADDRESS``), 0 when the store cannot say."""
         try:
             return await self.store.hit_rate(key, window)
         except Exception as exc:
             METRICS.store_errors.labels(operation="rate").inc()
-            log.warning("state store: connection rate for %s unknown, not limited: %s", key, exc)
+            log.warning("state store: rate for %s unknown, not limited: %s", key, exc)
             return 0
+
+    async def cached_pass(self, ip: str, test: str) -> bool:
+        """May *ip* skip *test* by the allowlist cache, as postscreen's
+        temporary allowlist lets it: PASS OLD (the hot set, or every enabled
+        test unexpired in the store; remembered in the hot set), or *test*'s
+        own entry unexpired.  For the policy service, which has no session."""
+        if await self._hot_pass(ip):
+            return True
+        cache = await self._get_cache(ip)
+        if not cache:
+            return False
+        now = self.clock()
+        enabled = self._cacheable
+        if enabled and all(cache.get(t, 0.0) > now for t in enabled):
+            self.hot.remember(ip, min(cache[t] for t in enabled), now)
+            return True
+        return cache.get(test, 0.0) > now
 
     def _pass_new(self, s: Session) -> None:
         if not s.todo and not s.failed:

@@ -35,6 +35,11 @@ class LimitsConfig:
         metadata=opt(parse_int, "smtpd_client_connection_count_limit (postscreen_client_connection_count_limit)"),
     )
     connection_rate_limit: int = field(default=0, metadata=opt(parse_int, "smtpd_client_connection_rate_limit"))
+    sender_rate_limit: int = field(
+        default=0,
+        metadata=opt(parse_int, "policyd (cbpolicyd) quota: Track Sender:user@domain, MessageCount per Period; "
+                                "policy service only"),
+    )
     rate_time_unit: float = field(default=60.0, metadata=opt(parse_duration, "anvil_rate_time_unit"))
     exceptions: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(), metadata=opt(list_of(parse_network), "smtpd_client_event_limit_exceptions")
@@ -49,19 +54,23 @@ def exempt(cfg: LimitsConfig, ip: IPAddress) -> bool:
     return any(ip in net for net in cfg.exceptions)
 
 
-def _over(check: str, cfg: LimitsConfig, ip: IPAddress, reason: str) -> Result:
-    return Result(check, Outcome.FAIL, reason, verdict_for(cfg.action, too_many(ip), as_given=True))
+def too_much_mail(sender: str) -> Reply:
+    """smtpd's reply over smtpd_client_message_rate_limit, for a sender."""
+    return Reply(450, "4.7.1", f"Error: too much mail from <{sender}>")
 
 
-def _limit(check: str, cfg: LimitsConfig, ip: IPAddress, value: int, limit: int, counted: str, exceeded: str) -> Result:
-    """The shape both anvil limits share: off, exempt, within, or over."""
+def _limit(check: str, cfg: LimitsConfig, ip: IPAddress, value: int, limit: int, counted: str, exceeded: str,
+           reply: Reply | None = None) -> Result:
+    """The shape the anvil limits share: off, exempt, within, or over
+    (*reply*, default ``421 4.7.0 too many connections``, as given: a 421
+    hangs up, a 450 defers)."""
     if not cfg.enabled or not limit:
         return skip(check, "disabled")
     if exempt(cfg, ip):
         return skip(check, "exempt")
     if value <= limit:
         return passed(check, counted)
-    return _over(check, cfg, ip, exceeded)
+    return Result(check, Outcome.FAIL, exceeded, verdict_for(cfg.action, reply or too_many(ip), as_given=True))
 
 
 def check_connection_count(cfg: LimitsConfig, ip: IPAddress, count: int, who: str) -> Result:
@@ -75,6 +84,16 @@ def check_connection_rate(cfg: LimitsConfig, ip: IPAddress, rate: int, who: str)
     return _limit("connection_rate", cfg, ip, rate, cfg.connection_rate_limit,
                   f"{rate} connections per {cfg.rate_time_unit:g}s",
                   f"Connection rate limit exceeded: {rate} from {who} for service smtp")
+
+
+def check_sender_rate(cfg: LimitsConfig, ip: IPAddress, sender: str, rate: int, who: str) -> Result:
+    """*rate*: messages from *sender* in the last ``rate_time_unit``, this
+    one included (the policy service's per-sender message rate); over the
+    limit ``450 4.7.1 Error: too much mail from <sender>``."""
+    return _limit("sender_rate", cfg, ip, rate, cfg.sender_rate_limit,
+                  f"{rate} messages from <{sender}> per {cfg.rate_time_unit:g}s",
+                  f"Message rate limit exceeded: {rate} from <{sender}> via {who} for service smtp",
+                  too_much_mail(sender))
 
 
 def rate_enabled(cfg: LimitsConfig, ip: IPAddress) -> bool:

@@ -54,6 +54,7 @@ from ..checks.dnsbl import RhsblTarget, check_rhsbl, dnsbl_result, lookup_dnsbl
 from ..checks.domains import check_helo_hostname, check_sender_domain
 from ..checks.greylist import CHECK, State, greylist, greylist_text
 from ..checks.helo import check_helo
+from ..checks.limits import check_connection_rate, check_sender_rate, client_key, exempt
 from ..checks.rdns import ClientNames, NameStatus, check_client_names
 from ..config import Config, ConfigError
 from ..dns import Resolver
@@ -76,7 +77,8 @@ try:
 except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
     VERSION = "0"
 
-#: How many recent message instances remember their X-Greylist header (postgrey: 20).
+#: How many recent message instances remember their X-Greylist header (postgrey: 20),
+#: and their sender-rate result (one count per message, whatever its recipients).
 _INSTANCES = 1000
 
 # Checks that ask the DNS, and the section keys they need.
@@ -116,6 +118,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError("policy.checks", f"{c.name} needs [rhsbl] {key}")
         if c.name == "dnsbl" and not cfg.dnsbl.sites:
             raise ConfigError("policy.checks", "dnsbl needs [dnsbl] sites")
+        if c.name == "connection_rate" and cfg.limits.connection_rate_limit <= 0:
+            raise ConfigError("policy.checks", "connection_rate needs [limits] connection_rate_limit")
+        if c.name == "sender_rate" and cfg.limits.sender_rate_limit <= 0:
+            raise ConfigError("policy.checks", "sender_rate needs [limits] sender_rate_limit")
 
 
 class PolicyEngine:
@@ -124,6 +130,7 @@ class PolicyEngine:
 
     def __init__(self, pipeline: Pipeline, previous: PolicyEngine | None = None) -> None:
         p = pipeline
+        self.pipeline = p
         self.cfg: Config = p.cfg
         validate(self.cfg)
         self.store = p.store
@@ -143,7 +150,11 @@ class PolicyEngine:
         self.instances: collections.OrderedDict[str, None] = (
             previous.instances if previous is not None else collections.OrderedDict())
         self._our_addresses = tuple(hp.host for hp in cfg.server.listen)
+        # Message instances and their sender-rate result (one count per message).
+        self.sender_rates: collections.OrderedDict[str, Result] = (
+            previous.sender_rates if previous is not None else collections.OrderedDict())
         self._runners: dict[str, Callable[[PolicyRequest], Awaitable[Result | None]]] = {
+            "connection_rate": self._connection_rate, "sender_rate": self._sender_rate,
             "client_access": self._client_access, "dnsbl": self._dnsbl, "client_name": self._client_name,
             "rhsbl_reverse_client": self._rhsbl_reverse_client, "helo": self._helo,
             "helo_hostname": self._helo_hostname, "rhsbl_helo": self._rhsbl_helo, "sender": self._sender,
@@ -201,6 +212,43 @@ class PolicyEngine:
 
     # ------------------------------------------------------------ the checks
 
+    async def _connection_rate(self, req: PolicyRequest) -> Result | None:
+        """anvil's smtpd_client_connection_rate_limit on the front end's own
+        counter (``conn:ADDR``): at CONNECT only, so once per SMTP session."""
+        ip = req.client_ip
+        if ip is None:
+            return None
+        cfg = self.sections["connection_rate"]
+        if exempt(cfg, ip):
+            return check_connection_rate(cfg, ip, 0, "")
+        start_deadline(self.cfg.state.deadline)
+        rate = await self.pipeline.hit_rate(f"conn:{client_key(ip)}", cfg.rate_time_unit)
+        return check_connection_rate(cfg, ip, rate, who(req))
+
+    async def _sender_rate(self, req: PolicyRequest) -> Result | None:
+        """Messages per sender address and ``rate_time_unit``: counted at the
+        first MAIL or RCPT request of a message (``instance``); its other
+        requests get the same result.  The null sender is not counted."""
+        sender = req.get("sender")
+        ip = req.client_ip
+        if not sender or ip is None:
+            return None
+        instance = req.get("instance")
+        known = self.sender_rates.get(instance) if instance else None
+        if known is not None:
+            return known
+        cfg = self.sections["sender_rate"]
+        if exempt(cfg, ip):
+            return check_sender_rate(cfg, ip, sender, 0, "")
+        start_deadline(self.cfg.state.deadline)
+        rate = await self.pipeline.hit_rate(f"sender:{sender.lower()}", cfg.rate_time_unit)
+        found = check_sender_rate(cfg, ip, sender, rate, who(req))
+        if instance:
+            self.sender_rates[instance] = found
+            while len(self.sender_rates) > _INSTANCES:
+                self.sender_rates.popitem(last=False)
+        return found
+
     async def _client_access(self, req: PolicyRequest) -> Result | None:
         ip = req.client_ip
         if ip is None:
@@ -213,6 +261,8 @@ class PolicyEngine:
         if ip is None:
             return None
         cfg = self.sections["dnsbl"]
+        if await self.pipeline.cached_pass(str(ip), "dnsbl"):  # postscreen's temporary allowlist
+            return Result("dnsbl", Outcome.SKIP, "allowlist cache: PASS OLD")
         return dnsbl_result(await lookup_dnsbl(self._dns(), cfg, ip), cfg, f"[{ip}]")
 
     async def _client_name(self, req: PolicyRequest) -> Result | None:

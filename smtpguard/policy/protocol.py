@@ -33,6 +33,7 @@ an 8-bit value survives into the log as ``?``.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 from ..net import IPAddress, parse_ip_or_none
@@ -53,6 +54,12 @@ REQUEST_TYPE = "smtpd_access_policy"
 
 #: How many unknown attribute names one request lists (the rest are counted).
 _UNKNOWN_KEPT = 8
+
+#: One whole well-formed request, as Postfix writes it: the fast path of
+#: :meth:`PolicyParser.feed` (one regex and one decode per request instead
+#: of a call per line).  Anything else -- a CR, a bad name, a line without
+#: ``=``, a request split across reads -- goes the line-by-line way.
+_WHOLE_REQUEST = re.compile(rb"(?:[a-z0-9_]+=[^\n\r]*\n)+\n")
 
 
 @dataclass
@@ -109,6 +116,37 @@ class PolicyParser:
     def feed(self, data: bytes) -> list[PolicyRequest]:
         """The requests *data* finished, in order (often none, or one)."""
         done: list[PolicyRequest] = []
+        if not self._buf and not self._skipping_line and not self._current.size:
+            start = self._whole(data, done)
+            if start == len(data):
+                return done
+            data = data[start:]
+        return self._lines(data, done)
+
+    def _whole(self, data: bytes, done: list[PolicyRequest]) -> int:
+        """The fast path: whole well-formed requests at the start of *data*
+        (within both size limits, so no line can be over-long) go to *done*;
+        returns where the rest begins."""
+        limit = min(self.limits.max_line, self.limits.max_request)
+        match = _WHOLE_REQUEST.match
+        pos = 0
+        while True:
+            m = match(data, pos)
+            if m is None:
+                return pos
+            end = m.end()
+            if end - pos > limit:
+                return pos
+            text = data[pos:end - 2].decode("utf-8", "surrogateescape")
+            attrs = dict(line.split("=", 1) for line in text.split("\n"))
+            unknown = [k for k in attrs if k not in KNOWN_ATTRIBUTES]
+            req = PolicyRequest(attrs, [], unknown[:_UNKNOWN_KEPT], end - pos)
+            self._check_type(req)
+            done.append(req)
+            pos = end
+
+    def _lines(self, data: bytes, done: list[PolicyRequest]) -> list[PolicyRequest]:
+        """Line by line, with every check on bad input (see the module docstring)."""
         buf = self._buf
         buf += data
         start = 0
@@ -172,13 +210,17 @@ class PolicyParser:
 
     def _finish(self) -> PolicyRequest:
         req, self._current = self._current, PolicyRequest()
+        self._check_type(req)
+        return req
+
+    @staticmethod
+    def _check_type(req: PolicyRequest) -> None:
         if not req.problems:
             kind = req.attrs.get("request")
             if kind is None:
                 req.problems.append("no request= attribute")
             elif kind != REQUEST_TYPE:
                 req.problems.append(f"unknown request type {_show(kind.encode('utf-8', 'surrogateescape'))}")
-        return req
 
 
 def _is_name(name: bytes) -> bool:

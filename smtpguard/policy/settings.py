@@ -22,6 +22,7 @@ STATES = ("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE", "
 #: greylisting, which postgrey puts last).  Each names the section whose
 #: settings it uses.
 CHECKS: dict[str, str] = {
+    "connection_rate": "limits",
     "client_access": "access",
     "dnsbl": "dnsbl",
     "client_name": "client_name",
@@ -32,9 +33,19 @@ CHECKS: dict[str, str] = {
     "sender": "addresses",
     "sender_domain": "sender_domain",
     "rhsbl_sender": "rhsbl",
+    "sender_rate": "limits",
     "recipient": "addresses",
     "greylist": "greylist",
 }
+
+
+#: Where a check runs when no ``@STATE`` follows its name (RCPT for the others).
+DEFAULT_STATES: dict[str, frozenset[str]] = {"connection_rate": frozenset({"CONNECT"})}
+#: The only states a check may run at: a rate counts each request it sees,
+#: so the connection rate counts at CONNECT (once per SMTP session) and the
+#: sender rate at MAIL or RCPT (once per message, by ``instance``).
+ALLOWED_STATES: dict[str, frozenset[str]] = {"connection_rate": frozenset({"CONNECT"}),
+                                             "sender_rate": frozenset({"MAIL", "RCPT"})}
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,14 @@ def parse_check(value: Any) -> CheckAt:
     name, at, states = text.partition("@")
     if name not in CHECKS:
         raise ValueError(f"unknown check {name!r}; expected one of {', '.join(CHECKS)}")
-    chosen = frozenset(s.strip().upper() for s in states.split(",")) if at else frozenset({"RCPT"})
+    chosen = (frozenset(s.strip().upper() for s in states.split(",")) if at
+              else DEFAULT_STATES.get(name, frozenset({"RCPT"})))
     bad = sorted(chosen - set(STATES))
     if bad:
         raise ValueError(f"unknown protocol_state {bad[0]!r} in {text!r}; expected {', '.join(STATES)}")
+    allowed = ALLOWED_STATES.get(name)
+    if allowed is not None and not chosen <= allowed:
+        raise ValueError(f"{name} runs only at {' or '.join(s for s in STATES if s in allowed)}, not {text!r}")
     return CheckAt(name, chosen)
 
 

@@ -327,7 +327,7 @@ async def test_store_failure_fails_open(caplog: pytest.LogCaptureFixture) -> Non
     assert code(await p.on_greet(s, b"", 0.0)) == CONT
     await p.on_relayed(s)
     await store.write_behind.wait()
-    assert "state store: connection rate for conn:192.0.2.7 unknown, not limited: memory: redis down" in caplog.text
+    assert "state store: rate for conn:192.0.2.7 unknown, not limited: memory: redis down" in caplog.text
     assert "state store: allowlist cache update for 192.0.2.7 failed: memory: redis down" in caplog.text
 
 

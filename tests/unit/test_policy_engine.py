@@ -254,3 +254,115 @@ async def test_client_name_from_postfix_attributes() -> None:
     assert forged.action == "450 4.7.25 Client host rejected: cannot find your hostname, [192.0.2.7]"
     none = await e.decide(request(client_name="unknown", reverse_client_name="unknown"))
     assert none.kind == "defer"
+
+
+# ---------------------------------------------------------------- rate limits (fake clock, memory store)
+
+RATES = {"limits": {"connection_rate_limit": 2, "sender_rate_limit": 2, "rate_time_unit": "60s"},
+         "policy": {"checks": ["connection_rate", "sender_rate"]}}
+
+
+async def test_connection_rate_at_connect_only_once_per_session() -> None:
+    clock = Clock()
+    e = engine(RATES, clock)
+    for n in range(2):
+        assert (await e.decide(request(protocol_state="CONNECT"))).action == "DUNNO"
+        # the session's later requests do not count
+        assert (await e.decide(request(protocol_state="RCPT", instance=f"m{n}"))).action == "DUNNO"
+    over = await e.decide(request(protocol_state="CONNECT"))
+    assert over.action == "421 4.7.0 Error: too many connections from 192.0.2.7" and over.kind == "defer"
+    assert (await e.decide(request(protocol_state="CONNECT", client_address="192.0.2.8"))).action == "DUNNO"
+    clock.now += 61  # anvil's fixed window restarts
+    assert (await e.decide(request(protocol_state="CONNECT"))).action == "DUNNO"
+
+
+async def test_connection_rate_shares_the_front_ends_counter() -> None:
+    clock = Clock()
+    cfg = from_dict(RATES)
+    pipeline = Pipeline(cfg, MemoryStore(clock), clock=clock)
+    e = PolicyEngine(pipeline)
+    from smtpguard.net import parse_ip
+    from smtpguard.session import Session
+
+    await pipeline.on_connect(Session(parse_ip("192.0.2.7"), 40123, "198.51.100.1", 25), 1, 1)
+    assert (await e.decide(request(protocol_state="CONNECT"))).action == "DUNNO"
+    assert (await e.decide(request(protocol_state="CONNECT"))).kind == "defer"
+    v = await pipeline.on_connect(Session(parse_ip("192.0.2.7"), 40124, "198.51.100.1", 25), 1, 1)
+    assert v.reply is not None and v.reply.code == 421
+
+
+async def test_sender_rate_counts_messages_not_recipients(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    e = engine(RATES, clock)
+    for n in range(2):
+        for rcpt in ("a@example.test", "b@example.test", "c@example.test"):
+            assert (await e.decide(request(instance=f"m{n}", recipient=rcpt))).action == "DUNNO"
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    over = await e.decide(request(instance="m2", sender="Alice@Sender.example"))  # the same address
+    assert over.action == "450 4.7.1 Error: too much mail from <Alice@Sender.example>" and over.kind == "defer"
+    assert "Message rate limit exceeded: 3 from <Alice@Sender.example>" in caplog.text
+    assert "check=sender_rate" in caplog.text
+    # every recipient of that message gets the same answer, without another count
+    assert (await e.decide(request(instance="m2", recipient="z@example.test"))).kind == "defer"
+    assert (await e.decide(request(instance="m3", sender="other@sender.example"))).action == "DUNNO"
+    assert (await e.decide(request(instance="m4", sender=""))).action == "DUNNO"  # bounces are not counted
+    clock.now += 61
+    assert (await e.decide(request(instance="m5"))).action == "DUNNO"
+
+
+async def test_sender_rate_at_mail_and_rcpt_counts_a_message_once() -> None:
+    e = engine({**RATES, "policy": {"checks": ["sender_rate@MAIL,RCPT"]}})
+    for n in range(2):
+        assert (await e.decide(request(protocol_state="MAIL", instance=f"m{n}", recipient=""))).action == "DUNNO"
+        assert (await e.decide(request(instance=f"m{n}"))).action == "DUNNO"
+    assert (await e.decide(request(protocol_state="MAIL", instance="m2", recipient=""))).kind == "defer"
+
+
+async def test_rate_limits_ignore_mode_and_exceptions() -> None:
+    limits = {"connection_rate_limit": 1, "sender_rate_limit": 1, "action": "ignore",
+              "exceptions": ["198.51.100.0/24"]}
+    e = engine({"limits": limits, "policy": {"checks": ["connection_rate", "sender_rate"]}})
+    for _ in range(2):
+        assert (await e.decide(request(protocol_state="CONNECT", client_address="198.51.100.9"))).action == "DUNNO"
+    await e.decide(request(protocol_state="CONNECT"))
+    warned = await e.decide(request(protocol_state="CONNECT"))
+    assert warned.kind == "warn" and warned.action.startswith("WARN Connection rate limit exceeded: 2 from")
+    await e.decide(request(instance="m1"))
+    assert (await e.decide(request(instance="m2"))).kind == "warn"
+
+
+def test_rate_checks_need_their_limit_and_their_states() -> None:
+    with pytest.raises(ConfigError, match="connection_rate needs \\[limits\\] connection_rate_limit"):
+        engine({"policy": {"checks": ["connection_rate"]}})
+    with pytest.raises(ConfigError, match="sender_rate needs \\[limits\\] sender_rate_limit"):
+        engine({"policy": {"checks": ["sender_rate"]}})
+    with pytest.raises(ConfigError, match="connection_rate runs only at CONNECT"):
+        from_dict({"limits": {"connection_rate_limit": 5}, "policy": {"checks": ["connection_rate@RCPT"]}})
+    with pytest.raises(ConfigError, match="sender_rate runs only at MAIL or RCPT"):
+        from_dict({"limits": {"sender_rate_limit": 5}, "policy": {"checks": ["sender_rate@DATA"]}})
+
+
+# ---------------------------------------------------------------- the allowlist cache
+
+async def test_pass_old_client_skips_the_dnsbl() -> None:
+    clock = Clock()
+    resolver = FakeResolver({"7.2.0.192.zen.test": ["127.0.0.2"]})
+    e = engine({"dnsbl": {"sites": ["zen.test"]}, "policy": {"checks": ["dnsbl"]}}, clock, resolver)
+    assert (await e.decide(request())).kind == "reject"  # listed, not in the cache
+    # the front end cached a pass of every enabled test for this client: PASS OLD
+    enabled = e.pipeline._cacheable
+    assert enabled
+    await e.store.put_cache("192.0.2.7", {t: T0 + 3600 for t in enabled})
+    assert (await e.decide(request())).action == "DUNNO"
+    assert e.pipeline.hot.passed("192.0.2.7", clock.now)  # remembered in the hot set
+    clock.now += 3601  # the cache entries expired: tested again
+    assert (await e.decide(request())).kind == "reject"
+
+
+async def test_cached_dnsbl_pass_alone_skips_the_dnsbl() -> None:
+    clock = Clock()
+    resolver = FakeResolver({"7.2.0.192.zen.test": ["127.0.0.2"]})
+    e = engine({"dnsbl": {"sites": ["zen.test"]}, "policy": {"checks": ["dnsbl"]}}, clock, resolver)
+    await e.store.put_cache("192.0.2.7", {"dnsbl": T0 + 60, "pregreet": T0 - 1})
+    assert (await e.decide(request())).action == "DUNNO"
+    assert not e.pipeline.hot.passed("192.0.2.7", clock.now)  # not PASS OLD: not remembered

@@ -146,3 +146,26 @@ def test_fuzz_binary(data: bytes) -> None:
     p = PolicyParser(Limits(max_line=512, max_request=2048))
     out = p.feed(data) + p.feed(b"\n\n")
     assert len(out) >= 1  # the two newlines end whatever was open
+
+
+def _parsed(p: PolicyParser, chunks: list[bytes]) -> list[tuple[dict[str, str], list[str], list[str], int]]:
+    return [(r.attrs, r.problems, r.unknown, r.size) for chunk in chunks for r in p.feed(chunk)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(LINES, max_size=40))
+def test_fuzz_whole_requests_parse_as_line_by_line(lines: list[bytes]) -> None:
+    """The fast path (whole requests in one read) gives what the
+    line-by-line path gives (one byte per read never takes the fast path)."""
+    data = b"".join(line + b"\n" for line in lines)
+    limits = Limits(max_line=128, max_request=1024)
+    whole = _parsed(PolicyParser(limits), [data])
+    assert whole == _parsed(PolicyParser(limits), [data[i:i + 1] for i in range(len(data))])
+
+
+def test_fast_path_postfix_requests_pipelined() -> None:
+    one = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=a=b@x.example\nrecipient=c@d.example\n"
+           b"newer_attribute=1\nclient_address=192.0.2.7\n\n")
+    reqs = PolicyParser().feed(one * 3 + b"request=smtpd_access_policy\nsend")
+    assert len(reqs) == 3 and all(r.ok and r.size == len(one) for r in reqs)
+    assert reqs[0].get("sender") == "a=b@x.example" and reqs[0].unknown == ["newer_attribute"]

@@ -846,7 +846,7 @@ class PrivatePostfix(_Instance):
             raise AssertionError(
                 f"[{self.name}] expected {n} delivered message(s) within {timeout}s, "
                 f"got {len(self._mail_files())}\n--- log since mark ---\n{tail(self.log())}"
-                f"--- queue ---\n{self._run(['postqueue', '-c', str(self.conf_dir), '-p'], check=False).stdout}"
+                f"\n--- queue ---\n{self._run(['postqueue', '-c', str(self.conf_dir), '-p'], check=False).stdout}"
                 f"--- processes ---\n{[(p, _comm(p)) for p in _pids_with_cwd_under(self.queue_dir)]}"
             ) from None
         return self.messages()

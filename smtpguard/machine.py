@@ -65,6 +65,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 
 from . import logs, stress, tls
@@ -229,13 +230,14 @@ class SessionMachine:
 
     __slots__ = ("cfg", "session", "clock", "tls_available", "upstream_connected", "_upstream_pipelining",
                  "_upstream_mail", "_upstream_extra", "_rcpt_lines", "in_data", "last_command", "counts",
-                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed", "_data_done")
+                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed", "_data_done", "wallclock")
 
     def __init__(self, cfg: Config, session: Session, tls_available: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.session = session
         self.clock = clock
+        self.wallclock = wallclock  # the date of [tls] received_header's trace header
         self.tls_available = tls_available  # STARTTLS can be offered (a certificate, not yet encrypted)
         self.upstream_connected = False
         self._upstream_pipelining = False  # Postfix got an EHLO: MAIL and RCPT may go in one write
@@ -669,6 +671,22 @@ class SessionMachine:
         if reply.code == 354:
             yield from self._stream_body()
 
+    def _tls_trace_header(self) -> bytes:
+        """With ``[tls] received_header`` and a client on TLS: a ``Received:``
+        line of ours with the TLS facts, as Postfix's smtpd_tls_received_header
+        writes them (Postfix's own Received: cannot carry them: XCLIENT's PROTO
+        is SMTP or ESMTP only).  Never for a plaintext session."""
+        s = self.session
+        if s.tls is None or not self.cfg.tls.received_header:
+            return b""
+        name = s.client_name
+        proto = "ESMTPS" if s.esmtp else "SMTPS"
+        line = (f"Received: from {s.helo or name} ({name} [{s.client_addr}])\r\n"
+                f"\t(using {s.tls})\r\n"
+                f"\tby {self.cfg.server.hostname} (smtpguard) with {proto};\r\n"
+                f"\t{formatdate(self.wallclock(), localtime=True)}\r\n")
+        return line.encode("ascii", "replace")  # every part is ASCII already (the HELO was checked)
+
     def _stream_body(self) -> _Steps:
         """Stream the body to Postfix and relay its end-of-data reply."""
         s, server = self.session, self.cfg.server
@@ -678,6 +696,7 @@ class SessionMachine:
         start = self.clock()
         leftover = b""
         answer: Event = None
+        trace = self._tls_trace_header()  # goes before the first piece of the message
         while not scanner.done:
             chunk = yield ReadBody()
             assert isinstance(chunk, bytes)
@@ -692,12 +711,12 @@ class SessionMachine:
                 self._abort_upstream()  # Postfix discards the partial message
             elif scanner.done:
                 self._data_done = True  # the reply may take upstream.data_done_timeout (see timeout)
-                answer = yield Upstream(out + b".\r\n", 1)  # the last piece, the end marker, the reply
+                answer = yield Upstream(trace + out + b".\r\n", 1)  # the last piece, the end marker, the reply
                 self._data_done = False
                 if isinstance(answer, UpstreamError):
                     upstream_error = answer
             elif out:
-                answer = yield Upstream(out, 0)
+                answer, trace = (yield Upstream(trace + out, 0)), b""
                 if isinstance(answer, UpstreamError):
                     upstream_error = answer
         self.in_data = False

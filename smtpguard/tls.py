@@ -18,7 +18,9 @@ gets ``530 5.7.0 Must issue a STARTTLS command first``).
 Postfix's XCLIENT cannot carry TLS state (3.7 to 3.12: ``PROTO`` is ``SMTP``
 or ``ESMTP``, ``PROTO=ESMTPS`` is answered ``501 5.5.4 Bad PROTO syntax``, and
 no attribute is about TLS), so the relay says ``PROTO=ESMTP``, Postfix's
-``Received:`` says ``with ESMTP`` and the TLS facts live in our log:
+``Received:`` says ``with ESMTP`` and the TLS facts live in our log --
+and, with ``received_header = true``, in a ``Received:`` line of ours the
+session machine puts right under Postfix's:
 :func:`describe` gives smtpd's wording for the ``Anonymous TLS connection
 established from ...`` line (docs/transport.md, "What the Received: header
 shows after STARTTLS").
@@ -31,7 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import ConfigError, one_of, opt, parse_str
+from .options import ConfigError, one_of, opt, parse_bool, parse_str
 from .verdict import Reply
 
 _PROTOCOLS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -61,6 +63,11 @@ class TlsConfig:
         default="TLSv1.2",
         metadata=opt(one_of(*_PROTOCOLS), "smtpd_tls_mandatory_protocols / smtpd_tls_protocols (>=TLSv1.2)"),
     )
+    received_header: bool = field(default=False, metadata=opt(
+        parse_bool, "smtpd_tls_received_header",
+        "Prepend a `Received:` trace header of smtpguard's to a message whose client used TLS, with the "
+        "protocol and cipher (`(using TLSv1.3 with cipher ...)`, `with ESMTPS`), because Postfix's own "
+        "Received: cannot show TLS through XCLIENT. Never added for a plaintext session."))
 
     @property
     def enabled(self) -> bool:

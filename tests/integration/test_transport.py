@@ -417,3 +417,26 @@ def test_received_header_after_starttls_says_esmtp(backend: PrivatePostfix, tls_
     assert re.search(rb"\(Postfix\) with ESMTP id ", received), received
     assert b"ESMTPS" not in msg and b"using TLS" not in msg
     tls_guard.wait_for_log(TLS_LINE.format(ip=r"127\.0\.0\.9"))
+
+
+def test_tls_received_header_when_asked(backend: PrivatePostfix, make_guard: Callable[..., Guard],
+                                        certs: Certs) -> None:
+    """``[tls] received_header = true``: smtpguard's own trace header carries
+    the TLS facts Postfix's cannot; a plaintext session never gets one."""
+    g = make_guard(backend.port, tls_section(certs) + "received_header = true\n")
+    with smtplib.SMTP("127.0.0.1", g.port, source_address=("127.0.0.9", 0)) as c:
+        c.ehlo("tls.example")
+        c.starttls(context=certs.client_context())
+        c.ehlo("tls.example")
+        c.sendmail("alice@sender.test", ["bob@example.test"], b"Subject: tls\r\n\r\nover TLS\r\n")
+    with smtplib.SMTP("127.0.0.1", g.port, source_address=("127.0.0.10", 0)) as c:
+        c.ehlo("plain.example")
+        c.sendmail("alice@sender.test", ["bob@example.test"], b"Subject: plain\r\n\r\nin clear\r\n")
+    msgs = backend.wait_for_messages(2)
+    [tls_msg] = [m for m in msgs if b"over TLS" in m]
+    [plain_msg] = [m for m in msgs if b"in clear" in m]
+    received = tls_msg.split(b"\n\n", 1)[0].split(b"Received:")
+    assert len(received) == 3  # Postfix's, then ours
+    assert re.match(rb" from tls\.example \(unknown \[127\.0\.0\.9\]\)\s+\(using TLSv1\.[23] with cipher \S+ "
+                    rb"\(\d+/\d+ bits\)\)\s+by mx\.guard\.test \(smtpguard\) with ESMTPS;", received[2]), received[2]
+    assert b"smtpguard" not in plain_msg and b"using TLS" not in plain_msg

@@ -587,3 +587,28 @@ def test_greylisting_after_postfix_without_pipelining_upstream() -> None:
         (up("250 2.1.0 Ok"), ["Upstream RCPT TO:<c@example.test> 1"]),
         (up("250 2.1.5 Ok"), ["Upstream DATA 1"]),
     ], GREY_CFG)
+
+
+@pytest.mark.parametrize(("option", "tls"), [(True, True), (True, False), (False, True)])
+def test_tls_trace_header_only_for_a_tls_client_and_only_when_asked(option: bool, tls: bool) -> None:
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, received_header=option))
+    s = Session(parse_ip("192.0.2.7"), 40123, "192.0.2.1", 25)
+    s.tls = "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)" if tls else None
+    machine = SessionMachine(cfg, s, False, clock=lambda: 100.0, wallclock=lambda: 1_796_000_000.0)
+    rows = [*ENVELOPE, (b"DATA\r\n", ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+            (up("354 go ahead"), ["Send 354 go ahead", "ReadBody"])]
+    for event, expected in rows:
+        fresh = isinstance(event, bytes) and not machine.busy
+        actions = machine.command(event) if fresh else machine.answer(event)
+        assert [show(a) for a in actions] == list(expected), f"after {event!r}"
+    [write] = machine.answer(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+    assert isinstance(write, Upstream)
+    if option and tls:
+        head, _, rest = write.data.partition(b"Subject: x")
+        assert head.startswith(b"Received: from client.example (unknown [192.0.2.7])\r\n"
+                               b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+                               b"\tby localhost (smtpguard) with ESMTPS;\r\n\t"), head
+        assert head.endswith(b"\r\n") and rest.endswith(b"hello\r\n.\r\n")
+    else:
+        assert write.data == b"Subject: x\r\n\r\nhello\r\n.\r\n"

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tests.integration.guard import Guard, RawClient
-from tests.lab import DnsServer, PrivatePostfix
+from tests.lab import DnsServer, PrivatePostfix, frozen
 from tests.reliability.figures import record, size
 
 MakeGuard = Callable[..., Guard]
@@ -106,17 +103,6 @@ def session(port: int, n: int) -> tuple[float, str]:
     return time.monotonic() - start, last[:9]
 
 
-@contextmanager
-def frozen(dns: DnsServer) -> Iterator[None]:
-    """dnsmasq stopped with SIGSTOP: its sockets stay bound, nothing is answered."""
-    assert dns.proc is not None
-    os.kill(dns.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(dns.proc.pid, signal.SIGCONT)
-
-
 def test_dns_down_and_frozen_while_mail_flows(tmp_path: Path, backend: PrivatePostfix, make_guard: MakeGuard,
                                               dns_server: Callable[..., DnsServer]) -> None:
     dns = dns_server(["--local-ttl=300", f"--addn-hosts={hosts_file(tmp_path / 'hosts')}"])
@@ -136,7 +122,7 @@ def test_dns_down_and_frozen_while_mail_flows(tmp_path: Path, backend: PrivatePo
     down = phase("DNS down")
     dns.start()
     assert phase("DNS back").replies == {"tempfail": ok, "skip": ok}  # failures were not cached
-    with frozen(dns):
+    with frozen(dns.proc):  # its socket stays bound: queries time out
         stopped = phase("DNS frozen")
     assert phase("DNS thawed").replies == {"tempfail": ok, "skip": ok}
 

@@ -105,7 +105,7 @@ def test_slowloris_and_endless_lines_are_let_go_at_the_command_deadline(backend:
     record("slowloris + endless line (no LF), command_timeout", holders=len(holders),
            command_timeout_s=timeout, longest_hold_s=f"{max(held):.1f}",
            endless_bytes_sent=sum(h.sent for h in endless), good_sessions=len(took),
-           good_longest_s=f"{max(took):.2f}", rss_before_kib=before, rss_peak_kib=peak, rss_after_kib=after)
+           good_longest_s=f"{max(took):.3f}", rss_before_kib=before, rss_peak_kib=peak, rss_after_kib=after)
     assert max(held) < timeout + 3, held  # the deadline, not the trickle, decides
     assert max(took) < 2.0, took
     for h in trickle:
@@ -155,7 +155,7 @@ def test_trickled_data_under_stress_is_let_go(backend: PrivatePostfix, make_guar
     record("trickled DATA (1 byte / 0.2 s) under stress", holders=len(calm) + len(stressed),
            under_stress=len(stressed), stress_timeout_s=stress_timeout,
            longest_stressed_hold_s=f"{max(s or 0 for s in held):.1f}",
-           good_longest_s=f"{max(took):.2f}", rss_before_kib=before, rss_after_kib=after)
+           good_longest_s=f"{max(took):.3f}", rss_before_kib=before, rss_after_kib=after)
     assert max(took) < 2.0, took
     assert after - before < 20 * 1024, (before, after)
     assert "internal error" not in g.full_log()

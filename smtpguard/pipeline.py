@@ -100,7 +100,7 @@ from .hotset import HotSet
 from .metrics import METRICS
 from .session import Session
 from .spf import SpfResult
-from .store import MemoryStore, Store, start_deadline
+from .store import MemoryStore, Store, StoreError, start_deadline
 from .stress import STRESS, connection_count_limit, greet_wait
 from .tables import Table, open_access_table
 from .text import ascii_upper
@@ -466,12 +466,21 @@ class Pipeline:
         return hot.passed(ip, now)
 
     async def _put_cache(self, ip: str, test: str, expiry: float) -> None:
-        """Off the reply path: the store's background writer does it
-        (dropped and counted when its queue is full); the hot set forgets
-        *ip* now (a failure must not be answered PASS OLD from memory; a
-        pass is read back from the store at the next connection)."""
+        """A pass goes off the reply path, to the store's background writer
+        (dropped and counted when its queue is full); a failure is written
+        now (within the session's store deadline), so that the next
+        connection cannot be answered PASS OLD.  The hot set forgets *ip*
+        either way (a pass is read back from the store at the next
+        connection)."""
         self.hot.forget(ip)
-        self.store.put_cache_later(ip, {test: expiry})
+        if expiry > self.clock():
+            self.store.put_cache_later(ip, {test: expiry})
+            return
+        try:
+            await self.store.put_cache(ip, {test: expiry})
+        except StoreError as exc:
+            METRICS.store_errors.labels(operation="cache_put").inc()
+            log.warning("state store: allowlist cache update for %s failed: %s", ip, exc)
 
     async def _hit_rate(self, key: str, window: float) -> int:
         try:

@@ -127,6 +127,7 @@ class GuardProtocol(asyncio.Protocol):
         self._ip: str | None = None  # the client's key in server.per_ip (limits.client_key)
         self._first_data: float | None = None  # loop time of the client's first byte
         self._encrypted = False  # STARTTLS done
+        self._line_open = False  # under stress, in DATA: the body's current line has no LF yet
 
     # ------------------------------------------------------------ client I/O
 
@@ -304,8 +305,13 @@ class GuardProtocol(asyncio.Protocol):
                 return exc
         if kind is ReadBody:
             assert self.machine is not None
-            self._reset_timeout(self.machine.timeout)
-            return await self.input.read(_READ_LIMIT)
+            if not self._line_open:
+                self._reset_timeout(self.machine.timeout)
+            chunk = await self.input.read(_READ_LIMIT)
+            # Under stress, smtpd_per_record_deadline: the timeout is a deadline for each
+            # line of the body, not pushed back by every byte of it (a trickler).
+            self._line_open = s.stress and b"\n" not in chunk
+            return chunk
         if kind is HandOff:
             return self._hand_off(s)
         if kind is GreetWait:
@@ -318,7 +324,7 @@ class GuardProtocol(asyncio.Protocol):
         """Write to Postfix; its replies (or, with none wanted, room to write)."""
         upstream = self.upstream
         machine = self.machine
-        if machine is not None and machine.in_data:
+        if machine is not None and machine.in_data and not self._line_open:
             # Postfix's pace, not the client's: the body's drains, and the reply to
             # the final dot, which may take upstream.data_done_timeout (the
             # machine's timeout then; server.data_timeout must not cut it short).

@@ -324,7 +324,7 @@ class SessionMachine:
         if self._data_done:
             return self.cfg.upstream.data_done_timeout + DATA_DONE_GRACE
         if self.in_data:
-            return server.data_timeout
+            return stress.command_timeout(server.data_timeout, self.cfg.stress, self.session.stress)
         command = stress.command_timeout(server.command_timeout, self.cfg.stress, self.session.stress)
         if self.session.screened or not self.greeted:
             return command

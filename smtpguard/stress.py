@@ -52,7 +52,8 @@ class StressConfig:
     command_timeout: float = field(default=10.0, metadata=opt(
         parse_duration, "smtpd_timeout = ${stress?10}",
         "Idle time allowed per command for a session that started under stress (instead of "
-        "`server.command_timeout`)."))
+        "`server.command_timeout`); in DATA, the time allowed for each line of the message (instead of "
+        "`server.data_timeout`; Postfix's `smtpd_per_record_deadline = ${stress?yes}`)."))
     greet_wait: float = field(default=2.0, metadata=opt(
         parse_duration, "postscreen_greet_wait = ${stress?2}",
         "Pregreet wait for a session that started under stress (instead of `pregreet.greet_wait`)."))

@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
 
@@ -206,6 +206,18 @@ def _kill(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """A server of ours stopped with SIGSTOP for the block: its sockets stay
+    bound and the kernel still accepts connections, but nothing is answered."""
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -679,6 +691,11 @@ class PrivatePostfix(_Instance):
             raise LabError(f"[{self.name}] instance was cleaned up")
         if not self.is_running():
             self._reap_children(timeout=5.0)  # leftovers of a crashed master
+            if self.log_path.exists():
+                # With no postlogd running, postsuper (run by `postfix start`, as mail_owner)
+                # writes its warnings -- "bogus file name", the partial queue file of an smtpd
+                # killed in mid-message -- to maillog_file itself: "fatal: open logfile".
+                shutil.chown(self.log_path, user="postfix")
             proc = self._run(["postfix", "-c", str(self.conf_dir), "start"], check=False, timeout=timeout)
             if proc.returncode != 0:
                 raise LabError(

@@ -2,7 +2,7 @@
 
 Sizes: the reduced run is part of ``make test``; ``make soak`` sets
 ``SMTPGUARD_SOAK=1`` for the full sizes and prints the table of figures
-(:mod:`tests.reliability.soak`)."""
+(:mod:`tests.reliability.figures`); docs/operations.md, "The fault suite", has the last full run."""
 
 from __future__ import annotations
 

@@ -3,33 +3,18 @@ session at most the store deadline, and ``on_store_error`` decides."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.integration.guard import Guard, RawClient
 from tests.integration.ops import http_get, scrape, value
-from tests.lab import PrivatePostfix, RedisServer, wait_until
+from tests.lab import PrivatePostfix, RedisServer, frozen, wait_until
 from tests.reliability.figures import record
 
 MakeGuard = Callable[..., Guard]
 GREYLIST = '[greylist]\nenabled = true\ndelay = "1s"\nuse_default_client_allowlist = false\n'
-
-
-@contextmanager
-def frozen(redis: RedisServer) -> Iterator[None]:
-    """redis-server stopped (SIGSTOP): connections are accepted by the
-    kernel, nothing is ever answered."""
-    assert redis.proc is not None
-    os.kill(redis.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(redis.proc.pid, signal.SIGCONT)
 
 
 def ready(g: Guard) -> tuple[int, str]:
@@ -52,7 +37,7 @@ def test_frozen_redis_costs_a_session_at_most_the_deadline(backend: PrivatePostf
     g = make_guard(backend.port, GREYLIST + '[pregreet]\ngreet_wait = "0s"\n', state_url=redis_url)
     ok, replies = timed_session(g.port, "127.0.0.81", "warm")  # a working store: greylisted
     assert replies[2].startswith("450 4.2.0"), replies
-    with frozen(redis_server):
+    with frozen(redis_server.proc):  # kernel accepts, Redis never answers
         durations = []
         for i in range(4):
             took, replies = timed_session(g.port, f"127.0.1.{i + 1}", f"frozen {i}")
@@ -75,7 +60,7 @@ def test_frozen_redis_with_tempfail_defers_and_is_not_ready(backend: PrivatePost
     config = GREYLIST.replace("enabled = true", 'enabled = true\non_store_error = "tempfail"')
     g = make_guard(backend.port, config + '[pregreet]\ngreet_wait = "0s"\n', state_url=redis_url)
     assert ready(g)[0] == 200
-    with frozen(redis_server):
+    with frozen(redis_server.proc):  # kernel accepts, Redis never answers
         for i in range(3):
             took, replies = timed_session(g.port, f"127.0.2.{i + 1}", "deferred")
             assert replies[2] == "451 4.3.0 <bob@example.test>: Temporary lookup failure\r\n", replies

@@ -387,7 +387,8 @@ def test_timeouts_follow_the_stage() -> None:
 def test_a_session_under_stress_gets_the_stress_timeout_and_greet_wait() -> None:
     """smtpguard.stress: a session that started under stress (the pipeline
     set ``session.stress`` at connect) waits the [stress] greet_wait and
-    command_timeout when they are shorter; its DATA timeout stays."""
+    command_timeout when they are shorter; in DATA too (Postfix's one
+    smtpd_timeout = ${stress?10}), as a deadline per line (the listener)."""
     m = greeting_machine(frozenset({PREGREET_DUE}))
     m.connect()
     m.session.stress = True  # as Pipeline.on_connect decides
@@ -398,6 +399,8 @@ def test_a_session_under_stress_gets_the_stress_timeout_and_greet_wait() -> None
     m.session.screened = True
     assert m.timeout == 10.0
     m.in_data = True
+    assert m.timeout == 10.0 < m.cfg.server.data_timeout
+    m.session.stress = False
     assert m.timeout == m.cfg.server.data_timeout
 
 

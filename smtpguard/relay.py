@@ -108,7 +108,7 @@ class Upstream(asyncio.Protocol):
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._transport: asyncio.Transport | None = None
+        self.conn: asyncio.Transport | None = None  # our side of the connection to Postfix; None once closed
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._timed_out = False
@@ -122,12 +122,12 @@ class Upstream(asyncio.Protocol):
 
     @property
     def connected(self) -> bool:
-        return self._transport is not None
+        return self.conn is not None
 
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        self.conn = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -160,7 +160,7 @@ class Upstream(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        self.conn = None
         self._disarm()
         if self._error is None:
             self._error = self._failure("read from", exc)
@@ -222,13 +222,13 @@ class Upstream(asyncio.Protocol):
         return await self.read_reply()
 
     def write(self, data: bytes) -> None:
-        if self._transport is None:
+        if self.conn is None:
             raise self._error or UpstreamError("not connected")
-        self._transport.write(data)
+        self.conn.write(data)
 
     async def drain(self) -> None:
         """Wait until the upstream socket buffer has room (bounded memory)."""
-        if self._transport is None:
+        if self.conn is None:
             raise self._error or UpstreamError("not connected")
         if self._paused:
             self._want = 0
@@ -253,7 +253,7 @@ class Upstream(asyncio.Protocol):
         return replies
 
     async def _wait_replies(self, n: int) -> None:
-        if self._transport is None:
+        if self.conn is None:
             raise self._error or UpstreamError("not connected")
         self._want = n
         await self._wait()
@@ -315,7 +315,7 @@ class Upstream(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._deadline is None or self._transport is None or self._loop is None:
+        if self._deadline is None or self.conn is None or self._loop is None:
             return
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
@@ -339,7 +339,7 @@ class Upstream(asyncio.Protocol):
     def quit(self) -> None:
         """Say QUIT without waiting for the answer; the transport closes
         once it is written."""
-        transport, self._transport = self._transport, None
+        transport, self.conn = self.conn, None
         self._disarm()
         if transport is not None:
             transport.write(b"QUIT\r\n")
@@ -347,7 +347,7 @@ class Upstream(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once; a message in progress is discarded by Postfix."""
-        transport, self._transport = self._transport, None
+        transport, self.conn = self.conn, None
         self._disarm()
         if transport is not None:
             transport.abort()

@@ -259,51 +259,48 @@ class GuardProtocol(asyncio.Protocol):
                 if type(last) not in _REQUEST_TYPES:
                     self._effect(last)
                     break
-                actions = m.answer(await self._request(last))  # type: ignore[arg-type]
+                actions = m.answer(await self._request(last))
         finally:
             if self._hold:
                 await self._release()
 
     def _effect(self, effect: Effect | Request) -> None:
         """One effect (the machine returns a request only as its last action)."""
-        kind = type(effect)
-        if kind is Send:
-            data = effect.data  # type: ignore[union-attr]
+        if type(effect) is Send:
             if self._hold:
-                self._held.append(data)
-            elif self.transport is not None:
-                self.transport.write(data)
-        elif kind is Arm:
-            self._hold = max(self._hold, effect.seconds)  # type: ignore[union-attr]
-        elif kind is AbortUpstream:
+                self._held.append(effect.data)
+            else:
+                self.send(effect.data)
+        elif type(effect) is Arm:
+            self._hold = max(self._hold, effect.seconds)
+        elif type(effect) is AbortUpstream:
             if self.upstream is not None:
                 self.upstream.abort()
-        elif kind is QuitUpstream:
+        elif type(effect) is QuitUpstream:
             if self.upstream is not None:
                 self.upstream.quit()
-        elif kind is Unread:
-            self.input.unread(effect.data)  # type: ignore[union-attr]  # read past the end of DATA
-        elif kind is not Close:  # Close: the machine is closed, _serve ends and closes the connection
+        elif type(effect) is Unread:
+            self.input.unread(effect.data)  # read past the end of DATA
+        elif type(effect) is not Close:  # Close: the machine is closed, _serve ends and closes the connection
             raise AssertionError(f"a request among the effects: {effect!r}")
 
-    async def _request(self, request: Request) -> Event:
+    async def _request(self, request: Effect | Request) -> Event:
         """One request's answer; the frequent ones (Postfix, a command's
         screening) are tested first, by exact type: this runs several times
         per command."""
-        kind = type(request)
-        if kind is Upstream:
-            return await self._upstream(request)  # type: ignore[arg-type]
+        if type(request) is Upstream:
+            return await self._upstream(request)
         s = self._session
         assert s is not None
-        if kind is Screen:
-            return await self._screen(s, request)  # type: ignore[arg-type]
-        if kind is OpenUpstream:
+        if type(request) is Screen:
+            return await self._screen(s, request)
+        if type(request) is OpenUpstream:
             self.upstream = UpstreamConnection(self.cfg.upstream)  # one object per connection
             try:
                 return await self.upstream.open(s.identity())
             except UpstreamError as exc:
                 return exc
-        if kind is ReadBody:
+        if type(request) is ReadBody:
             assert self.machine is not None
             if not self._line_open:
                 self._reset_timeout(self.machine.timeout)
@@ -312,11 +309,11 @@ class GuardProtocol(asyncio.Protocol):
             # line of the body, not pushed back by every byte of it (a trickler).
             self._line_open = s.stress and b"\n" not in chunk
             return chunk
-        if kind is HandOff:
+        if type(request) is HandOff:
             return self._hand_off(s)
-        if kind is GreetWait:
-            return await self._greet_wait(request.seconds, request.stop_early)  # type: ignore[union-attr]
-        if kind is StartTls:
+        if type(request) is GreetWait:
+            return await self._greet_wait(request.seconds, request.stop_early)
+        if type(request) is StartTls:
             return await self.start_tls()
         raise AssertionError(f"unknown request {request!r}")
 
@@ -557,12 +554,10 @@ class GuardProtocol(asyncio.Protocol):
         if self.loop.time() < self._deadline:  # activity since: sleep on
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
-        if self.machine is not None:
+        if self.machine is not None:  # none yet while a PROXY header is read
             for effect in self.machine.timed_out():
                 self._effect(effect)
-            self.close()
-        elif self.transport is not None:  # still reading a PROXY header
-            self.transport.close()
+        self.close()
 
     def shutdown_idle(self) -> None:
         """At shutdown: a session waiting for a command outside a

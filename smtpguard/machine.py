@@ -425,6 +425,7 @@ class SessionMachine:
         self.greeted = True
 
     def _ask(self, screen: Screen) -> Generator[Request, Event, Verdict]:
+        """The pipeline's verdict for *screen*."""
         verdict = yield screen
         assert isinstance(verdict, Verdict)
         return verdict
@@ -458,8 +459,8 @@ class SessionMachine:
         previous = self.last_command
         self.last_command = command if handler is not None else "UNKNOWN"
         self._succeeded = False
-        verdict = yield Screen(Stage.COMMAND, line=raw, command=command[:32], pending=pending, previous=previous)
-        assert isinstance(verdict, Verdict)
+        verdict = yield from self._ask(Screen(Stage.COMMAND, line=raw, command=command[:32], pending=pending,
+                                              previous=previous))
         if verdict.action is Action.DROP:
             # The check logged its own line (PREGREET, too many errors, ...).
             self._send((verdict.reply or REPLIES["not_accepted"]).wire())
@@ -476,8 +477,7 @@ class SessionMachine:
         """Ask the pipeline; True when the command may proceed, else the
         reject is answered and logged as smtpd's ``NOQUEUE: reject:`` at
         *where* (the command)."""
-        verdict = yield Screen(stage, rcpt)
-        assert isinstance(verdict, Verdict)
+        verdict = yield from self._ask(Screen(stage, rcpt))
         if verdict.action in (Action.CONTINUE, Action.PASS):
             return True
         reply = verdict.reply or REPLIES["not_accepted"]

@@ -236,10 +236,7 @@ class Upstream(asyncio.Protocol):
 
     async def read_reply(self) -> UpstreamReply:
         """Read one (possibly multi-line) reply."""
-        if not self._ready:
-            await self._wait_replies(1)
-        reply = self._ready.popleft()
-        self._in_data = reply.code == 354
+        [reply] = await self.replies(1)
         return reply
 
     async def replies(self, n: int) -> list[UpstreamReply]:

@@ -33,3 +33,11 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of *pid*, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all CPUs
+    (``/proc/stat``'s first line; idle and iowait count as not busy)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(ticks)
+    return (total - ticks[3] - ticks[4]) / TICK, total / TICK

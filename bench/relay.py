@@ -22,6 +22,14 @@ Prints figures, asserts nothing (the machines are shared and noisy):
 * each front end's own CPU per message (utime+stime from ``/proc/PID/stat``
   around each run through it: smtpguard's process, postscreen's process,
   haproxy's process);
+* the whole machine's CPU per message and how busy it was during each run
+  (``/proc/stat``): smtp-source, Postfix, the front end and the kernel
+  together.  When Postfix alone already keeps every CPU busy, the run is
+  CPU-bound and a front end's throughput ratio can be no better than
+  machine CPU per message direct / machine CPU per message through it
+  (printed as "ceiling"): what the front end and the extra work it causes
+  Postfix (a second connection, XCLIENT, a second EHLO) cost, not latency,
+  decides the ratio;
 * memory: VmHWM minus VmRSS-before of a fresh smtpguard while it relays one
   50 MB message (the body is streamed, so this should stay small).
 
@@ -47,11 +55,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.procstat import cpu_seconds, status_kib  # noqa: E402
+from bench.procstat import cpu_seconds, machine_cpu, status_kib  # noqa: E402
 from tests.integration.guard import Guard  # noqa: E402
 from tests.lab import HAProxy, PrivatePostfix  # noqa: E402
 
@@ -148,7 +157,7 @@ def main() -> None:
         fronts["haproxy"] = Front(haproxy.port, lambda: haproxy.proc.pid)  # type: ignore[union-attr]
         for front in fronts.values():
             smtp_source(front.port, 200)  # warm-up: the client passes its tests (PASS NEW)
-        rate, cpu_ms = rounds(postfix, fronts, args.rounds, args.messages)
+        figures = rounds(postfix, fronts, args.rounds, args.messages)
         for g in guards.values():
             g.stop()
         haproxy.stop()
@@ -159,39 +168,54 @@ def main() -> None:
             g.stop()
         haproxy.cleanup()
         postfix.cleanup()
-    report(rate, cpu_ms, args.rounds, args.messages)
+    report(figures, args.rounds, args.messages)
     print(f"{args.big_mb} MB message: RSS before {rss_before / 1024:.1f} MB, peak {hwm / 1024:.1f} MB, "
           f"growth {(hwm - rss_before) / 1024:.1f} MB (target < 1 MB), relayed in {seconds:.1f} s")
 
 
-def rounds(postfix: PrivatePostfix, fronts: dict[str, Front], n: int, messages: int
-           ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+@dataclass
+class Figures:
+    rate: dict[str, list[float]]  # msg/s per path
+    cpu_ms: dict[str, list[float]]  # the front end's own CPU ms per message
+    machine_ms: dict[str, list[float]]  # the whole machine's busy CPU ms per message
+    busy: dict[str, list[float]]  # the machine's busy share (1.0: every CPU busy)
+
+
+def rounds(postfix: PrivatePostfix, fronts: dict[str, Front], n: int, messages: int) -> Figures:
     """*n* interleaved rounds, the order rotating: msg/s of every path, CPU
-    ms per message of every front end."""
-    rate: dict[str, list[float]] = {"direct": [], **{mode: [] for mode in fronts}}
-    cpu_ms: dict[str, list[float]] = {mode: [] for mode in fronts}
-    modes = list(rate)
+    ms per message of every front end, and the machine's CPU ms per message
+    and busy share for every path."""
+    fig = Figures({"direct": [], **{mode: [] for mode in fronts}}, {mode: [] for mode in fronts}, {}, {})
+    modes = list(fig.rate)
     for r in range(n):
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            if mode == "direct":
-                rate[mode].append(smtp_source(postfix.port, messages))
-                continue
-            pid = fronts[mode].pid()
-            c0 = cpu_seconds(pid)
-            rate[mode].append(smtp_source(fronts[mode].port, messages))
-            cpu_ms[mode].append((cpu_seconds(pid) - c0) * 1000 / messages)
-        print(f"round {r + 1}: " + "  ".join(f"{m} {rate[m][-1]:.0f}" for m in modes) + " msg/s;  CPU "
-              + ", ".join(f"{m} {cpu_ms[m][-1]:.3f}" for m in fronts) + " ms/msg", flush=True)
-    return rate, cpu_ms
+            port = postfix.port if mode == "direct" else fronts[mode].port
+            pid = None if mode == "direct" else fronts[mode].pid()
+            c0 = cpu_seconds(pid) if pid else 0.0
+            b0, t0 = machine_cpu()
+            fig.rate[mode].append(smtp_source(port, messages))
+            b1, t1 = machine_cpu()
+            if pid:
+                fig.cpu_ms[mode].append((cpu_seconds(pid) - c0) * 1000 / messages)
+            fig.machine_ms.setdefault(mode, []).append((b1 - b0) * 1000 / messages)
+            fig.busy.setdefault(mode, []).append((b1 - b0) / (t1 - t0))
+        print(f"round {r + 1}: " + "  ".join(f"{m} {fig.rate[m][-1]:.0f}" for m in modes) + " msg/s;  CPU "
+              + ", ".join(f"{m} {fig.cpu_ms[m][-1]:.3f}" for m in fronts) + " ms/msg;  machine "
+              + ", ".join(f"{m} {fig.machine_ms[m][-1]:.2f}" for m in modes) + " ms/msg", flush=True)
+    return fig
 
 
-def report(rate: dict[str, list[float]], cpu_ms: dict[str, list[float]], n: int, messages: int) -> None:
-    med = {m: statistics.median(v) for m, v in rate.items()}
+def report(fig: Figures, n: int, messages: int) -> None:
+    med = {m: statistics.median(v) for m, v in fig.rate.items()}
+    machine = {m: statistics.median(v) for m, v in fig.machine_ms.items()}
+    busy = {m: statistics.median(v) for m, v in fig.busy.items()}
     print()
     print(f"median of {n} interleaved rounds ({messages} x 2 KB, 20 sessions, 1 msg/connection):")
-    print(f"  {'path':<28} {'msg/s':>6} {'ratio':>6} {'CPU ms/msg':>11}  (range)        target")
-    print(f"  {'Postfix alone':<28} {med['direct']:6.0f} {1:6.2f}")
-    for mode, values in cpu_ms.items():
+    print(f"  {'path':<28} {'msg/s':>6} {'ratio':>6} {'CPU ms/msg':>11}  (range)        "
+          f"{'machine ms/msg':>14} {'busy':>5} {'ceiling':>7}  target")
+    print(f"  {'Postfix alone':<28} {med['direct']:6.0f} {1:6.2f} {'':11}  {'':13}  "
+          f"{machine['direct']:14.2f} {busy['direct']:5.0%}")
+    for mode, values in fig.cpu_ms.items():
         base = mode.split(",")[0]
         cpu = statistics.median(values)
         target = []
@@ -200,7 +224,10 @@ def report(rate: dict[str, list[float]], cpu_ms: dict[str, list[float]], n: int,
         if base in TARGET_CPU:
             target.append(f"CPU <= {TARGET_CPU[base]:.2f} ms")
         print(f"  {mode:<28} {med[mode]:6.0f} {med[mode] / med['direct']:6.2f} {cpu:11.3f}  "
-              f"({min(values):.3f}-{max(values):.3f})  {', '.join(target)}")
+              f"({min(values):.3f}-{max(values):.3f})  {machine[mode]:14.2f} {busy[mode]:5.0%} "
+              f"{machine['direct'] / machine[mode]:7.2f}  {', '.join(target)}")
+    print("  machine ms/msg: every process and the kernel, per message; busy: the machine's CPUs in use;"
+          " ceiling: the best ratio a CPU-bound run allows (machine ms/msg direct / through the front end)")
 
 
 if __name__ == "__main__":

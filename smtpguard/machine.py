@@ -46,9 +46,21 @@ States, as the machine walks them: *connected* (``Screen connect``, then
 *greeted* (commands; each one ``Screen command`` first: pipelining, error
 and command limits) → *in transaction* after MAIL (RCPTs: ``Screen rcpt``,
 then the first accepted one opens the upstream, MAIL and RCPT forwarded
-together when Postfix got an EHLO) → *in DATA* after Postfix's 354
+together when Postfix got an EHLO; recipients a client pipelined go to
+Postfix together, see below) → *in DATA* after Postfix's 354
 (``ReadBody``/``Upstream`` until the end of data, Postfix's reply relayed) →
 back to *greeted*; ``Close`` from any state ends it.
+
+Pipelined recipients: when the client sent the next RCPT line along with
+this one (PIPELINING) and Postfix got an EHLO, an accepted recipient is not
+forwarded at once: it is *owed* a reply, and the replies the machine makes
+meanwhile (a later recipient refused here, an error sleep) are held behind
+it.  The last recipient of the group forwards all of them -- with MAIL, for
+the first group -- in one write and one round trip, and every reply then
+goes out in the client's order.  A reply is owed only while the client's
+next line, complete and short, is an RCPT already received, so the reader
+takes it at once: the idle timer and the over-long-line reply never meet an
+owed reply; a session that ends (a drop verdict) sends what it held.
 
 Inside, each event's work is a generator that yields its requests and gets
 their answers back, so the logic of a command reads top to bottom; replies
@@ -221,6 +233,17 @@ _Steps = Generator[Request, Event, None]
 REQUESTS = (Screen, HandOff, GreetWait, OpenUpstream, Upstream, StartTls, ReadBody)
 
 
+@dataclass(slots=True)
+class _Owed:
+    """A recipient accepted here whose RCPT waits to go to Postfix with the
+    rest of its pipelined group, and the actions made after it (held until
+    its reply is sent)."""
+
+    address: str
+    line: bytes
+    held: list[Effect]
+
+
 class _Hangup(Exception):
     """End the session after the reply already queued."""
 
@@ -230,7 +253,8 @@ class SessionMachine:
 
     __slots__ = ("cfg", "session", "clock", "tls_available", "upstream_connected", "_upstream_pipelining",
                  "_upstream_mail", "_upstream_extra", "_rcpt_lines", "in_data", "last_command", "counts",
-                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed", "_data_done", "wallclock")
+                 "_succeeded", "_out", "_steps", "greeted", "handed_off", "closed", "_data_done", "wallclock",
+                 "_pending", "_owed", "_count_later")
 
     def __init__(self, cfg: Config, session: Session, tls_available: bool,
                  clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time) -> None:
@@ -255,6 +279,9 @@ class SessionMachine:
         self.counts: dict[str, list[int]] = {}
         self._succeeded = False  # the last command's final reply was 2xx/3xx
         self._out: list[Effect] = []
+        self._pending = b""  # the client's input already received after the current command
+        self._owed: list[_Owed] = []  # pipelined recipients not yet forwarded (see the module doc)
+        self._count_later = False  # the current RCPT is owed: its DISCONNECT count comes with its reply
         self._steps: _Steps | None = None
         self.greeted = False  # the final 220 was sent: commands are read now
         self.handed_off = False  # the client went to Postfix's smtpd (no DISCONNECT line of ours)
@@ -344,15 +371,25 @@ class SessionMachine:
             self._steps = None
         except _Hangup:
             self._steps = None
+            for owed in self._owed:  # the session ends: what was held goes out (Postfix never got these)
+                self._count("RCPT", False)
+                self._out += owed.held
+            self._owed = []
             self._close()
         if self._steps is None and self.last_command:
-            count = self.counts.setdefault(self.last_command, [0, 0])
-            count[0] += self._succeeded
-            count[1] += 1
+            if self._count_later:
+                self._count_later = False
+            else:
+                self._count(self.last_command, self._succeeded)
         out = self._flush()
         if request is not None:
             out.append(request)
         return out
+
+    def _count(self, command: str, succeeded: bool) -> None:
+        count = self.counts.setdefault(command, [0, 0])
+        count[0] += succeeded
+        count[1] += 1
 
     def _flush(self) -> list[Effect | Request]:
         out: list[Effect | Request] = list(self._out)
@@ -378,11 +415,15 @@ class SessionMachine:
         delay = error_delay(self.cfg.errors, self.session.errors)
         self.session.errors += 1
         if delay:
-            self._out.append(Arm(delay))
+            self._emit(Arm(delay))
 
     def _send(self, data: bytes) -> None:
         self._succeeded = data[:1] in (b"2", b"3")
-        self._out.append(Send(data))
+        self._emit(Send(data))
+
+    def _emit(self, effect: Effect) -> None:
+        """Queue *effect*, or hold it behind the last owed recipient's reply."""
+        (self._owed[-1].held if self._owed else self._out).append(effect)
 
     def _close(self) -> None:
         if not self.closed:
@@ -451,10 +492,12 @@ class SessionMachine:
 
     def _command(self, raw: bytes, pending: bytes) -> _Steps:
         s = self.session
+        self._pending = pending
         s.commands += 1
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         verb, _, rest = line.partition(b" ")
         command = verb.upper().decode("ascii", "replace")
+        assert not self._owed or command == "RCPT", "a reply is owed only while an RCPT follows"
         handler = _HANDLERS.get(command)
         previous = self.last_command
         self.last_command = command if handler is not None else "UNKNOWN"
@@ -583,6 +626,18 @@ class SessionMachine:
             s.reset_transaction()
 
     def rcpt(self, arg: str | None) -> _Steps:
+        yield from self._rcpt(arg)
+        if self._owed and not (self._upstream_pipelining and self._rcpt_follows()):
+            yield from self._settle()  # alone, or the last of a pipelined group: forward them all
+
+    def _rcpt_follows(self) -> bool:
+        """The client's next line is an RCPT, received whole (and short:
+        the reader answers it at once, never with the over-long-line reply)."""
+        pending = self._pending
+        end = pending.find(b"\n")
+        return 0 <= end < min(512, self.cfg.server.line_length_limit) and pending[:5].upper() == b"RCPT "
+
+    def _rcpt(self, arg: str | None) -> _Steps:
         s = self.session
         if not s.in_transaction:
             self._reply(REPLIES["need_mail"])
@@ -595,49 +650,76 @@ class SessionMachine:
         if not (yield from self._screen(Stage.RCPT, "RCPT", path.address)):
             return
         yield Screen(Stage.RELAYED)  # a recipient passed screening: the screening phase is over
-        rcpt_line = _command("RCPT TO", path.address, path.params)
+        if not self.upstream_connected:
+            opened = yield OpenUpstream()
+            if isinstance(opened, UpstreamError):
+                self._upstream_failed(opened, "RCPT")
+                self._reply(REPLIES["upstream_unavailable"])
+                return
+            assert isinstance(opened, float)
+            METRICS.upstream_connect_seconds.observe(opened)
+            self.upstream_connected = True
+            self._upstream_pipelining = s.helo is not None  # Postfix got the client's EHLO
+        self._owed.append(_Owed(path.address, _command("RCPT TO", path.address, path.params), []))
+        self._count_later = True  # with its reply, in _settle
+
+    def _settle(self) -> _Steps:
+        """Forward the owed recipients -- after MAIL when Postfix has none
+        yet -- in one write when Postfix got an EHLO (PIPELINING), and
+        answer each of them, and what was held behind it, in order."""
+        s = self.session
+        owed, self._owed = self._owed, []
+        succeeded = self._succeeded  # the current command's own reply decides its count
+        lines = b"".join(o.line for o in owed)
+        replies: list[UpstreamReply] = []
         try:
-            if not self.upstream_connected:
-                opened = yield OpenUpstream()
-                if isinstance(opened, UpstreamError):
-                    raise opened
-                assert isinstance(opened, float)
-                METRICS.upstream_connect_seconds.observe(opened)
-                self.upstream_connected = True
-                self._upstream_pipelining = s.helo is not None  # Postfix got the client's EHLO
             if not self._upstream_mail:
-                # MAIL and the first RCPT together when Postfix got an EHLO (PIPELINING).
                 mail_line = _command("MAIL FROM", s.sender or "", s.mail_params)
-                pipelined = self._upstream_pipelining
-                if pipelined:
-                    mail_reply, reply = yield from self._upstream(mail_line + rcpt_line, 2)
+                if self._upstream_pipelining:
+                    mail_reply, *replies = yield from self._upstream(mail_line + lines, len(owed) + 1)
                 else:
                     [mail_reply] = yield from self._upstream(mail_line)
+                    if mail_reply.code == 250:
+                        replies = yield from self._upstream(lines, len(owed))
                 if mail_reply.code != 250:
-                    self._relay_reply(mail_reply)
-                    return
-                if not pipelined:
-                    [reply] = yield from self._upstream(rcpt_line)
-                self._upstream_mail = True
+                    replies = [mail_reply] * len(owed)  # Postfix refused the sender: that is every answer
+                else:
+                    self._upstream_mail = True
             else:
-                [reply] = yield from self._upstream(rcpt_line)
+                replies = yield from self._upstream(lines, len(owed))
         except UpstreamError as exc:
             self._upstream_failed(exc, "RCPT")
-            self._reply(REPLIES["upstream_unavailable"])
+            for o in owed:
+                self._reply(REPLIES["upstream_unavailable"])
+                self._answered(o)
+            self._succeeded = succeeded
             return
+        for o, reply in zip(owed, replies, strict=True):
+            yield from self._answer_rcpt(o, reply)
+            self._answered(o)
+        self._succeeded = succeeded
+
+    def _answered(self, owed: _Owed) -> None:
+        """An owed recipient's reply is out: count it, release what it held."""
+        self._count("RCPT", self._succeeded)
+        self._out += owed.held
+
+    def _answer_rcpt(self, owed: _Owed, reply: UpstreamReply) -> _Steps:
+        """Postfix's reply to a recipient, relayed -- or greylisting's."""
+        s = self.session
         if reply.code != 250:
             log.info("%s: RCPT from %s: upstream said: %s; from=<%s> to=<%s>",
-                     "NOQUEUE", s.who, reply.text, s.sender, path.address)
+                     "NOQUEUE", s.who, reply.text, s.sender, owed.address)
             self._relay_reply(reply)
             return
         # Greylisting judges only what Postfix accepted (postgrey's place at
         # the end of smtpd_recipient_restrictions): a relay attempt or an
         # unknown user got Postfix's own reject above, and left no triplet.
-        if self.cfg.greylist.enabled and not (yield from self._screen(Stage.GREYLIST, "RCPT", path.address)):
+        if self.cfg.greylist.enabled and not (yield from self._screen(Stage.GREYLIST, "RCPT", owed.address)):
             self._upstream_extra = True  # Postfix holds it: no DATA before a RSET
             return
-        s.rcpts.append(path.address)
-        self._rcpt_lines.append(rcpt_line)
+        s.rcpts.append(owed.address)
+        self._rcpt_lines.append(owed.line)
         self._relay_reply(reply)
 
     def data(self, arg: str | None) -> _Steps:

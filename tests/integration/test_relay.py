@@ -120,6 +120,25 @@ def test_pipelining_client_delivers(backend: PrivatePostfix, guard: Guard) -> No
     assert len(backend.wait_for_messages(3)) == 3
 
 
+def test_pipelined_recipients_reach_postfix_together_and_replies_keep_their_order(
+        backend: PrivatePostfix, guard: Guard) -> None:
+    """MAIL and three recipients in one write to Postfix (the machine's
+    pipelined group); Postfix refuses the middle one; each reply in its place."""
+    c = RawClient(guard.port, source="127.0.0.9")
+    c.reply()
+    c.cmd("EHLO client.example")
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<g1@example.test>\r\nRCPT TO:<someone@elsewhere.invalid>\r\n"
+           b"RCPT TO:<g2@example.test>\r\nDATA\r\n")
+    assert [c.reply() for _ in range(5)] == [
+        "250 2.1.0 Ok\r\n", "250 2.1.5 Ok\r\n", "454 4.7.1 <someone@elsewhere.invalid>: Relay access denied\r\n",
+        "250 2.1.5 Ok\r\n", "354 End data with <CR><LF>.<CR><LF>\r\n"]
+    c.send(b"Subject: group\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    assert c.reply().startswith("250 2.0.0 Ok: queued as ")
+    assert c.reply() == "221 2.0.0 Bye\r\n"
+    assert len(backend.wait_for_messages(2)) == 2  # g1 and g2
+    guard.wait_for_log(r"DISCONNECT \[127\.0\.0\.9\]:\d+ ehlo=1 mail=1 rcpt=2/3 data=1 quit=1 commands=6/7")
+
+
 @pytest.mark.parametrize("seq", SMUGGLING, ids=[repr(s) for s in SMUGGLING])
 def test_smuggling_never_makes_a_second_message(backend: PrivatePostfix, guard: Guard, seq: bytes) -> None:
     c = RawClient(guard.port)

@@ -73,13 +73,24 @@ def show(action: Effect | Request) -> str:
 Row = tuple[Any, Sequence[str]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Ahead:
+    """A command line and the client's input already received after it (pipelining)."""
+
+    line: bytes
+    pending: bytes
+
+
 def run(rows: Sequence[Row], cfg: Config | None = None, tls: bool = False,
         session: Session | None = None) -> SessionMachine:
     machine = SessionMachine(cfg or Config(), session or Session(parse_ip("192.0.2.7"), 40123, "192.0.2.1", 25), tls,
                              clock=lambda: 100.0)
     for event, expected in rows:
-        fresh = isinstance(event, bytes) and not machine.busy  # a command line, not a body chunk
-        actions = machine.command(event) if fresh else machine.answer(event)
+        if isinstance(event, Ahead):
+            actions = machine.command(event.line, event.pending)
+        else:
+            fresh = isinstance(event, bytes) and not machine.busy  # a command line, not a body chunk
+            actions = machine.command(event) if fresh else machine.answer(event)
         assert [show(a) for a in actions] == list(expected), f"after {event!r}"
     return machine
 
@@ -615,3 +626,121 @@ def test_tls_trace_header_only_for_a_tls_client_and_only_when_asked(option: bool
         assert head.endswith(b"\r\n") and rest.endswith(b"hello\r\n.\r\n")
     else:
         assert write.data == b"Subject: x\r\n\r\nhello\r\n.\r\n"
+
+
+# ------------------------------------------------------------ pipelined recipients
+
+def ahead(address: str, pending: str, then: str, verdict: Verdict = OK) -> list[Row]:
+    """A RCPT the client sent with *pending* after it; it passes (or gets
+    *verdict* from) the screening before Postfix; *then* is what comes next."""
+    line = f"RCPT TO:<{address}>\r\n".encode()
+    return [(Ahead(line, pending.encode()), ["Screen command"]), (OK, ["Screen rcpt"]), (verdict, [then])]
+
+
+# MAIL answered here; b, c, d pipelined with DATA: b and c are owed, d forwards all three.
+GROUP: list[Row] = [
+    *HELLO,
+    (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+    *ahead("b@example.test", "RCPT TO:<c@example.test>\r\nRCPT TO:<d@example.test>\r\nDATA\r\n",
+           "Screen relayed"),
+    (None, ["OpenUpstream"]),
+    (0.01, []),  # owed: nothing goes out yet
+    *ahead("c@example.test", "RCPT TO:<d@example.test>\r\nDATA\r\n", "Screen relayed"),
+    (None, []),
+]
+MAIL_BCD = ("Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test>|RCPT TO:<c@example.test>"
+            "|RCPT TO:<d@example.test> 4")
+
+
+def test_pipelined_recipients_go_to_postfix_in_one_write_and_are_answered_in_order() -> None:
+    machine = run([
+        *GROUP,
+        *ahead("d@example.test", "DATA\r\n", "Screen relayed"),
+        (None, [MAIL_BCD]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "550 5.1.1 <c@example.test>: Recipient address rejected",
+            "250 2.1.5 Ok"),
+         ["Send 250 2.1.5 Ok", "Send 550 5.1.1 <c@example.test>: Recipient address rejected", "Send 250 2.1.5 Ok"]),
+        (Ahead(b"DATA\r\n", b""), ["Screen command"]), (OK, ["Screen data"]), (OK, ["Upstream DATA 1"]),
+    ])
+    assert machine.session.rcpts == ["b@example.test", "d@example.test"]
+    assert machine.counts["RCPT"] == [2, 3] and machine.session.errors == 1
+
+
+def test_a_recipient_refused_here_inside_a_group_is_answered_in_its_place() -> None:
+    run([
+        *GROUP[:-4],  # c is refused before Postfix: its reply waits behind b's
+        *ahead("c@example.test", "RCPT TO:<d@example.test>\r\n", f"Send {REJECT.reply}", REJECT)[:-1],
+        (REJECT, []),
+        *ahead("d@example.test", "", "Screen relayed"),
+        (None, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test>|RCPT TO:<d@example.test> 3"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"),
+         ["Send 250 2.1.5 Ok", f"Send {REJECT.reply}", "Send 250 2.1.5 Ok"]),
+    ])
+
+
+def test_the_last_recipient_of_a_group_refused_here_still_forwards_the_group() -> None:
+    machine = run([
+        *GROUP,
+        *ahead("d@example.test", "DATA\r\n", "", REJECT)[:-1],
+        (REJECT, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test>|RCPT TO:<c@example.test> 3"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"),
+         ["Send 250 2.1.5 Ok", "Send 250 2.1.5 Ok", f"Send {REJECT.reply}"]),
+    ])
+    assert machine.counts["RCPT"] == [2, 3]
+
+
+def test_greylisting_judges_each_recipient_of_a_group_after_postfix() -> None:
+    machine = run([
+        *GROUP,
+        *ahead("d@example.test", "DATA\r\n", "Screen relayed"),
+        (None, [MAIL_BCD]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"), ["Screen greylist"]),
+        (OK, ["Send 250 2.1.5 Ok", "Screen greylist"]),
+        (GREYLISTED, [f"Send {GREYLISTED.reply}", "Screen greylist"]),
+        (OK, ["Send 250 2.1.5 Ok"]),
+    ], GREY_CFG)
+    assert machine.session.rcpts == ["b@example.test", "d@example.test"]
+
+
+def test_postfix_lost_while_a_group_is_forwarded_answers_every_recipient_451() -> None:
+    unavailable = "Send 451 4.4.1 Error: mail service temporarily unavailable, try again later"
+    machine = run([
+        *GROUP,
+        *ahead("d@example.test", "DATA\r\n", "Screen relayed"),
+        (None, [MAIL_BCD]),
+        (UpstreamError("lost connection"), ["AbortUpstream", unavailable, unavailable, unavailable]),
+    ])
+    assert not machine.upstream_connected and machine.counts["RCPT"] == [0, 3]
+
+
+def test_a_drop_inside_a_group_sends_what_was_held_and_ends() -> None:
+    machine = run([
+        *GROUP[:-4],
+        *ahead("c@example.test", "RCPT TO:<d@example.test>\r\n", "", REJECT_DROP)[:-1],
+        (REJECT_DROP, [f"Send {REJECT.reply}", "Close"]),
+    ])
+    assert machine.counts["RCPT"] == [0, 2]
+
+
+def test_no_group_when_postfix_got_no_ehlo() -> None:
+    """Without the client's HELO Postfix offered no PIPELINING: one at a time."""
+    run([
+        (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]), (OK, ["Send 250 2.1.0 Ok"]),
+        *ahead("b@example.test", "RCPT TO:<c@example.test>\r\n", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, ["Upstream MAIL FROM:<a@sender.test> 1"]),
+        (up("250 2.1.0 Ok"), ["Upstream RCPT TO:<b@example.test> 1"]),
+        (up("250 2.1.5 Ok"), ["Send 250 2.1.5 Ok"]),
+    ])
+
+
+@pytest.mark.parametrize("pending", [b"RCPT TO:<c@example.test>", b"DATA\r\nRCPT TO:<c@example.test>\r\n",
+                                     b"RCPT TO:<" + b"c" * 600 + b"@example.test>\r\n"])
+def test_no_group_unless_a_whole_short_rcpt_line_follows(pending: bytes) -> None:
+    """Half a line, another command first, or a line the reader may refuse
+    as too long: forwarded at once, nothing owed."""
+    run([
+        *ENVELOPE[:-6],
+        (Ahead(b"RCPT TO:<b@example.test>\r\n", pending), ["Screen command"]), (OK, ["Screen rcpt"]),
+        (OK, ["Screen relayed"]), (None, ["OpenUpstream"]), (0.01, [MAIL_RCPT_B]),
+    ])

@@ -865,8 +865,17 @@ class PrivatePostfix(_Instance):
                 f"got {len(self._mail_files())}\n--- log since mark ---\n{tail(self.log())}"
                 f"\n--- queue ---\n{self._run(['postqueue', '-c', str(self.conf_dir), '-p'], check=False).stdout}"
                 f"--- processes ---\n{[(p, _comm(p)) for p in _pids_with_cwd_under(self.queue_dir)]}"
+                f"\n--- trouble anywhere in the log (also before the mark) ---\n{self.trouble()}"
             ) from None
         return self.messages()
+
+    def trouble(self, lines: int = 20) -> str:
+        """The last warning/fatal/panic lines of the whole log, e.g. master's
+        "bad command startup -- throttling" from an earlier test: a throttled
+        service takes no connections for service_throttle_time, and nothing
+        after the mark says why delivery stalls."""
+        found = [line for line in self.full_log().splitlines() if re.search(r": (warning|fatal|panic): ", line)]
+        return "\n".join(found[-lines:]) or "(none)"
 
     def flush_maildir(self) -> None:
         """Delete every delivered message (``new/``, ``cur/`` and ``tmp/``)."""

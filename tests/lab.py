@@ -473,6 +473,14 @@ class PrivatePostfix(_Instance):
         "minimal_backoff_time": "2s",
         "maximal_backoff_time": "4s",
         "transport_retry_time": "1s",  # a hiccuping delivery agent is retried after 1s, not 60s
+        # A daemon that exits abnormally before finishing its first job (a
+        # virtual(8) killed or fatal mid-delivery, e.g. around a reload or a
+        # stop) makes master log "bad command startup -- throttling" and take
+        # no connections for that service for service_throttle_time (60s):
+        # qmgr logs "queue active" for the next tests' mail, then nothing until
+        # the minute is over -- longer than wait_for_messages waits, and
+        # `postqueue -f` cannot help.  Tests provoke such exits on purpose.
+        "service_throttle_time": "1s",
         "smtp_connect_timeout": "5s",
         "delay_warning_time": "0",
         "biff": "no",  # no comsat

@@ -6,9 +6,12 @@ private Postfix, redis-server and dnsmasq that the end-to-end tests rely on.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -206,6 +209,34 @@ def test_postconf_reload_and_reset(backend: PrivatePostfix) -> None:
     assert backend.reset_config() is True
     with socket.create_connection((backend.host, backend.port), timeout=5) as s:
         assert b"lab-marker" not in s.makefile("rb").readline()
+
+
+def test_a_throttled_delivery_agent_does_not_stall_the_next_test(backend: PrivatePostfix) -> None:
+    """A virtual(8) killed on its first job: master throttles the service
+    (service_throttle_time, 1s in the lab, 60s by default); the next
+    message is still delivered well within wait_for_messages' limit."""
+    killed: list[int] = []
+
+    def kill_virtual() -> None:
+        deadline = time.monotonic() + 10
+        while not killed and time.monotonic() < deadline:
+            for pid in backend.pids("virtual"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.0005)
+
+    killer = threading.Thread(target=kill_virtual)
+    killer.start()
+    backend.submit("Subject: victim\r\n\r\nx\r\n")
+    killer.join()
+    if not killed:
+        pytest.skip("virtual delivered before it could be killed")
+    backend.wait_for_log(r"virtual: bad command startup -- throttling")
+    backend.flush_queue()
+    backend.flush_maildir()
+    backend.submit("Subject: next test\r\n\r\nx\r\n")
+    [msg] = backend.wait_for_messages(1, timeout=10)
+    assert b"Subject: next test" in msg
 
 
 def test_stop_and_start(backend: PrivatePostfix) -> None:

@@ -280,7 +280,9 @@ class SessionMachine:
         self._succeeded = False  # the last command's final reply was 2xx/3xx
         self._out: list[Effect] = []
         self._pending = b""  # the client's input already received after the current command
-        self._owed: list[_Owed] = []  # pipelined recipients not yet forwarded (see the module doc)
+        # Pipelined recipients not yet forwarded (see the module doc); a tuple: thousands of
+        # sessions wait in the greet wait, and an empty tuple is shared, an empty list is not.
+        self._owed: tuple[_Owed, ...] = ()
         self._count_later = False  # the current RCPT is owed: its DISCONNECT count comes with its reply
         self._steps: _Steps | None = None
         self.greeted = False  # the final 220 was sent: commands are read now
@@ -374,7 +376,7 @@ class SessionMachine:
             for owed in self._owed:  # the session ends: what was held goes out (Postfix never got these)
                 self._count("RCPT", False)
                 self._out += owed.held
-            self._owed = []
+            self._owed = ()
             self._close()
         if self._steps is None and self.last_command:
             if self._count_later:
@@ -660,7 +662,7 @@ class SessionMachine:
             METRICS.upstream_connect_seconds.observe(opened)
             self.upstream_connected = True
             self._upstream_pipelining = s.helo is not None  # Postfix got the client's EHLO
-        self._owed.append(_Owed(path.address, _command("RCPT TO", path.address, path.params), []))
+        self._owed += (_Owed(path.address, _command("RCPT TO", path.address, path.params), []),)
         self._count_later = True  # with its reply, in _settle
 
     def _settle(self) -> _Steps:
@@ -668,7 +670,7 @@ class SessionMachine:
         yet -- in one write when Postfix got an EHLO (PIPELINING), and
         answer each of them, and what was held behind it, in order."""
         s = self.session
-        owed, self._owed = self._owed, []
+        owed, self._owed = self._owed, ()
         succeeded = self._succeeded  # the current command's own reply decides its count
         lines = b"".join(o.line for o in owed)
         replies: list[UpstreamReply] = []

@@ -50,21 +50,24 @@ class Session:
     advertised: bool = False  # the client got our EHLO reply (PIPELINING)
     spf: tuple[tuple[str, str], SpfResult] | None = None  # (sender, helo) -> its SPF result (greylist.spf_key)
     stress: bool = False  # connected under stress: the [stress] values apply (smtpguard.stress)
-    # Written once from client_ip and client_port: every log line and check reads them.
-    client_addr: str = field(init=False)  # as Postfix writes it (``192.0.2.7``, ``2001:db8::7``)
-    peer: str = field(init=False)  # ``[a]:p`` as postscreen writes the client
-
-    def __post_init__(self) -> None:
-        self.client_addr = str(self.client_ip)
-        self.peer = logs.endpoint(self.client_addr, self.client_port)
 
     @property
     def proto(self) -> str:
         return "ESMTP" if self.esmtp else "SMTP"
 
     @property
+    def client_addr(self) -> str:
+        """The client's address as text, as Postfix writes it (``192.0.2.7``, ``2001:db8::7``)."""
+        return str(self.client_ip)
+
+    @property
     def in_transaction(self) -> bool:
         return self.sender is not None
+
+    @property
+    def peer(self) -> str:
+        """``[a]:p`` as postscreen writes the client."""
+        return logs.endpoint(self.client_addr, self.client_port)
 
     @property
     def who(self) -> str:

@@ -253,25 +253,35 @@ class GuardProtocol(asyncio.Protocol):
         assert m is not None
         try:
             while actions:
-                last = actions.pop()
-                for effect in actions:
-                    self._effect(effect)
+                last = actions[-1]
                 if type(last) not in _REQUEST_TYPES:
-                    self._effect(last)
+                    self._effects(actions)
                     break
+                self._effects(actions[:-1])
                 actions = m.answer(await self._request(last))
         finally:
             if self._hold:
                 await self._release()
 
+    def _effects(self, effects: list[Effect | Request]) -> None:
+        """Effects in order (the machine returns a request only as its last
+        action); replies that follow each other go out in one write -- the
+        replies to a pipelined group of recipients, say."""
+        replies: list[bytes] = []
+        for effect in effects:
+            if type(effect) is Send:
+                (self._held if self._hold else replies).append(effect.data)
+                continue
+            if replies:
+                self.send(b"".join(replies))
+                replies = []
+            self._effect(effect)
+        if replies:
+            self.send(b"".join(replies))
+
     def _effect(self, effect: Effect | Request) -> None:
-        """One effect (the machine returns a request only as its last action)."""
-        if type(effect) is Send:
-            if self._hold:
-                self._held.append(effect.data)
-            else:
-                self.send(effect.data)
-        elif type(effect) is Arm:
+        """One effect other than Send."""
+        if type(effect) is Arm:
             self._hold = max(self._hold, effect.seconds)
         elif type(effect) is AbortUpstream:
             if self.upstream is not None:
@@ -432,8 +442,8 @@ class GuardProtocol(asyncio.Protocol):
         finally:
             self._hold = 0.0
             held, self._held = self._held, []
-            for data in held:
-                self.send(data)
+            if held:
+                self.send(b"".join(held))
 
     async def _greet_wait(self, wait: float, stop_early: bool) -> Greeted:
         """Wait *wait* seconds after ``220-``; return what the client sent
@@ -555,8 +565,7 @@ class GuardProtocol(asyncio.Protocol):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         if self.machine is not None:  # none yet while a PROXY header is read
-            for effect in self.machine.timed_out():
-                self._effect(effect)
+            self._effects(self.machine.timed_out())
         self.close()
 
     def shutdown_idle(self) -> None:

@@ -39,8 +39,9 @@ lint: venv
 	$(BIN)/ruff check smtpguard tests bench
 	$(BIN)/mypy --strict smtpguard
 
-## Performance figures (printed, never asserted).
+## Performance figures (printed, never asserted); also installs postgrey, bench/policy.py's reference.
 bench: venv sysdeps
+	bash tests/sysdeps.sh --bench
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/screen.py
 	$(BIN)/python bench/greylist.py --backend sqlite --backend redis --spf

@@ -1,7 +1,8 @@
 """Policy service throughput and latency, as Postfix's smtpd processes use it.
 
     python bench/policy.py --backend sqlite --backend redis \\
-        [--clients 50] [--requests 20000] [--triplets 100000] [--rounds 3]
+        [--clients 50] [--requests 20000] [--triplets 100000] [--rounds 3] \\
+        [--rate 5000] [--postgrey PATH | --no-postgrey]
 
 How it works: for each backend, preload ``--triplets`` passed greylist
 triplets into a fresh store (the store's bulk path), start ``smtpguard
@@ -22,6 +23,24 @@ on a free loopback port (``--redis-url`` for another throw-away one).  All
 addresses are made-up (198.18.0.0/15, the benchmarking range); no traffic
 leaves the machine.
 
+postgrey, the reference (Debian's ``postgrey`` package; ``make bench``
+installs it through ``tests/sysdeps.sh --bench``; skipped with a note when
+it is missing, or with ``--no-postgrey``): the same load in the same run,
+its rounds interleaved with smtpguard's, against a ``postgrey`` process the
+bench starts itself (``--inet`` on a free loopback port, ``--dbdir`` in the
+temporary directory, ``--user``/``--group`` the bench's own, empty
+``--whitelist-clients``/``--whitelist-recipients`` files as smtpguard runs
+without its default client allowlist, the rest postgrey's defaults:
+``--delay=300``, ``--auto-whitelist-clients=5``, its log lines on stderr
+into a file).  Its preload goes through postgrey's own code: each stored
+triplet is requested once with ``policy_test_time`` (the attribute
+postgrey's ``policy-test`` script sets to choose the request's time) an
+hour ago, then again a minute ago, so postgrey keeps it as a triplet that
+passed its delay -- what smtpguard's preload stores -- and answers
+``DUNNO`` to it in the measured rounds.  postgrey rewrites a triplet's
+record on every request, known or new (BerkeleyDB, transactional); it is
+one process, one request at a time.
+
 Goal (issue 15): >= 5,000 requests/s on SQLite with p99 <= 5 ms.
 """
 
@@ -30,7 +49,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
+import os
+import pwd
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtpguard.store import Triplet, open_store  # noqa: E402
-from tests.lab import free_port, wait_until  # noqa: E402
+from tests.lab import free_port, wait_until, which  # noqa: E402
 
 REDIS_PREFIX = "smtpguard:"  # the service's own prefix: the preload must be where it looks
 
@@ -54,9 +77,9 @@ def triplet(i: int) -> tuple[str, str, str]:
     return client_ip(i % 50000), f"sender{i}@bench.example", f"rcpt{i % 97}@example.test"
 
 
-def request(i: int, n: int) -> bytes:
+def request(i: int, n: int, extra: str = "") -> bytes:
     ip, sender, rcpt = triplet(i)
-    return (f"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={ip}\n"
+    return (f"request=smtpd_access_policy\n{extra}protocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={ip}\n"
             f"client_name=unknown\nreverse_client_name=unknown\nclient_port={40000 + n % 20000}\n"
             f"helo_name=mx{i}.bench.example\nsender={sender}\nrecipient={rcpt}\nrecipient_count=0\nqueue_id=\n"
             f"instance={n:x}.bench\nsize=0\netrn_domain=\nstress=\nsasl_method=\nsasl_username=\nsasl_sender=\n"
@@ -123,6 +146,58 @@ async def load(port: int, clients: int, requests: int, known: int,
     return time.perf_counter() - t0, latencies, actions
 
 
+async def preload_postgrey(port: int, n: int, clients: int) -> None:
+    """Each triplet 0..n-1 seen an hour ago and retried a minute ago, at
+    those times by postgrey's ``policy_test_time`` (see the docstring)."""
+    now = int(time.time())
+    todo = iter(range(n))
+    wrong: dict[str, int] = {}
+
+    async def one_client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in todo:
+                for when, expect in ((now - 3600, b"action=DEFER_IF_PERMIT "), (now - 60, b"action=PREPEND ")):
+                    writer.write(request(i, i, f"policy_test_time={when}\n"))
+                    answer = await reader.readuntil(b"\n\n")
+                    if not answer.startswith(expect):
+                        key = answer.decode(errors="replace").strip()
+                        wrong[key] = wrong.get(key, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    if wrong:
+        raise SystemExit(f"postgrey preload: unexpected answers {wrong}")
+
+
+def start_postgrey(tmp: Path, postgrey: str, name: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = free_port()
+    dbdir = tmp / "postgrey"
+    dbdir.mkdir(exist_ok=True)
+    empty = tmp / "postgrey-empty-whitelist"
+    empty.touch()
+    log = tmp / f"{name}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([postgrey, f"--inet=127.0.0.1:{port}", f"--dbdir={dbdir}",
+                                 f"--user={pwd.getpwuid(os.getuid()).pw_name}",
+                                 f"--group={grp.getgrgid(os.getgid()).gr_name}",
+                                 f"--whitelist-clients={empty}", f"--whitelist-recipients={empty}"],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            return True
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+        return False
+
+    wait_until(listening, timeout=30, what="postgrey")
+    if proc.poll() is not None:
+        raise SystemExit(f"postgrey exited:\n{log.read_text()}")
+    return proc, port, log
+
+
 def start_service(tmp: Path, url: str, name: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     config = tmp / f"{name}.toml"
@@ -141,7 +216,8 @@ def start_service(tmp: Path, url: str, name: str) -> tuple[subprocess.Popen[byte
 
 def round_once(tmp: Path, url: str, name: str, args: argparse.Namespace,
                rate: float) -> tuple[float, float, float, dict[str, int]]:
-    proc, port, _ = start_service(tmp, url, name)
+    """One round against smtpguard on *url*, or against postgrey when *url* is ``postgrey``."""
+    proc, port, _ = start_postgrey(tmp, args.postgrey, name) if url == "postgrey" else start_service(tmp, url, name)
     try:
         asyncio.run(load(port, args.clients, 1000, args.triplets))  # warm up (connections, caches)
         elapsed, lat, actions = asyncio.run(load(port, args.clients, args.requests, args.triplets, rate))
@@ -162,8 +238,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5000.0,
                         help="requests/s of the open-loop runs (latency at the goal's load); 0: skip them")
     parser.add_argument("--redis-url", help="default: a private redis-server on a free loopback port")
+    parser.add_argument("--postgrey", default=which("postgrey"),
+                        help="postgrey to measure as the reference (default: the one installed)")
+    parser.add_argument("--no-postgrey", dest="postgrey", action="store_const", const=None,
+                        help="smtpguard only")
     args = parser.parse_args()
     backends = args.backend or ["sqlite", "redis"]
+    if args.postgrey is None:
+        print("policy: postgrey not measured (not installed, or --no-postgrey; make bench installs it)")
     with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
         tmp = Path(d)
         urls = {"sqlite": f"sqlite:///{tmp / 'policy.db'}"}
@@ -176,6 +258,15 @@ def main() -> None:
                 urls["redis"] = stack.enter_context(RedisServer()).url
         for b in backends:
             asyncio.run(preload(urls[b], args.triplets))
+        if args.postgrey is not None:
+            proc, port, _ = start_postgrey(tmp, args.postgrey, "postgrey-preload")
+            try:
+                asyncio.run(preload_postgrey(port, args.triplets, args.clients))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            urls["postgrey"] = "postgrey"
+            backends = [*backends, "postgrey"]
         modes = [("max", 0.0)] + ([(f"{args.rate:,.0f}/s", args.rate)] if args.rate else [])
         results: dict[tuple[str, str], list[tuple[float, float, float, dict[str, int]]]] = {}
         for r in range(args.rounds):
@@ -188,7 +279,7 @@ def main() -> None:
                 rounds = sorted(got, key=lambda x: x[2])
                 rps, p50, p99, actions = rounds[len(rounds) // 2]
                 each = "; ".join(f"{x[0]:,.0f}/s p99 {x[2]:.2f} ms" for x in got)
-                print(f"policy {b:6} load {mode:>8}: {rps:,.0f} requests/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+                print(f"policy {b:8} load {mode:>8}: {rps:,.0f} requests/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms "
                       f"({args.clients} clients, {args.requests} requests, median of {args.rounds} rounds: {each}; "
                       f"answers {actions})")
 

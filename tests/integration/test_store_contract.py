@@ -404,3 +404,21 @@ async def test_redis_prefixes_separate_deployments(redis_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_scripts_come_back_after_script_flush(redis_server: RedisServer, redis_url: str) -> None:
+    """A read of several records and a one-record write are Lua scripts
+    (EVALSHA): a Redis that lost its script cache (restarted, failed over,
+    SCRIPT FLUSH) is sent them again, and the call succeeds."""
+    s = await open_store(redis_url, FakeClock())
+    try:
+        await s.put_triplet("k", passed(T0, T0 + 100))
+        redis_server.command("SCRIPT", "FLUSH")
+        assert await s.get_greylist("k", "192.0.2.0/24") == (passed(T0, T0 + 100), None)
+        redis_server.command("SCRIPT", "FLUSH")
+        await s.put_client("192.0.2.0/24", ClientNet(5, T0, T0 + 100))
+        assert await s.get_greylist("k", "192.0.2.0/24") == (passed(T0, T0 + 100), ClientNet(5, T0, T0 + 100))
+        assert 0 < int(redis_server.command("PTTL", "smtpguard:clients:192.0.2.0/24")) <= 100_000
+    finally:
+        await s.close()

@@ -23,17 +23,21 @@ Every record is a hash under ``<prefix><space>:<key>`` (prefix
 
 A read of several records is one Lua script that returns every hash asked
 (the greylist check's triplet, client network and allowlist version: one
-EVALSHA, one reply); a record's write is one Lua script (HSET + PEXPIRE), a
-bulk write one MULTI/EXEC, so a key never exists without its TTL.  For
-redis-py a script is one command, where a pipeline of three reads or a
-MULTI/EXEC costs 1.5 to 2 times the client CPU, and the policy service on
-Redis is bound by that CPU.  The TTL is *relative* (``expires - clock()``):
-Redis drops dead keys on its own, and reads also compare the stored
-``expires`` with the injected clock, which is what a fake clock in tests
-relies on.  The
-allowlist cache merges tests into the hash and only ever lengthens its TTL;
-the rate counter keeps its window start in the hash (a fixed window from the
-first hit, as anvil(8) counts) so the injected clock decides, not Redis's.
+EVALSHA, one reply), and the reads that requests start in the same turn of
+the event loop share one script call (at most :data:`READ_BATCH`), which
+reads them all atomically.  A record's write is one Lua script (HSET +
+PEXPIRE), a bulk write one MULTI/EXEC, so a key never exists without its
+TTL.  Why: redis-py's CPU per command (some 30 µs) is what bounds the policy
+service on Redis; a pipeline of three reads or a MULTI/EXEC costs 1.5 to 2
+times a script call, and with 50 requests in flight a shared read costs the
+service a quarter of a read of its own (docs/policy.md, Performance).
+
+The TTL is *relative* (``expires - clock()``): Redis drops dead keys on its
+own, and reads also compare the stored ``expires`` with the injected clock,
+which is what a fake clock in tests relies on.  The allowlist cache merges
+tests into the hash and only ever lengthens its TTL; the rate counter keeps
+its window start in the hash (a fixed window from the first hit, as
+anvil(8) counts) so the injected clock decides, not Redis's.
 
 Operator scans (list, stats, purge) walk keys with SCAN, so they cost O(keys)
 but never block Redis; :meth:`purge_expired` deletes with a script that
@@ -46,6 +50,7 @@ pooled connection that went stale) and error replies become StoreError.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import urllib.parse
@@ -66,6 +71,10 @@ T = TypeVar("T")
 TIMEOUT = 2.0
 #: keys asked per SCAN call and fetched per pipeline in operator scans
 SCAN_COUNT = 1000
+#: reads sent together in one script call, at most
+READ_BATCH = 64
+
+_Waiting = tuple[list[str], "asyncio.Future[list[dict[str, str]]]"]
 
 _READ = """
 local hashes = {}
@@ -140,6 +149,8 @@ class RedisStore(Store):
         super().__init__(clock)
         self._r = client
         self._prefix = prefix
+        self._waiting: list[_Waiting] = []  # reads for the next batch
+        self._batches: set[asyncio.Task[None]] = set()
         self._read = client.register_script(_READ)
         self._put_record = client.register_script(_PUT_RECORD)
         self._rate = client.register_script(_RATE)
@@ -218,11 +229,44 @@ class RedisStore(Store):
         return {test: float(exp) for test, exp in fields.items() if float(exp) > now} or None
 
     async def _read_hashes(self, keys: list[str]) -> list[dict[str, str]]:
-        """HGETALL of each key, in one command (:data:`_READ`)."""
+        """HGETALL of each key, atomically.  The reads that callers (one per
+        request) start in the same turn of the event loop go together in one
+        :data:`_READ` call (:meth:`_send_reads`): at load, one command for
+        several requests."""
         if len(keys) == 1:
             return [cast(dict[str, str], await self._r.hgetall(keys[0]))]
-        flat = cast(list[list[str]], await self._read(keys=keys))
-        return [dict(zip(h[::2], h[1::2], strict=True)) for h in flat]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[dict[str, str]]] = loop.create_future()
+        self._waiting.append((keys, future))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._send_reads)  # after the other callers of this turn
+        return await future
+
+    def _send_reads(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for i in range(0, len(waiting), READ_BATCH):
+            task = asyncio.get_running_loop().create_task(self._read_batch(waiting[i:i + READ_BATCH]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _read_batch(self, batch: list[_Waiting]) -> None:
+        try:
+            flat = cast(list[list[str]], await self._read(keys=[key for keys, _ in batch for key in keys]))
+        except Exception as exc:  # each caller's own call fails with it (Store._call)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        at = 0
+        for keys, future in batch:
+            hashes = [dict(zip(h[::2], h[1::2], strict=True)) for h in flat[at:at + len(keys)]]
+            at += len(keys)
+            if not future.done():  # not given up on (its deadline)
+                future.set_result(hashes)
 
     async def _get_rows(self, requests: list[tuple[Kind[Any], str]], now: float) -> list[Row | None]:
         hashes = await self._read_hashes([self._key(kind.name, key) for kind, key in requests])
@@ -286,6 +330,8 @@ class RedisStore(Store):
         return StoreStats(greylist=counts[GREYLIST.name], clients=counts[CLIENTS.name], cache=counts["cache"])
 
     async def _close(self) -> None:
+        for task in list(self._batches):
+            task.cancel()
         await self._r.aclose()
 
 

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -420,5 +421,38 @@ async def test_redis_scripts_come_back_after_script_flush(redis_server: RedisSer
         await s.put_client("192.0.2.0/24", ClientNet(5, T0, T0 + 100))
         assert await s.get_greylist("k", "192.0.2.0/24") == (passed(T0, T0 + 100), ClientNet(5, T0, T0 + 100))
         assert 0 < int(redis_server.command("PTTL", "smtpguard:clients:192.0.2.0/24")) <= 100_000
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_reads_started_together_each_get_their_own_records(redis_server: RedisServer,
+                                                                       redis_url: str) -> None:
+    """Reads started in the same turn of the event loop share one script
+    call (READ_BATCH at most per call): each caller gets its own records."""
+    from smtpguard.store.redis import READ_BATCH
+
+    s = await open_store(redis_url, FakeClock())
+    try:
+        n = READ_BATCH * 2 + 5
+        await s.put_triplets([(f"k{i}", passed(T0 + i, T0 + 1000)) for i in range(0, n, 2)])
+        await s.put_clients([(f"net{i}", ClientNet(i, T0, T0 + 1000)) for i in range(0, n, 3)])
+        redis_server.command("CONFIG", "RESETSTAT")
+        got = await asyncio.gather(*(s.get_greylist(f"k{i}", f"net{i}") for i in range(n)))
+        stats = redis_server.command("INFO", "commandstats").decode()
+        calls = re.search(r"cmdstat_evalsha:calls=(\d+),.*failed_calls=(\d+)", stats)
+        assert calls and int(calls[1]) - int(calls[2]) == 3, stats  # 64 + 64 + 5 (a NOSCRIPT fails, is retried)
+        assert got == [(passed(T0 + i, T0 + 1000) if i % 2 == 0 else None,
+                        ClientNet(i, T0, T0 + 1000) if i % 3 == 0 else None) for i in range(n)]
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_reads_started_together_all_fail_when_redis_is_gone() -> None:
+    s = await open_store(f"redis://127.0.0.1:{free_port()}/0", FakeClock())  # nothing listens there
+    try:
+        got = await asyncio.gather(*(s.get_greylist(f"k{i}", "net") for i in range(10)), return_exceptions=True)
+        assert all(isinstance(x, StoreError) for x in got), got
     finally:
         await s.close()

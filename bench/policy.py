@@ -53,6 +53,7 @@ import grp
 import os
 import pwd
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -198,6 +199,20 @@ def start_postgrey(tmp: Path, postgrey: str, name: str) -> tuple[subprocess.Pope
     return proc, port, log
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, once more after 10 s, then SIGKILL: postgrey 1.37 has been
+    seen to stay in its select loop after one SIGTERM (the second ends it);
+    a killed postgrey's BerkeleyDB environment is recovered at its next
+    start (it opens it with DB_RECOVER)."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+            return
+        print(f"policy: {Path(str(proc.args[0])).name} still running 10 s after {sig.name}", file=sys.stderr)
+    raise SystemExit(f"policy: cannot stop {proc.args}")
+
+
 def start_service(tmp: Path, url: str, name: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     config = tmp / f"{name}.toml"
@@ -222,8 +237,7 @@ def round_once(tmp: Path, url: str, name: str, args: argparse.Namespace,
         asyncio.run(load(port, args.clients, 1000, args.triplets))  # warm up (connections, caches)
         elapsed, lat, actions = asyncio.run(load(port, args.clients, args.requests, args.triplets, rate))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
     cuts = statistics.quantiles(lat, n=100)
     return len(lat) / elapsed, cuts[49] * 1000, cuts[98] * 1000, actions
 
@@ -263,8 +277,7 @@ def main() -> None:
             try:
                 asyncio.run(preload_postgrey(port, args.triplets, args.clients))
             finally:
-                proc.terminate()
-                proc.wait(30)
+                stop(proc)
             urls["postgrey"] = "postgrey"
             backends = [*backends, "postgrey"]
         modes = [("max", 0.0)] + ([(f"{args.rate:,.0f}/s", args.rate)] if args.rate else [])

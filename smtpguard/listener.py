@@ -282,7 +282,9 @@ class GuardProtocol(asyncio.Protocol):
     def _effect(self, effect: Effect | Request) -> None:
         """One effect other than Send."""
         if type(effect) is Arm:
-            self._hold = max(self._hold, effect.seconds)
+            # Each error reply waits its own sleep, as in smtpd: the replies
+            # to a pipelined group that held several wait for them all.
+            self._hold += effect.seconds
         elif type(effect) is AbortUpstream:
             if self.upstream is not None:
                 self.upstream.abort()

@@ -59,8 +59,12 @@ it.  The last recipient of the group forwards all of them -- with MAIL, for
 the first group -- in one write and one round trip, and every reply then
 goes out in the client's order.  A reply is owed only while the client's
 next line, complete and short, is an RCPT already received, so the reader
-takes it at once: the idle timer and the over-long-line reply never meet an
-owed reply; a session that ends (a drop verdict) sends what it held.
+takes it at once.  A group goes to Postfix before it could carry the
+session past the hard error limit (or past :data:`GROUP_LIMIT`), so each
+command's error-limit check sees the errors of the recipients before it.
+A session that ends with replies owed (a drop verdict, a timeout) answers
+each owed recipient ``451 4.3.0`` (it never reached Postfix; the client
+tries it again), then what it held, then its own last reply.
 
 Inside, each event's work is a generator that yields its requests and gets
 their answers back, so the logic of a command reads top to bottom; replies
@@ -92,6 +96,10 @@ from .session import Session
 from .verdict import REPLIES, Action, Reply, ScreenTest, Verdict
 
 log = logging.getLogger("smtpguard")
+
+#: The most recipients a pipelined group holds before it goes to Postfix
+#: (fewer when the hard error limit is nearer: see SessionMachine._room).
+GROUP_LIMIT = 100
 
 #: While Postfix's reply to the final dot is outstanding, the client's idle
 #: timer runs this much past ``upstream.data_done_timeout``, so that the wait
@@ -315,6 +323,7 @@ class SessionMachine:
 
     def line_too_long(self) -> list[Effect | Request]:
         """The reader discarded a command line over the length limit."""
+        self._abandon_owed()  # cannot happen (see _rcpt_follows): the replies' order if it did
         self._reply(REPLIES["line_too_long"])
         return self._flush()
 
@@ -322,6 +331,7 @@ class SessionMachine:
         """The idle timer ran out (:attr:`timeout`): Postfix's ``timeout after CMD``."""
         s = self.session
         log.info("timeout after %s from %s", self.last_command or "CONNECT", s.who)
+        self._abandon_owed()
         if self.in_data:
             self._abort_upstream()  # never finish a half-received message
         self._send(f"421 4.4.2 {self.cfg.server.hostname} Error: timeout exceeded\r\n".encode())
@@ -335,6 +345,8 @@ class SessionMachine:
     def finish(self) -> None:
         """The session is over: smtpd's ``DISCONNECT`` line with its counts
         (none for a client handed off to Postfix: postscreen logs none)."""
+        for _ in self._owed:  # the client left with replies owed
+            self._count("RCPT", False)
         if not self.handed_off:
             log.info("DISCONNECT %s %s", self.session.peer, _command_counts(self.counts))
 
@@ -373,10 +385,7 @@ class SessionMachine:
             self._steps = None
         except _Hangup:
             self._steps = None
-            for owed in self._owed:  # the session ends: what was held goes out (Postfix never got these)
-                self._count("RCPT", False)
-                self._out += owed.held
-            self._owed = ()
+            self._abandon_owed()
             self._close()
         if self._steps is None and self.last_command:
             if self._count_later:
@@ -387,6 +396,17 @@ class SessionMachine:
         if request is not None:
             out.append(request)
         return out
+
+    def _abandon_owed(self) -> None:
+        """The session ends with replies owed: each owed recipient (Postfix
+        never got it) is answered 451 and counted failed, what it held
+        follows; the caller's own reply comes after them all."""
+        owed, self._owed = self._owed, ()
+        succeeded = self._succeeded
+        for o in owed:
+            self._reply(REPLIES["not_forwarded"])
+            self._answered(o)
+        self._succeeded = succeeded
 
     def _count(self, command: str, succeeded: bool) -> None:
         count = self.counts.setdefault(command, [0, 0])
@@ -629,8 +649,18 @@ class SessionMachine:
 
     def rcpt(self, arg: str | None) -> _Steps:
         yield from self._rcpt(arg)
-        if self._owed and not (self._upstream_pipelining and self._rcpt_follows()):
-            yield from self._settle()  # alone, or the last of a pipelined group: forward them all
+        if self._owed and not (self._upstream_pipelining and self._rcpt_follows() and len(self._owed) < self._room()):
+            yield from self._settle()  # alone, the last of a pipelined group, or a full group: forward them
+
+    def _room(self) -> int:
+        """How many recipients a group may hold: never so many that their
+        refusals could carry the session past the hard error limit unseen
+        (the error-limit check before each command counts the errors
+        replied so far), and at most :data:`GROUP_LIMIT`."""
+        errors = self.cfg.errors
+        if not (errors.enabled and errors.hard_limit):  # no hard limit
+            return GROUP_LIMIT
+        return min(GROUP_LIMIT, errors.hard_limit - self.session.errors)
 
     def _rcpt_follows(self) -> bool:
         """The client's next line is an RCPT, received whole (and short:

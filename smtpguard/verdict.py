@@ -145,6 +145,9 @@ REPLIES: dict[str, Reply] = {
     # Postfix refused a recipient it had accepted when the transaction was
     # replayed without a greylisted one (smtpguard.machine): nothing was sent.
     "upstream_changed": Reply(451, "4.3.0", "Error: mail service changed its answer, try again later"),
+    # A pipelined recipient whose group never reached Postfix: the session
+    # ended first (a drop verdict, a timeout).  Temporary: the client tries it again.
+    "not_forwarded": Reply(451, "4.3.0", "Error: recipient not processed, try again later"),
     "internal_error": Reply(421, "4.3.0", "Error: internal error, closing connection"),
     "timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),
     "shutdown": Reply(421, "4.3.2", "Service shutting down, closing connection"),

@@ -44,3 +44,13 @@ def test_replies_after_an_error_sleep_is_armed_are_held_for_it() -> None:
         assert transport.writes == [b"250 2.1.5 Ok\r\n"]
         assert p._held == [b"550 5.1.1 no\r\n", b"550 5.1.1 no\r\n"] and p._hold == 1.5
     asyncio.run(main())
+
+
+def test_the_sleeps_of_several_error_replies_add_up() -> None:
+    """Each error reply waits its own error sleep, as in smtpd: a pipelined
+    group with two refusals past the soft limit waits for both."""
+    async def main() -> None:
+        p, transport = protocol()
+        p._effects([Arm(1.5), Send(b"550 5.1.1 no\r\n"), Arm(1.5), Send(b"550 5.1.1 no\r\n")])
+        assert transport.writes == [] and p._hold == 3.0
+    asyncio.run(main())

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from smtpguard import machine as machine_module
 from smtpguard.checks.errors import ErrorsConfig
 from smtpguard.checks.greylist import GreylistConfig
 from smtpguard.config import Config
@@ -713,13 +714,90 @@ def test_postfix_lost_while_a_group_is_forwarded_answers_every_recipient_451() -
     assert not machine.upstream_connected and machine.counts["RCPT"] == [0, 3]
 
 
-def test_a_drop_inside_a_group_sends_what_was_held_and_ends() -> None:
+NOT_FORWARDED = "Send 451 4.3.0 Error: recipient not processed, try again later"
+
+
+def test_a_drop_inside_a_group_answers_the_owed_recipients_first() -> None:
+    """b is owed; c is dropped here: b gets a 451 of its own (it never
+    reached Postfix), then c its reply; no reply of b's is given to c."""
     machine = run([
         *GROUP[:-4],
         *ahead("c@example.test", "RCPT TO:<d@example.test>\r\n", "", REJECT_DROP)[:-1],
-        (REJECT_DROP, [f"Send {REJECT.reply}", "Close"]),
+        (REJECT_DROP, [NOT_FORWARDED, f"Send {REJECT.reply}", "Close"]),
     ])
     assert machine.counts["RCPT"] == [0, 2]
+
+
+def test_the_error_limit_dropping_a_command_inside_a_group_answers_the_owed_recipients_first() -> None:
+    run([
+        *GROUP[:-4],
+        (Ahead(b"RCPT TO:<c@example.test>\r\n", b""), ["Screen command"]),
+        (DROP, [NOT_FORWARDED, f"Send {DROP.reply}", "Close"]),
+    ])
+
+
+def test_a_timeout_with_replies_owed_answers_them_before_its_421() -> None:
+    machine = run(GROUP[:-4])
+    assert [show(a) for a in machine.timed_out()] == [
+        NOT_FORWARDED, "Send 421 4.4.2 localhost Error: timeout exceeded", "Close"]
+
+
+def test_a_client_gone_with_replies_owed_has_them_counted() -> None:
+    machine = run(GROUP[:-4])
+    machine.finish()
+    assert machine.counts["RCPT"] == [0, 1]
+
+
+def test_a_group_goes_to_postfix_before_it_could_pass_the_hard_error_limit() -> None:
+    """hard_limit 3, no error yet: at most 3 recipients are owed, so the
+    error-limit check before the 4th command counts their refusals."""
+    cfg = dataclasses.replace(Config(), errors=ErrorsConfig(soft_limit=0, hard_limit=3))
+    refused = "550 5.1.1 Recipient address rejected"
+    run([
+        *GROUP,  # b and c owed
+        *ahead("d@example.test", "RCPT TO:<e@example.test>\r\n", "Screen relayed"),
+        (None, [MAIL_BCD]),  # a full group: 3 = hard_limit - errors
+        (up("250 2.1.0 Ok", refused, refused, refused), [f"Send {refused}"] * 3),
+        (Ahead(b"RCPT TO:<e@example.test>\r\n", b""), ["Screen command"]),
+    ], cfg)
+
+
+def test_an_error_sleep_armed_inside_a_group_keeps_its_place() -> None:
+    """c is refused here past the soft limit: its sleep and reply wait behind b's reply."""
+    cfg = dataclasses.replace(Config(), errors=ErrorsConfig(soft_limit=1, hard_limit=20, error_sleep=1.0))
+    machine = run([
+        *HELLO,
+        (b"FOO\r\n", ["Screen command"]), (OK, ["Send 502 5.5.2 Error: command not recognized"]),
+        (b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]),
+        (OK, ["Send 250 2.1.0 Ok"]),
+        *ahead("b@example.test", "RCPT TO:<c@example.test>\r\nRCPT TO:<d@example.test>\r\n", "Screen relayed"),
+        (None, ["OpenUpstream"]),
+        (0.01, []),
+        *ahead("c@example.test", "RCPT TO:<d@example.test>\r\n", "", REJECT)[:-1],
+        (REJECT, []),
+        *ahead("d@example.test", "", "Screen relayed"),
+        (None, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test>|RCPT TO:<d@example.test> 3"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"),
+         ["Send 250 2.1.5 Ok", "Arm 1", f"Send {REJECT.reply}", "Send 250 2.1.5 Ok"]),
+    ], cfg)
+    assert machine.session.errors == 2
+
+
+@pytest.mark.parametrize("helo", [True, False])
+def test_postfix_refusing_mail_answers_every_recipient_of_the_group(helo: bool) -> None:
+    refused = "553 5.7.1 <a@sender.test>: Sender address rejected"
+    if helo:  # pipelined: MAIL and the group in one write
+        rows = [*GROUP, *ahead("d@example.test", "", "Screen relayed"),
+                (None, [MAIL_BCD]),
+                (up(refused, *["503 5.5.1 Error: need MAIL command"] * 3), [f"Send {refused}"] * 3)]
+    else:  # no EHLO upstream: no group, MAIL alone
+        rows = [(b"MAIL FROM:<a@sender.test>\r\n", ["Screen command"]), (OK, ["Screen mail"]),
+                (OK, ["Send 250 2.1.0 Ok"]),
+                *ahead("b@example.test", "RCPT TO:<c@example.test>\r\n", "Screen relayed"),
+                (None, ["OpenUpstream"]), (0.01, ["Upstream MAIL FROM:<a@sender.test> 1"]),
+                (up(refused), [f"Send {refused}"])]
+    machine = run(rows)
+    assert not machine._upstream_mail and machine.session.rcpts == []
 
 
 def test_no_group_when_postfix_got_no_ehlo() -> None:
@@ -744,3 +822,14 @@ def test_no_group_unless_a_whole_short_rcpt_line_follows(pending: bytes) -> None
         (Ahead(b"RCPT TO:<b@example.test>\r\n", pending), ["Screen command"]), (OK, ["Screen rcpt"]),
         (OK, ["Screen relayed"]), (None, ["OpenUpstream"]), (0.01, [MAIL_RCPT_B]),
     ])
+
+
+def test_a_group_holds_at_most_group_limit_recipients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a hard error limit the group still goes at GROUP_LIMIT."""
+    monkeypatch.setattr(machine_module, "GROUP_LIMIT", 2)
+    cfg = dataclasses.replace(Config(), errors=ErrorsConfig(hard_limit=0, soft_limit=0))
+    run([
+        *GROUP[:-1],
+        (None, ["Upstream MAIL FROM:<a@sender.test>|RCPT TO:<b@example.test>|RCPT TO:<c@example.test> 3"]),
+        (up("250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"), ["Send 250 2.1.5 Ok", "Send 250 2.1.5 Ok"]),
+    ], cfg)

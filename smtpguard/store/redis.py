@@ -51,6 +51,7 @@ pooled connection that went stale) and error replies become StoreError.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import re
 import urllib.parse
@@ -61,7 +62,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .base import CLIENTS, GREYLIST, KINDS, Clock, Kind, Row, Store, StoreStats
 
@@ -76,9 +77,14 @@ READ_BATCH = 64
 
 _Waiting = tuple[list[str], "asyncio.Future[list[dict[str, str]]]"]
 
+# A key's error (WRONGTYPE: something else wrote there) comes back in its
+# place as a string, so that it fails only the read that asked for it.
 _READ = """
 local hashes = {}
-for i, key in ipairs(KEYS) do hashes[i] = redis.call('HGETALL', key) end
+for i, key in ipairs(KEYS) do
+  local h = redis.pcall('HGETALL', key)
+  if h.err then hashes[i] = key .. ': ' .. h.err else hashes[i] = h end
+end
 return hashes
 """
 
@@ -250,23 +256,30 @@ class RedisStore(Store):
             task.add_done_callback(self._batches.discard)
 
     async def _read_batch(self, batch: list[_Waiting]) -> None:
+        """One script call for *batch*; each caller gets its own records, or
+        an exception of its own (Store._call makes it a StoreError): the
+        call's failure, or its own key's error.  Every future is settled."""
         try:
-            flat = cast(list[list[str]], await self._read(keys=[key for keys, _ in batch for key in keys]))
-        except Exception as exc:  # each caller's own call fails with it (Store._call)
+            flat = cast(list[list[str] | str], await self._read(keys=[key for keys, _ in batch for key in keys]))
+            at = 0
+            for keys, future in batch:
+                mine = flat[at:at + len(keys)]
+                at += len(keys)
+                if future.done():  # given up on (its deadline)
+                    continue
+                errors = [h for h in mine if isinstance(h, str)]
+                if errors:
+                    future.set_exception(ResponseError(errors[0]))
+                else:
+                    future.set_result([dict(zip(h[::2], h[1::2], strict=True)) for h in mine])
+        except Exception as exc:
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
-            return
+                    future.set_exception(copy.copy(exc))  # one each: a shared one's traceback would grow
         except BaseException:
             for _, future in batch:
                 future.cancel()
             raise
-        at = 0
-        for keys, future in batch:
-            hashes = [dict(zip(h[::2], h[1::2], strict=True)) for h in flat[at:at + len(keys)]]
-            at += len(keys)
-            if not future.done():  # not given up on (its deadline)
-                future.set_result(hashes)
 
     async def _get_rows(self, requests: list[tuple[Kind[Any], str]], now: float) -> list[Row | None]:
         hashes = await self._read_hashes([self._key(kind.name, key) for kind, key in requests])

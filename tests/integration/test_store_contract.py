@@ -456,3 +456,40 @@ async def test_redis_reads_started_together_all_fail_when_redis_is_gone() -> Non
         assert all(isinstance(x, StoreError) for x in got), got
     finally:
         await s.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_reads_of_two_and_three_records_started_together_each_get_their_own(
+        redis_url: str) -> None:
+    """Callers asking for different numbers of records share a script call:
+    the replies are cut per caller by its own count."""
+    s = await open_store(redis_url, FakeClock())
+    try:
+        await s.put_triplets([(f"m{i}", passed(T0 + i, T0 + 1000)) for i in range(0, 30, 2)])
+        await s.put_clients([(f"mnet{i}", ClientNet(i, T0, T0 + 1000)) for i in range(0, 30, 3)])
+        ip = ipaddress.ip_address("192.0.2.7")
+        got = await asyncio.gather(*(s.get_greylist(f"m{i}", f"mnet{i}") if i % 2 else
+                                     s.get_greylist_allowed(f"m{i}", f"mnet{i}", ip) for i in range(30)))
+        for i, g in enumerate(got):
+            expected = (passed(T0 + i, T0 + 1000) if i % 2 == 0 else None,
+                        ClientNet(i, T0, T0 + 1000) if i % 3 == 0 else None)
+            assert g[:2] == expected, (i, g)
+            assert len(g) == (2 if i % 2 else 3)
+    finally:
+        await s.close()
+
+
+@pytest.mark.asyncio
+async def test_a_redis_key_of_the_wrong_type_fails_only_the_read_that_asked_for_it(
+        redis_server: RedisServer, redis_url: str) -> None:
+    """Something else wrote a string where a triplet's hash belongs
+    (WRONGTYPE): that read fails, the others sharing its script call don't."""
+    s = await open_store(redis_url, FakeClock())
+    try:
+        await s.put_triplets([(f"w{i}", passed(T0, T0 + 1000)) for i in range(6)])
+        redis_server.command("SET", "smtpguard:greylist:w3", "not a hash")
+        got = await asyncio.gather(*(s.get_greylist(f"w{i}", "wnet") for i in range(6)), return_exceptions=True)
+        assert isinstance(got[3], StoreError) and "WRONGTYPE" in str(got[3]), got[3]
+        assert [g for i, g in enumerate(got) if i != 3] == [(passed(T0, T0 + 1000), None)] * 5
+    finally:
+        await s.close()

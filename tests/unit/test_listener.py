@@ -7,6 +7,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from smtpguard.config import Config
 from smtpguard.listener import GuardProtocol
 from smtpguard.machine import Arm, Close, Send
@@ -53,4 +55,21 @@ def test_the_sleeps_of_several_error_replies_add_up() -> None:
         p, transport = protocol()
         p._effects([Arm(1.5), Send(b"550 5.1.1 no\r\n"), Arm(1.5), Send(b"550 5.1.1 no\r\n")])
         assert transport.writes == [] and p._hold == 3.0
+    asyncio.run(main())
+
+
+def test_after_the_error_sleep_the_held_replies_go_out_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # a fake clock: no real waiting in tests
+        slept.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+
+    async def main() -> None:
+        p, transport = protocol()
+        p._effects([Arm(1.5), Send(b"550 5.1.1 a\r\n"), Arm(1.5), Send(b"550 5.1.1 b\r\n")])
+        await p._release()
+        assert slept == [3.0] and transport.writes == [b"550 5.1.1 a\r\n550 5.1.1 b\r\n"]
+        assert p._hold == 0.0 and p._held == []
     asyncio.run(main())

@@ -338,8 +338,8 @@ class Pipeline:
             return CONTINUE
         spf = await self._spf(s, rcpt)
         domain = spf.domain if spf is not None and spf.passed else None
-        found = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
-                                     s.sender or "", rcpt, self.clock(), client_part=domain)
+        found, _ = await check_greylist(self.store, self.cfg.greylist, s.client_ip, s.client_name,
+                                        s.sender or "", rcpt, self.clock(), client_part=domain)
         log.info("greylist: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>%s",
                  "greylist" if found.outcome is Outcome.FAIL else found.outcome.value, found.reason,
                  s.who, s.sender or "", rcpt, "" if spf is None else f", spf={spf.result}:{spf.domain}")

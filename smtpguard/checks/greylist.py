@@ -532,8 +532,11 @@ async def check_greylist(
     now: float,
     mode: str = "frontend",
     client_part: str | None = None,
-) -> Result:
-    """Greylist one recipient.
+) -> tuple[Result, Decision | None]:
+    """Greylist one recipient: its Result, and the triplet's
+    :class:`Decision` (None when no triplet was decided: allowlisted,
+    skipped, store failure), for the policy service's ``%s`` and
+    ``X-Greylist`` header.
 
     *client_name* is the client's verified (forward-confirmed) reverse name,
     or ``"unknown"``/``""``; *sender* is ``""`` for the null sender; *mode*
@@ -541,24 +544,6 @@ async def check_greylist(
     the client network in the triplet's key (the SPF-validated sender
     domain, ``spf_key``); the auto-allowlist still counts the client network.
     """
-    found, _ = await greylist(store, cfg, ip, client_name, sender, recipient, now, mode, client_part)
-    return found
-
-
-async def greylist(
-    store: Store,
-    cfg: GreylistConfig,
-    ip: IPAddress,
-    client_name: str,
-    sender: str,
-    recipient: str,
-    now: float,
-    mode: str = "frontend",
-    client_part: str | None = None,
-) -> tuple[Result, Decision | None]:
-    """:func:`check_greylist` with the triplet's :class:`Decision` (None
-    when no triplet was decided: allowlisted, skipped, store failure), for
-    the policy service's ``%s`` and ``X-Greylist`` header."""
     if not cfg.enabled:
         return Result(CHECK, Outcome.SKIP, "disabled"), None
     why = allowlisted(cfg, ip, client_name, recipient)

@@ -52,7 +52,7 @@ from ..checks.access import check_client_access
 from ..checks.addresses import RECIPIENT, SENDER, check_address
 from ..checks.dnsbl import RhsblTarget, check_rhsbl, dnsbl_result, lookup_dnsbl
 from ..checks.domains import check_helo_hostname, check_sender_domain
-from ..checks.greylist import CHECK, State, greylist, greylist_text
+from ..checks.greylist import CHECK, State, check_greylist, greylist_text
 from ..checks.helo import check_helo
 from ..checks.limits import check_connection_rate, check_sender_rate, client_key, exempt
 from ..checks.rdns import ClientNames, NameStatus, check_client_names
@@ -334,8 +334,8 @@ class PolicyEngine:
             found, decision = Result(CHECK, Outcome.SKIP, f"no client IP address ({req.get('client_address')!r})"), None
         else:
             start_deadline(self.cfg.state.deadline)  # this request's store calls together
-            found, decision = await greylist(self.store, cfg, ip, req.get("client_name"),
-                                             req.get("sender"), rcpt, self.clock(), mode="policy")
+            found, decision = await check_greylist(self.store, cfg, ip, req.get("client_name"),
+                                                   req.get("sender"), rcpt, self.clock(), mode="policy")
         self._count(found)
         word = "greylist" if found.outcome is Outcome.FAIL else found.outcome.value
         log.info("policy: %s, reason=%s, client=%s, sender=<%s>, recipient=<%s>",

@@ -40,8 +40,8 @@ def setup(auto: int = 5) -> tuple[Admin, MemoryStore, Clock, io.StringIO]:
 
 
 async def greylisted(admin: Admin, ip: str) -> bool:
-    result = await check_greylist(admin.store, admin.cfg.greylist, parse_ip(ip), "unknown", "a@sender.test",
-                                  "b@example.test", admin.clock())
+    result, _ = await check_greylist(admin.store, admin.cfg.greylist, parse_ip(ip), "unknown", "a@sender.test",
+                                     "b@example.test", admin.clock())
     return result.outcome is Outcome.FAIL
 
 

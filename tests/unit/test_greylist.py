@@ -183,7 +183,8 @@ class Clock:
 
 async def greylist(store: Store, clock: Clock, sender: str = "alice@example.org", rcpt: str = "Bob@Example.net",
                    client: str = "192.0.2.10", name: str = "unknown", cfg: GreylistConfig = CFG) -> Result:  # fmt: skip
-    return await check_greylist(store, cfg, parse_ip(client), name, sender, rcpt, clock.now)
+    found, _ = await check_greylist(store, cfg, parse_ip(client), name, sender, rcpt, clock.now)
+    return found
 
 
 async def deliver_after_delay(store: Store, clock: Clock, sender: str, client: str = "192.0.2.10") -> None:
@@ -282,7 +283,7 @@ async def test_auto_allowlist_off() -> None:
     cfg = GreylistConfig(enabled=True, auto_allowlist_clients=0)
     await check_greylist(store, cfg, parse_ip("192.0.2.1"), "unknown", "a@x.org", "b@y.org", clock.now)
     clock.now += DELAY
-    result = await check_greylist(store, cfg, parse_ip("192.0.2.1"), "unknown", "a@x.org", "b@y.org", clock.now)
+    result, _ = await check_greylist(store, cfg, parse_ip("192.0.2.1"), "unknown", "a@x.org", "b@y.org", clock.now)
     assert result.outcome is Outcome.PASS
     assert await store.get_client("192.0.2.0") is None
 

@@ -403,9 +403,7 @@ class SessionMachine:
         follows; the caller's own reply comes after them all."""
         owed, self._owed = self._owed, ()
         succeeded = self._succeeded
-        for o in owed:
-            self._reply(REPLIES["not_forwarded"])
-            self._answered(o)
+        self._answer_each(owed, REPLIES["not_forwarded"])
         self._succeeded = succeeded
 
     def _count(self, command: str, succeeded: bool) -> None:
@@ -721,15 +719,19 @@ class SessionMachine:
                 replies = yield from self._upstream(lines, len(owed))
         except UpstreamError as exc:
             self._upstream_failed(exc, "RCPT")
-            for o in owed:
-                self._reply(REPLIES["upstream_unavailable"])
-                self._answered(o)
+            self._answer_each(owed, REPLIES["upstream_unavailable"])
             self._succeeded = succeeded
             return
         for o, reply in zip(owed, replies, strict=True):
             yield from self._answer_rcpt(o, reply)
             self._answered(o)
         self._succeeded = succeeded
+
+    def _answer_each(self, owed: tuple[_Owed, ...], reply: Reply) -> None:
+        """Owed recipients Postfix never judged: *reply* for each, in order."""
+        for o in owed:
+            self._reply(reply)
+            self._answered(o)
 
     def _answered(self, owed: _Owed) -> None:
         """An owed recipient's reply is out: count it, release what it held."""
